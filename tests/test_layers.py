@@ -1,0 +1,86 @@
+"""TTTLinear / TTTMLP modules: shapes, primal = dual, streaming, gradients, bad input."""
+
+import pytest
+import torch
+
+from ttt_helpers.layers import TTTLinear, TTTMLP
+
+LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}
+
+
+def make_layer(kind, gen, hidden=24, heads=3, b=8):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layer = LAYERS[kind](hidden, heads, mini_batch_size=b).double()
+    with torch.no_grad():  # move away from the initial values so every parameter matters
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_shapes_and_state(kind, rng):
+    layer = make_layer(kind, rng)
+    x = torch.randn(2, 19, 24, dtype=torch.float64, generator=rng)
+    y, state = layer(x)
+    assert y.shape == x.shape
+    expected = [(2, *p.shape) for p in layer.initial_params()]
+    assert [tuple(s.shape) for s in state] == expected
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_primal_equals_dual(kind, rng):
+    layer = make_layer(kind, rng)
+    x = torch.randn(2, 21, 24, dtype=torch.float64, generator=rng)
+    y, s = layer(x)
+    yp, sp = layer(x, primal=True)
+    assert ((y - yp).norm() / y.norm()) < 1e-10
+    for a, b in zip(s, sp):
+        assert ((a - b).norm() / b.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_streaming(kind, rng):
+    layer = make_layer(kind, rng)
+    x = torch.randn(2, 29, 24, dtype=torch.float64, generator=rng)
+    y, state = layer(x)
+    y1, mid = layer(x[:, :16])
+    y2, state2 = layer(x[:, 16:], mid)
+    assert torch.allclose(torch.cat([y1, y2], 1), y, rtol=0, atol=1e-12)
+    for a, b in zip(state2, state):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_gradcheck_through_layer(kind, rng):
+    layer = LAYERS[kind](4, 2, mini_batch_size=3).double()
+    x = torch.randn(1, 5, 4, dtype=torch.float64, generator=rng, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x)[0], (x,), eps=1e-6, atol=1e-5)
+    layer(x)[0].sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_inner_lr_and_token_idx():
+    layer = TTTLinear(32, 4, mini_batch_size=16, base_lr=1.0)
+    eta = layer.inner_lr(torch.randn(2, 5, 32))
+    assert eta.shape == (2, 4, 5)
+    assert torch.allclose(eta, torch.full_like(eta, 0.5 / 8), atol=0.01)  # sigmoid(~0) * base_lr / D
+    assert torch.allclose(layer.token_idx(), 1 / torch.arange(1, 17.0))
+    assert TTTMLP(32, 4).base_lr == 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(hidden_size=30, num_heads=4), "hidden_size"),
+        (dict(hidden_size=32, num_heads=4, mini_batch_size=0), "mini_batch_size"),
+        (dict(hidden_size=32, num_heads=4, base_lr=0.0), "base_lr"),
+    ],
+)
+def test_bad_config(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TTTLinear(**kwargs)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="x must have shape"):
+        TTTLinear(32, 4)(torch.randn(2, 5, 16))

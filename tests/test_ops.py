@@ -1,0 +1,216 @@
+"""The TTT ops: dual form = primal form = the definition, causality, streaming, gradients, bad input."""
+
+import pytest
+import torch
+
+from ttt_helpers import ops
+
+F64 = torch.float64
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_inputs(kind: str, B=2, H=3, T=37, D=8, dtype=F64, gen=None):
+    """Random inputs of `ops.ttt_linear` / `ops.ttt_mlp` as a dict of keyword arguments."""
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=dtype, generator=gen) * scale
+
+    args = dict(
+        XQ=r(B, H, T, D), XK=r(B, H, T, D), XV=r(B, H, T, D),
+        eta=torch.rand(B, H, T, dtype=dtype, generator=gen) * 0.5,
+        ln_weight=1 + r(H, D, scale=0.2), ln_bias=r(H, D, scale=0.2),
+    )
+    if kind == "linear":
+        args.update(W0=r(B, H, D, D, scale=0.3), b0=r(B, H, 1, D, scale=0.3))
+    else:
+        args.update(W1=r(B, H, D, 4 * D, scale=0.3), b1=r(B, H, 1, 4 * D, scale=0.3),
+                    W2=r(B, H, 4 * D, D, scale=0.3), b2=r(B, H, 1, D, scale=0.3))
+    return args
+
+
+DUAL = {"linear": ops.ttt_linear, "mlp": ops.ttt_mlp}
+PRIMAL = {"linear": ops.ttt_linear_primal, "mlp": ops.ttt_mlp_primal}
+STATE_NAMES = {"linear": ("W0", "b0"), "mlp": ("W1", "b1", "W2", "b2")}
+
+
+def inner_model(kind, x, params):
+    if kind == "linear":
+        W, b = params
+        return x @ W + b
+    W1, b1, W2, b2 = params
+    return ops.gelu_tanh(x @ W1 + b1) @ W2 + b2
+
+
+def definition(kind, XQ, XK, XV, eta, ln_weight, ln_bias, mini_batch_size, token_idx=None, eps=1e-6, **state):
+    """The semantics written out literally, one (batch, head) at a time, gradients by autograd."""
+    B, H, T, D = XQ.shape
+    if token_idx is None:
+        token_idx = ops.default_token_idx(mini_batch_size, dtype=XQ.dtype)
+    Z = torch.empty_like(XQ)
+    finals = [torch.empty_like(state[n]) for n in STATE_NAMES[kind]]
+    for bi in range(B):
+        for h in range(H):
+            theta = [state[n][bi, h].clone() for n in STATE_NAMES[kind]]
+            w, c = ln_weight[h], ln_bias[h]
+            for start in range(0, T, mini_batch_size):
+                end = min(start + mini_batch_size, T)
+                grads = []
+                for s in range(start, end):
+                    p = [t.clone().requires_grad_(True) for t in theta]
+                    out = ops.layer_norm(inner_model(kind, XK[bi, h, s:s + 1], p), w, c, eps)
+                    loss = 0.5 * (out - (XV[bi, h, s:s + 1] - XK[bi, h, s:s + 1])).pow(2).sum()
+                    grads.append(torch.autograd.grad(loss, p))
+                for i, t in enumerate(range(start, end)):
+                    theta_t = [
+                        th - token_idx[i] * sum(eta[bi, h, s] * grads[s - start][k] for s in range(start, t + 1))
+                        for k, th in enumerate(theta)
+                    ]
+                    Z[bi, h, t] = XQ[bi, h, t] + ops.layer_norm(inner_model(kind, XQ[bi, h, t:t + 1], theta_t), w, c, eps)[0]
+                theta = theta_t
+            for k, th in enumerate(theta):
+                finals[k][bi, h] = th
+    return Z, *finals
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("T,b", [(32, 16), (37, 16), (5, 16), (23, 4), (9, 1)])
+def test_dual_equals_primal(kind, T, b, rng):
+    args = make_inputs(kind, T=T, gen=rng)
+    dual = DUAL[kind](**args, mini_batch_size=b)
+    primal = PRIMAL[kind](**args, mini_batch_size=b)
+    for d, p in zip(dual, primal):
+        assert rel_err(d, p) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_dual_equals_definition(kind, rng):
+    args = make_inputs(kind, B=1, H=2, T=21, D=4, gen=rng)
+    token_idx = ops.default_token_idx(8, dtype=F64) + 0.1 * torch.rand(8, dtype=F64, generator=rng)
+    dual = DUAL[kind](**args, mini_batch_size=8, token_idx=token_idx)
+    ref = definition(kind, **args, mini_batch_size=8, token_idx=token_idx)
+    for d, r in zip(dual, ref):
+        assert rel_err(d, r) < 1e-10
+
+
+def test_mlp_gelu_grad_matches_autograd(rng):
+    x = torch.randn(100, dtype=F64, generator=rng, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.gelu_tanh(x).sum(), x)
+    assert torch.allclose(g, ops.gelu_tanh_grad(x.detach()), rtol=0, atol=1e-12)
+    assert torch.allclose(ops.gelu_tanh(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("fn", ["dual", "primal"])
+def test_causality(kind, fn, rng):
+    op = DUAL[kind] if fn == "dual" else PRIMAL[kind]
+    args = make_inputs(kind, T=29, gen=rng)
+    Z = op(**args, mini_batch_size=8)[0]
+    t = 13  # inside the second mini-batch: earlier tokens of the same mini-batch must not see it
+    for name in ("XQ", "XK", "XV"):
+        changed = dict(args)
+        changed[name] = args[name].clone()
+        changed[name][:, :, t:] += torch.randn_like(changed[name][:, :, t:])
+        Z2 = op(**changed, mini_batch_size=8)[0]
+        assert torch.equal(Z[:, :, :t], Z2[:, :, :t]), name
+        assert not torch.equal(Z[:, :, t:], Z2[:, :, t:]), name
+    changed = dict(args, eta=args["eta"].clone())
+    changed["eta"][:, :, t:] += 0.1
+    assert torch.equal(Z[:, :, :t], op(**changed, mini_batch_size=8)[0][:, :, :t])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("split", [8, 16, 24])
+def test_streaming_equals_one_call(kind, split, rng):
+    args = make_inputs(kind, T=43, gen=rng)
+    Z, *final = DUAL[kind](**args, mini_batch_size=8)
+    seq = ("XQ", "XK", "XV", "eta")
+    first = {k: (v[:, :, :split] if k in seq else v) for k, v in args.items()}
+    Z1, *mid = DUAL[kind](**first, mini_batch_size=8)
+    second = {k: (v[:, :, split:] if k in seq else v) for k, v in args.items()}
+    second.update(zip(STATE_NAMES[kind], mid))
+    Z2, *final2 = DUAL[kind](**second, mini_batch_size=8)
+    assert rel_err(torch.cat([Z1, Z2], dim=2), Z) < 1e-12
+    for a, b in zip(final2, final):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_gradcheck(kind, rng):
+    args = make_inputs(kind, B=1, H=1, T=6, D=3, gen=rng)
+    names = list(args)
+    inputs = tuple(args[n].clone().requires_grad_(True) for n in names)
+
+    def f(*xs):
+        return DUAL[kind](**dict(zip(names, xs)), mini_batch_size=4)
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_float32_matches_float64(rng):
+    args = make_inputs("linear", T=40, gen=rng)
+    ref = ops.ttt_linear(**args)
+    out = ops.ttt_linear(**{k: v.float() for k, v in args.items()})
+    for a, b in zip(out, ref):
+        assert rel_err(a.double(), b) < 1e-5
+
+
+def test_inner_loss_matches_gradient_step(rng):
+    """A small step along the closed-form gradient lowers the inner loss by about lr * ||g||^2."""
+    args = make_inputs("linear", B=1, H=1, T=1, D=6, gen=rng)
+    XK, XV, W, b = args["XK"], args["XV"], args["W0"], args["b0"]
+    w, c = args["ln_weight"], args["ln_bias"]
+    g = ops.layer_norm_l2_grad(XK @ W + b, XV - XK, w[None, :, None], c[None, :, None], 1e-6)
+    gW = XK.transpose(-1, -2) @ g
+    lr = 1e-6
+    before = ops.inner_loss(XK, XV, W, b, w, c)
+    after = ops.inner_loss(XK, XV, W - lr * gW, b - lr * g, w, c)
+    expected = lr * (gW.pow(2).sum() + g.pow(2).sum())
+    assert abs((before - after).sum().item() - expected.item()) < 1e-3 * expected.item()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad(kind, **changes):
+    args = make_inputs(kind, T=10)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("fn", [ops.ttt_linear, ops.ttt_linear_primal])
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        (dict(XQ=torch.randn(2, 3, 10, dtype=F64)), "XQ"),
+        (dict(XQ=torch.randn(2, 3, 0, 8, dtype=F64), XK=torch.randn(2, 3, 0, 8, dtype=F64)), "T >= 1"),
+        (dict(XK=torch.randn(2, 3, 11, 8, dtype=F64)), "XK"),
+        (dict(XV=torch.randn(2, 3, 10, 8, dtype=torch.float32)), "XV"),
+        (dict(eta=torch.rand(2, 3, 9, dtype=F64)), "eta"),
+        (dict(W0=torch.randn(2, 3, 8, 7, dtype=F64)), "W0"),
+        (dict(b0=torch.randn(2, 3, 8, dtype=F64)), "b0"),
+        (dict(ln_weight=torch.ones(3, 8)), "ln_weight"),
+        (dict(ln_bias=torch.zeros(4, 8, dtype=F64)), "ln_bias"),
+        (dict(mini_batch_size=0), "mini_batch_size"),
+        (dict(mini_batch_size=2.5), "mini_batch_size"),
+        (dict(token_idx=torch.ones(3, dtype=F64)), "token_idx"),
+        (dict(eta=torch.rand(2, 3, 10, dtype=F64, device="meta")), "device"),
+    ],
+)
+def test_bad_input_linear(fn, change, name):
+    with pytest.raises(ValueError, match=name):
+        fn(**_bad("linear", **change))
+
+
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        (dict(W1=torch.randn(2, 3, 8, 32)), "W1"),
+        (dict(b2=torch.randn(2, 3, 1, 7, dtype=F64)), "b2"),
+        (dict(W2=torch.randn(2, 3, 16, 8, dtype=F64)), "W2"),
+    ],
+)
+def test_bad_input_mlp(change, name):
+    with pytest.raises(ValueError, match=name):
+        ops.ttt_mlp(**_bad("mlp", **change))

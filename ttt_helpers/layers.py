@@ -1,0 +1,143 @@
+"""TTT layers as `nn.Module`s around the functional ops in `ttt_helpers.ops`.
+
+A layer projects tokens to queries, keys and values per head, computes a learnable per-token
+inner learning rate, runs the TTT op (the hidden state is a model trained while reading),
+then normalises and projects the result back. The state can be passed in and out to stream
+a sequence in pieces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+State = tuple[Tensor, ...]
+
+
+class TTTLayer(nn.Module):
+    """Shared machinery of `TTTLinear` and `TTTMLP`; subclasses define the inner model.
+
+    hidden_size C = num_heads * head_dim D. `base_lr` scales the sigmoid gate of the inner
+    learning rate: eta = base_lr * sigmoid(gate(x)) / D per token and head.
+    """
+
+    op = staticmethod(ops.ttt_linear)
+    primal_op = staticmethod(ops.ttt_linear_primal)
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mini_batch_size: int = 16,
+        base_lr: float = 1.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if base_lr <= 0:
+            raise ValueError(f"base_lr must be > 0, got {base_lr}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        self.mini_batch_size, self.base_lr, self.eps = mini_batch_size, base_lr, eps
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.lr_gate = nn.Linear(hidden_size, num_heads)  # one inner learning-rate gate per head
+        self.token_idx_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
+        self.post_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.o_proj):
+            nn.init.normal_(proj.weight, std=0.02)
+        nn.init.zeros_(self.lr_gate.bias)
+
+    def initial_params(self) -> State:
+        """The learned initial state, without a batch dimension."""
+        raise NotImplementedError
+
+    def initial_state(self, batch_size: int) -> State:
+        """The learned initial state for a batch: tensors [B, H, ...]."""
+        return tuple(p.unsqueeze(0).expand(batch_size, *p.shape) for p in self.initial_params())
+
+    def token_idx(self) -> Tensor:
+        """Per-position step scale of a mini-batch: 1/(1..b) plus a learned offset, kept >= 0. [b]"""
+        base = ops.default_token_idx(self.mini_batch_size, dtype=self.token_idx_offset.dtype,
+                                     device=self.token_idx_offset.device)
+        return (base + self.token_idx_offset).clamp(min=0.0)
+
+    def inner_lr(self, x: Tensor) -> Tensor:
+        """eta = base_lr * sigmoid(gate(x)) / D. x: [B, T, C] -> [B, H, T]"""
+        return self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, state: State | None = None, *, primal: bool = False) -> tuple[Tensor, State]:
+        """x: [B, T, C] -> (y: [B, T, C], final state). `state=None` starts from the learned state.
+
+        Passing the returned state into the next call continues the sequence; splitting it at a
+        multiple of `mini_batch_size` gives the same outputs as one call.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
+        B, T, C = x.shape
+        if state is None:
+            state = self.initial_state(B)
+        op = self.primal_op if primal else self.op
+        Z, *new_state = op(
+            self._heads(self.q_proj(x)),
+            self._heads(self.k_proj(x)),
+            self._heads(self.v_proj(x)),
+            self.inner_lr(x),
+            *state,
+            self.ln_weight,
+            self.ln_bias,
+            mini_batch_size=self.mini_batch_size,
+            token_idx=self.token_idx(),
+            eps=self.eps,
+        )
+        y = self.o_proj(self.post_norm(Z.transpose(1, 2).reshape(B, T, C)))
+        return y, tuple(new_state)
+
+
+class TTTLinear(TTTLayer):
+    """TTT layer whose hidden state is a linear model f(x) = x W + b per head."""
+
+    op = staticmethod(ops.ttt_linear)
+    primal_op = staticmethod(ops.ttt_linear_primal)
+
+    def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
+                 base_lr: float = 1.0, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps)
+        H, D = num_heads, self.head_dim
+        self.W0 = nn.Parameter(torch.randn(H, D, D) * 0.02)
+        self.b0 = nn.Parameter(torch.zeros(H, 1, D))
+
+    def initial_params(self) -> State:
+        return (self.W0, self.b0)
+
+
+class TTTMLP(TTTLayer):
+    """TTT layer whose hidden state is a two-layer MLP f(x) = gelu(x W1 + b1) W2 + b2, width 4D."""
+
+    op = staticmethod(ops.ttt_mlp)
+    primal_op = staticmethod(ops.ttt_mlp_primal)
+
+    def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
+                 base_lr: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps)
+        H, D = num_heads, self.head_dim
+        self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D))
+        self.W2 = nn.Parameter(torch.randn(H, 4 * D, D) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(H, 1, D))
+
+    def initial_params(self) -> State:
+        return (self.W1, self.b1, self.W2, self.b2)

