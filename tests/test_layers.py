@@ -84,3 +84,22 @@ def test_bad_config(kwargs, name):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match="x must have shape"):
         TTTLinear(32, 4)(torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_forward_stream_token_by_token(kind, use_gate, rng):
+    """Prefill a ragged prefix, then decode one token at a time: same outputs as one forward."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    layer = LAYERS[kind](24, 3, mini_batch_size=8, use_gate=use_gate).double()
+    x = torch.randn(2, 21, 24, dtype=torch.float64, generator=rng)
+    y, _ = layer(x)
+    state, position = layer.initial_stream_state(2), 0
+    pieces = []
+    y_pre, state, position = layer.forward_stream(x[:, :11], state, position)
+    pieces.append(y_pre)
+    for t in range(11, 21):
+        y_t, state, position = layer.forward_stream(x[:, t:t + 1], state, position)
+        pieces.append(y_t)
+    assert position == 21 % 8
+    assert torch.allclose(torch.cat(pieces, 1), y, rtol=0, atol=1e-12)

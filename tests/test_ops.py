@@ -214,3 +214,35 @@ def test_bad_input_linear(fn, change, name):
 def test_bad_input_mlp(change, name):
     with pytest.raises(ValueError, match=name):
         ops.ttt_mlp(**_bad("mlp", **change))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_continue_from_any_split_equals_one_call(kind, rng):
+    """Prefill to a ragged point, decode token by token, prefill again: the same as one call."""
+    args = make_inputs(kind, T=45, gen=rng)
+    Z, *final = DUAL[kind](**args, mini_batch_size=8)
+    params = tuple(args[n] for n in STATE_NAMES[kind])
+    state, position, outputs = params + tuple(torch.zeros_like(p) for p in params), 0, []
+    cuts = [0, 3, 4, 5, 21, 22, 45]
+    for start, end in zip(cuts, cuts[1:]):
+        sl = slice(start, end)
+        z, state, position = ops.ttt_continue(
+            kind, args["XQ"][:, :, sl], args["XK"][:, :, sl], args["XV"][:, :, sl], args["eta"][:, :, sl],
+            state, position, args["ln_weight"], args["ln_bias"], mini_batch_size=8,
+        )
+        outputs.append(z)
+    assert position == 45 % 8
+    assert rel_err(torch.cat(outputs, dim=2), Z) < 1e-12
+    committed = ops.commit_state(state, ops.default_token_idx(8, dtype=F64)[position - 1])
+    for a, b in zip(committed, final):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_continue_bad_input():
+    args = make_inputs("linear", T=4)
+    state = (args["W0"], args["b0"], torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
+    common = (args["XQ"], args["XK"], args["XV"], args["eta"], state)
+    with pytest.raises(ValueError, match="kind"):
+        ops.ttt_continue("conv", *common, 0, args["ln_weight"], args["ln_bias"])
+    with pytest.raises(ValueError, match="position"):
+        ops.ttt_continue("linear", *common, 16, args["ln_weight"], args["ln_bias"], mini_batch_size=16)

@@ -23,6 +23,7 @@ class TTTLayer(nn.Module):
     learning rate: eta = base_lr * sigmoid(gate(x)) / D per token and head.
     """
 
+    kind = ""
     op = staticmethod(ops.ttt_linear)
     primal_op = staticmethod(ops.ttt_linear_primal)
 
@@ -33,6 +34,7 @@ class TTTLayer(nn.Module):
         mini_batch_size: int = 16,
         base_lr: float = 1.0,
         eps: float = 1e-6,
+        use_gate: bool = False,
     ) -> None:
         super().__init__()
         if num_heads < 1 or hidden_size % num_heads:
@@ -53,7 +55,11 @@ class TTTLayer(nn.Module):
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.post_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.o_proj):
+        # optional output gate (the Mamba-style backbone): y = o_proj(norm(Z) * gelu(g_proj(x)))
+        self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_gate else None
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.o_proj, self.g_proj):
+            if proj is None:
+                continue
             nn.init.normal_(proj.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
 
@@ -79,43 +85,63 @@ class TTTLayer(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """XQ, XK, XV: [B, H, T, D] and eta: [B, H, T] for x: [B, T, C]."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
+        return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), self.inner_lr(x)
+
+    def _output(self, Z: Tensor, x: Tensor) -> Tensor:
+        """Merge the heads of Z: [B, H, T, D], normalise, gate, project. -> [B, T, C]"""
+        B, _, T, _ = Z.shape
+        y = self.post_norm(Z.transpose(1, 2).reshape(B, T, self.hidden_size))
+        if self.g_proj is not None:
+            y = y * ops.gelu_tanh(self.g_proj(x))
+        return self.o_proj(y)
+
     def forward(self, x: Tensor, state: State | None = None, *, primal: bool = False) -> tuple[Tensor, State]:
         """x: [B, T, C] -> (y: [B, T, C], final state). `state=None` starts from the learned state.
 
         Passing the returned state into the next call continues the sequence; splitting it at a
         multiple of `mini_batch_size` gives the same outputs as one call.
         """
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
-        B, T, C = x.shape
+        XQ, XK, XV, eta = self._inputs(x)
         if state is None:
-            state = self.initial_state(B)
+            state = self.initial_state(x.shape[0])
         op = self.primal_op if primal else self.op
-        Z, *new_state = op(
-            self._heads(self.q_proj(x)),
-            self._heads(self.k_proj(x)),
-            self._heads(self.v_proj(x)),
-            self.inner_lr(x),
-            *state,
-            self.ln_weight,
-            self.ln_bias,
-            mini_batch_size=self.mini_batch_size,
-            token_idx=self.token_idx(),
-            eps=self.eps,
+        Z, *new_state = op(XQ, XK, XV, eta, *state, self.ln_weight, self.ln_bias,
+                           mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps)
+        return self._output(Z, x), tuple(new_state)
+
+    def initial_stream_state(self, batch_size: int) -> State:
+        """The learned state plus zero gradient sums: the state `forward_stream` starts from."""
+        params = self.initial_state(batch_size)
+        return params + tuple(torch.zeros_like(p) for p in params)
+
+    def forward_stream(self, x: Tensor, state: State, position: int) -> tuple[Tensor, State, int]:
+        """Continue from any token, also inside a mini-batch (prefill, then decode one token at a time).
+
+        x: [B, T, C]; state = (*params, *grads) from `initial_stream_state` or a previous call;
+        position: tokens already read in the current mini-batch. Returns y, the state, the position.
+        """
+        XQ, XK, XV, eta = self._inputs(x)
+        Z, state, position = ops.ttt_continue(
+            self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias,
+            mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps,
         )
-        y = self.o_proj(self.post_norm(Z.transpose(1, 2).reshape(B, T, C)))
-        return y, tuple(new_state)
+        return self._output(Z, x), state, position
 
 
 class TTTLinear(TTTLayer):
     """TTT layer whose hidden state is a linear model f(x) = x W + b per head."""
 
+    kind = "linear"
     op = staticmethod(ops.ttt_linear)
     primal_op = staticmethod(ops.ttt_linear_primal)
 
     def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
-                 base_lr: float = 1.0, eps: float = 1e-6) -> None:
-        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps)
+                 base_lr: float = 1.0, eps: float = 1e-6, use_gate: bool = False) -> None:
+        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate)
         H, D = num_heads, self.head_dim
         self.W0 = nn.Parameter(torch.randn(H, D, D) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(H, 1, D))
@@ -127,12 +153,13 @@ class TTTLinear(TTTLayer):
 class TTTMLP(TTTLayer):
     """TTT layer whose hidden state is a two-layer MLP f(x) = gelu(x W1 + b1) W2 + b2, width 4D."""
 
+    kind = "mlp"
     op = staticmethod(ops.ttt_mlp)
     primal_op = staticmethod(ops.ttt_mlp_primal)
 
     def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
-                 base_lr: float = 0.1, eps: float = 1e-6) -> None:
-        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps)
+                 base_lr: float = 0.1, eps: float = 1e-6, use_gate: bool = False) -> None:
+        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate)
         H, D = num_heads, self.head_dim
         self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * 0.02)
         self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D))

@@ -368,3 +368,66 @@ def ttt_mlp_primal(
         ttt_mlp_step, XQ, XK, XV, eta, (W1, b1, W2, b2), ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
     return Z, *state
+
+
+# ---------------------------------------------------------------- any split of a sequence
+
+_FORMS = {"linear": (ttt_linear, ttt_linear_step), "mlp": (ttt_mlp, ttt_mlp_step)}
+
+
+def ttt_continue(
+    kind: str,
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    state: State,
+    position: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int = 16,
+    token_idx: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, State, int]:
+    """Continue a sequence from any point, also inside a mini-batch (prefill, then decode).
+
+    kind: "linear" or "mlp". state = (*params, *grads) as in `ttt_linear_step`; position: how many
+    tokens of the current mini-batch were already read (0 at a boundary, where grads are zero).
+    Ragged edges run token by token, whole mini-batches in between in the dual form; the result
+    is the same as one call over the whole sequence. Returns Z: [B, H, T, D], the new state and
+    the new position.
+    """
+    if kind not in _FORMS:
+        raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
+    if not 0 <= position < mini_batch_size:
+        raise ValueError(f"position must be in [0, {mini_batch_size}), got {position}")
+    dual, step = _FORMS[kind]
+    if token_idx is None:
+        token_idx = default_token_idx(mini_batch_size, dtype=XQ.dtype, device=XQ.device)
+    n = len(state) // 2
+    T, t, outputs = XQ.shape[2], 0, []
+
+    def steps_until(stop: int) -> None:
+        nonlocal state, position, t
+        for t in range(t, stop):
+            tok = slice(t, t + 1)
+            z, state = step(XQ[:, :, tok], XK[:, :, tok], XV[:, :, tok], eta[:, :, t], state, position,
+                            ln_weight, ln_bias, token_idx, eps)
+            outputs.append(z)
+            position += 1
+            if position == mini_batch_size:
+                state, position = commit_state(state, token_idx[-1]), 0
+        t = stop
+
+    if position:
+        steps_until(min(T, t + mini_batch_size - position))
+    whole = (T - t) // mini_batch_size * mini_batch_size
+    if whole:
+        span = slice(t, t + whole)
+        Z, *params = dual(XQ[:, :, span], XK[:, :, span], XV[:, :, span], eta[:, :, span], *state[:n],
+                          ln_weight, ln_bias, mini_batch_size, token_idx, eps)
+        state = tuple(params) + state[n:]
+        outputs.append(Z)
+        t += whole
+    steps_until(T)
+    return torch.cat(outputs, dim=2), state, position
