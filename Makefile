@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install unit notebooks clean
+.PHONY: book test install unit notebooks refresh clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ notebooks: $(STAMP)
 	$(BIN)/python -m pytest --nbval notebooks -q -p no:cacheprovider
 
 test: unit notebooks book
+
+# Re-execute notebooks in place and store their outputs: `make refresh` (all) or
+# `make refresh NB=notebooks/01_ttt_layer_from_scratch.ipynb` (one).
+NB ?= notebooks/*.ipynb
+refresh: $(STAMP)
+	for nb in $(NB); do \
+	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 "$$nb" || exit 1; \
+	done
 
 clean:
 	rm -rf _build
