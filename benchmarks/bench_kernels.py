@@ -1,0 +1,513 @@
+"""Benchmark the TTT-Linear Triton kernels on one GPU, in one run, and write the results as JSON.
+
+    python benchmarks/bench_kernels.py            # op level, correctness, decode, roofline
+    python benchmarks/bench_kernels.py --model    # plus 125M-model prefill and decode vs a Llama
+
+Writes benchmarks/results/kernels_<gpu>.json after every section (a run cut short keeps what
+it measured). A case that fails records its error and the run goes on. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
+
+H, D, MB = 12, 64, 16  # heads, head dim and mini-batch size of the 125M model's TTT layers
+OP_CASES = [(8, 2048), (2, 8192), (1, 16384), (16, 8192)]  # (B, T)
+REFERENCE_MAX_TOKENS = 32768  # the PyTorch reference op loops over mini-batches: skip it past B * T of this
+DECODE_BATCH = 64
+FLA_NOTE = (
+    "fla's chunk_ttt_linear / fused_chunk_ttt_linear take [B, T, H, D] inputs, scale queries by 1/sqrt(D), "
+    "weight row i of each mini-batch by its query's eta[i] (the paper and ops.ttt_linear weight column s by "
+    "token s's eta[s] times token_idx[i]), and return z + LN(z) where the paper returns XQ + LN(z). Same "
+    "shapes and the same amount of work, different math: compare speed only."
+)
+
+
+# ---------------------------------------------------------------- FLOP and byte counts
+
+
+def ttt_linear_flops(B: int, H: int, T: int, D: int, mini_batch_size: int) -> int:
+    """Matrix-product FLOPs of the dual form, per token and head 6 D^2 + 4 b D: x_k W, x_q W and the
+    state update x_k^T (e g) are [b, D] x [D, D]; x_q x_k^T and (e * A) g are b x b blocks.
+    The O(D) element-wise work (layer norms, masks) is left out."""
+    return B * H * T * (6 * D * D + 4 * mini_batch_size * D)
+
+
+def ttt_linear_bytes(B: int, H: int, T: int, D: int, elt: int, state_elt: int) -> int:
+    """Fewest bytes a prefill must move: read XQ, XK, XV, eta and write Z ((4 D + 1) per token),
+    read W0, b0 and write W_T, b_T (2 (D^2 + D) per head)."""
+    return B * H * (T * (4 * D + 1) * elt + 2 * (D * D + D) * state_elt)
+
+
+def sdpa_flops(B: int, H: int, T: int, D: int) -> int:
+    """Causal attention: Q K^T and P V are 2 T^2 D each, halved by the causal mask."""
+    return 2 * B * H * T * T * D
+
+
+def sdpa_bytes(B: int, H: int, T: int, D: int, elt: int) -> int:
+    """Read Q, K, V and write O."""
+    return 4 * B * H * T * D * elt
+
+
+def decode_flops(B: int, H: int, D: int) -> int:
+    """Per decoded token and head 8 D^2: x_k W, the rank-1 gradient update, W - s grad_W, x_q W_eff."""
+    return 8 * B * H * D * D
+
+
+def decode_bytes(B: int, H: int, D: int, mini_batch_size: int, elt: int, state_elt: int) -> float:
+    """Read W and grad_W, write grad_W (3 (D^2 + D) per head), write W at the mini-batch's last token
+    (1/b of the steps), read x_q, x_k, x_v, eta and write z ((4 D + 1) per head)."""
+    return B * H * ((3 + 1 / mini_batch_size) * (D * D + D) * state_elt + (4 * D + 1) * elt)
+
+
+def roofline(flops: float, nbytes: float, peak_flops: float, peak_bytes: float, ms: float) -> dict:
+    """Time floor = max(FLOPs / peak FLOP/s, bytes / peak bytes/s); fraction = floor / measured time."""
+    compute_ms, memory_ms = flops / peak_flops * 1e3, nbytes / peak_bytes * 1e3
+    floor = max(compute_ms, memory_ms)
+    return {"flops": flops, "bytes": nbytes, "bound": "compute" if compute_ms >= memory_ms else "memory",
+            "floor_ms": floor, "fraction_of_floor": floor / ms}
+
+
+# ---------------------------------------------------------------- timing and bookkeeping
+
+
+def bench_ms(fn, warmup: int = 25, rep: int = 200) -> float:
+    """Median milliseconds of fn() (triton.testing.do_bench: CUDA events, warm-up, many repeats)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def slow_ms(fn, repeats: int = 3) -> float:
+    """Median milliseconds of a slow fn() over a few runs after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def attempt(record: dict, key: str, fn):
+    """record[key] = fn(); on failure record the error in record["errors"][key] and go on."""
+    try:
+        record[key] = fn()
+    except Exception as exc:  # one failing case must not stop the run
+        record.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        print(f"  {key} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        traceback.print_exc(limit=3)
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return record.get(key)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def provenance() -> dict:
+    import triton
+
+    def shell(*cmd: str) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except Exception as exc:
+            return f"unavailable ({type(exc).__name__})"
+        return done.stdout.strip() if done.returncode == 0 else f"unavailable ({done.stderr.strip()[:200]})"
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "driver": shell("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        # a copy of the tree without its .git can name the commit it was made from in GIT_COMMIT
+        "git_commit": os.environ.get("GIT_COMMIT") or shell("git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD"),
+    }
+
+
+def measure_peaks() -> dict:
+    """The two ceilings of the roofline, measured here: a bf16 matrix product and a device copy."""
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    matmul_ms = bench_ms(lambda: a @ b)
+    del a, b
+    src = torch.randn(2**28, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))
+    nbytes = 2 * src.numel() * src.element_size()  # read + write
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": 2 * n**3 / matmul_ms / 1e9, "matmul_shape": [n, n, n],
+            "copy_gbps": nbytes / copy_ms / 1e6, "copy_bytes_read_plus_written": nbytes}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def ttt_inputs(B: int, H: int, T: int, D: int, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32,
+               device: str = "cuda") -> dict:
+    """Random inputs of ops.ttt_linear at the scales of a layer: eta ~ base_lr * sigmoid / D."""
+    def r(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device=device) * scale).to(dt)
+
+    return dict(
+        XQ=r(B, H, T, D), XK=r(B, H, T, D), XV=r(B, H, T, D),
+        eta=(torch.rand(B, H, T, device=device) / D).to(dtype),
+        W0=r(B, H, D, D, scale=D**-0.5, dt=state_dtype), b0=r(B, H, 1, D, scale=0.1, dt=state_dtype),
+        ln_weight=1 + r(H, D, scale=0.2), ln_bias=r(H, D, scale=0.2),
+    )
+
+
+def to64(args: dict) -> dict:
+    return {k: v.to(torch.float64) for k, v in args.items()}
+
+
+# ---------------------------------------------------------------- sections
+
+
+def correctness() -> list[dict]:
+    """Relative error of both kernels against ops in float64, on fresh random inputs."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import TTTLinearDecoder, ttt_linear_prefill
+
+    rows = []
+    for dtype, tol in ((torch.bfloat16, 5e-3), (torch.float32, 1e-5)):
+        for B, T, d in ((2, 1000, 64), (2, 333, 32), (1, 333, 128), (4, 2048, 64)):
+            row = {"kernel": "prefill", "dtype": str(dtype).removeprefix("torch."), "B": B, "H": 4, "T": T, "D": d,
+                   "tolerance": tol}
+
+            def check():
+                args = ttt_inputs(B, 4, T, d, dtype)
+                Z, W, b = ttt_linear_prefill(**args)
+                Zr, Wr, br = ops.ttt_linear(**to64(args))
+                return {"Z": rel_err(Z, Zr), "W_T": rel_err(W, Wr), "b_T": rel_err(b, br)}
+
+            errs = attempt(row, "rel_err", check)
+            row["ok"] = bool(errs) and max(errs.values()) < tol
+            rows.append(row)
+            print(f"  prefill {row['dtype']:8s} B={B} T={T} D={d}: {errs}", flush=True)
+
+        row = {"kernel": "decode (CUDA graph)", "dtype": str(dtype).removeprefix("torch."), "B": 8, "H": 4, "T": 40,
+               "D": 64, "tolerance": tol}
+
+        def check_decode():
+            args = ttt_inputs(8, 4, 40, 64, dtype)
+            W0, b0 = args["W0"], args["b0"]
+            decoder = TTTLinearDecoder((W0.clone(), b0.clone(), torch.zeros_like(W0), torch.zeros_like(b0)), 0,
+                                       args["ln_weight"], args["ln_bias"], ops.default_token_idx(MB, device="cuda"))
+            Z = torch.cat([decoder.step(args["XQ"][:, :, t:t + 1], args["XK"][:, :, t:t + 1],
+                                        args["XV"][:, :, t:t + 1], args["eta"][:, :, t]).clone()
+                           for t in range(40)], dim=2)
+            return {"Z": rel_err(Z, ops.ttt_linear(**to64(args))[0])}
+
+        errs = attempt(row, "rel_err", check_decode)
+        row["ok"] = bool(errs) and max(errs.values()) < tol
+        rows.append(row)
+        print(f"  decode  {row['dtype']:8s}: {errs}", flush=True)
+    return rows
+
+
+def precision_variants() -> list[dict]:
+    """Time and error of the prefill's tl.dot precision choices for bf16 inputs (the W products,
+    the gradient products): the evidence behind kernels.ttt_linear.PRECISION_16BIT."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_linear as kernel_module
+
+    default, rows = kernel_module.PRECISION_16BIT, []
+    try:
+        for variant in (("bf16", "bf16"), ("tf32", "bf16"), ("bf16", "tf32"), ("tf32", "tf32")):
+            kernel_module.PRECISION_16BIT = variant
+            row = {"W_products": variant[0], "grad_products": variant[1], "default": variant == default}
+            for B, T in ((1, 16384), (16, 8192)):
+                args = ttt_inputs(B, H, T, D, torch.bfloat16)
+                attempt(row, f"ms_B{B}_T{T}", lambda: bench_ms(lambda: kernel_module.ttt_linear_prefill(**args)))
+                del args
+            for T in (2048, 65536):
+                def check():
+                    args = ttt_inputs(1, 4, T, D, torch.bfloat16)
+                    Z, W, _ = kernel_module.ttt_linear_prefill(**args)
+                    Zr, Wr, _ = ops.ttt_linear(**to64(args))
+                    return {"Z": rel_err(Z, Zr), "W_T": rel_err(W, Wr),
+                            "Z_bf16_rounding_alone": rel_err(Zr.bfloat16(), Zr)}
+
+                attempt(row, f"rel_err_B1_H4_T{T}", check)
+            rows.append(row)
+            print(f"  {row}", flush=True)
+    finally:
+        kernel_module.PRECISION_16BIT = default
+    return rows
+
+
+def op_level(peaks: dict) -> list[dict]:
+    """Forward time of one TTT-Linear op (H=12, D=64, bf16) against fla and causal SDPA."""
+    import torch.nn.functional as F
+
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_linear_prefill
+
+    try:
+        from fla.ops.ttt import chunk_ttt_linear, fused_chunk_ttt_linear
+    except ImportError as exc:
+        chunk_ttt_linear = fused_chunk_ttt_linear = None
+        fla_missing = f"not installed ({exc})"
+
+    peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
+    rows = []
+    for B, T in OP_CASES:
+        row = {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16", "state_dtype": "float32", "mini_batch_size": MB}
+        print(f"op B={B} T={T}", flush=True)
+        args = ttt_inputs(B, H, T, D, torch.bfloat16)
+        with torch.no_grad():
+            attempt(row, "ours_ms", lambda: bench_ms(lambda: ttt_linear_prefill(**args)))
+            # the layout a model produces: [B, T, H, D] projections viewed as [B, H, T, D]
+            bthd = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("XQ", "XK", "XV") else v)
+                    for k, v in args.items()}
+            attempt(row, "ours_bthd_layout_ms", lambda: bench_ms(lambda: ttt_linear_prefill(**bthd)))
+            del bthd
+            q, k, v = (args[n].transpose(1, 2).contiguous() for n in ("XQ", "XK", "XV"))
+            eta = args["eta"].transpose(1, 2).unsqueeze(-1).contiguous()
+            fla_kw = dict(initial_state=args["W0"], initial_state_bias=args["b0"], output_final_state=True,
+                          chunk_size=MB)
+            for key, fn in (("fla_chunk_ms", chunk_ttt_linear), ("fla_fused_chunk_ms", fused_chunk_ttt_linear)):
+                if fn is None:
+                    row[key] = fla_missing
+                else:
+                    attempt(row, key, lambda fn=fn: bench_ms(
+                        lambda: fn(q, k, v, args["ln_weight"], args["ln_bias"], eta, **fla_kw)))
+            del q, k, v, eta
+            attempt(row, "sdpa_causal_ms", lambda: bench_ms(
+                lambda: F.scaled_dot_product_attention(args["XQ"], args["XK"], args["XV"], is_causal=True)))
+            if B * T <= REFERENCE_MAX_TOKENS:  # the reference wants one dtype: a bf16 state here
+                ref_args = {**args, "W0": args["W0"].bfloat16(), "b0": args["b0"].bfloat16()}
+                attempt(row, "reference_ms", lambda: slow_ms(lambda: ops.ttt_linear(**ref_args)))
+                del ref_args
+            else:
+                row["reference_ms"] = f"skipped: B*T > {REFERENCE_MAX_TOKENS}"
+        ttt_cost = (ttt_linear_flops(B, H, T, D, MB), ttt_linear_bytes(B, H, T, D, 2, 4))
+        row["roofline"] = {}
+        for key, (flops, nbytes) in (("ours_ms", ttt_cost), ("fla_chunk_ms", ttt_cost),
+                                     ("sdpa_causal_ms", (sdpa_flops(B, H, T, D), sdpa_bytes(B, H, T, D, 2)))):
+            if isinstance(row.get(key), float):
+                row["roofline"][key.removesuffix("_ms")] = roofline(flops, nbytes, peak_flops, peak_bytes, row[key])
+        rows.append(row)
+        del args
+        torch.cuda.empty_cache()
+        print("  " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if k.endswith("_ms") and isinstance(v, float)),
+              flush=True)
+    return rows
+
+
+def decode(peaks: dict) -> dict:
+    """Tokens/s of one TTT-Linear layer's decode step at batch 64: eager, CUDA graph, reference."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import TTTLinearDecoder, ttt_linear_decode
+
+    B, steps = DECODE_BATCH, MB  # time one whole mini-batch of steps: 15 accumulate, 1 commits
+    result = {"B": B, "H": H, "D": D, "mini_batch_size": MB, "input_dtype": "bfloat16", "state_dtype": "float32",
+              "steps_per_timed_call": steps}
+    args = ttt_inputs(B, H, steps, D, torch.bfloat16)
+    tokens = [(args["XQ"][:, :, t:t + 1].contiguous(), args["XK"][:, :, t:t + 1].contiguous(),
+               args["XV"][:, :, t:t + 1].contiguous(), args["eta"][:, :, t].contiguous()) for t in range(steps)]
+    token_idx = ops.default_token_idx(MB, device="cuda")
+    lnw, lnb = args["ln_weight"], args["ln_bias"]
+
+    def fresh_state():
+        W0, b0 = args["W0"], args["b0"]
+        return (W0.clone(), b0.clone(), torch.zeros_like(W0), torch.zeros_like(b0))
+
+    state = fresh_state()
+
+    def eager():
+        for t, tok in enumerate(tokens):
+            ttt_linear_decode(*tok, state, t, lnw, lnb, token_idx)
+
+    graphed = TTTLinearDecoder(fresh_state(), 0, lnw, lnb, token_idx)
+
+    def graph_copy_inputs():
+        for tok in tokens:
+            graphed.step(*tok)
+
+    def graph_inputs_in_place():  # a caller that writes its projections straight into decoder.inputs
+        for _ in tokens:
+            graphed.step(*graphed.inputs)
+
+    ref_state = tuple(t.float() for t in fresh_state())
+    ref_tokens = [tuple(x.float() for x in tok) for tok in tokens]
+
+    def reference():
+        nonlocal ref_state
+        for t, tok in enumerate(ref_tokens):
+            _, ref_state = ops.ttt_linear_step(*tok, ref_state, t, lnw.float(), lnb.float(), token_idx)
+        ref_state = ops.commit_state(ref_state, token_idx[-1])
+
+    peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
+    flops, nbytes = decode_flops(B, H, D), decode_bytes(B, H, D, MB, 2, 4)
+    with torch.no_grad():
+        for key, fn in (("eager", eager), ("cuda_graph", graph_copy_inputs),
+                        ("cuda_graph_inputs_in_place", graph_inputs_in_place), ("reference_pytorch", reference)):
+            ms = attempt(result, f"{key}_ms_per_{steps}_steps", lambda fn=fn: bench_ms(fn))
+            if ms is not None:
+                per_token = ms / steps
+                result[key] = {"ms_per_token_step": per_token, "tokens_per_s": B / per_token * 1e3,
+                               "roofline": roofline(flops, nbytes, peak_flops, peak_bytes, per_token)}
+                print(f"  decode {key}: {per_token * 1e3:.1f} us/step, {B / per_token * 1e3:,.0f} tokens/s", flush=True)
+    return result
+
+
+def model_level() -> dict:
+    """125M TTT-Linear model (kernels patched in) against a same-size Llama with SDPA, bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ttt_helpers import kernels, layers, ops
+    from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
+
+    preset = TTT_STANDARD_CONFIGS["125m"]
+    ttt = TTTForCausalLM(TTTConfig(**preset)).to("cuda", torch.bfloat16).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**preset, num_key_value_heads=preset["num_attention_heads"],
+                                         vocab_size=32000, max_position_embeddings=32768, tie_word_embeddings=True,
+                                         attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
+    result = {"note": "prefill: forward with use_cache=False and logits for the last token only; decode: a "
+                      "plain Python loop of single-token forwards with the cache, after a 16-token prompt. "
+                      "'ttt_kernel' swaps TTTLinear's op for ttt_linear_prefill and ops.ttt_continue's single "
+                      "tokens for ttt_linear_decode (eager) by monkeypatching; 'ttt_reference' runs the ops as is.",
+              "params_M": {"ttt": sum(p.numel() for p in ttt.parameters()) / 1e6,
+                           "llama": sum(p.numel() for p in llama.parameters()) / 1e6},
+              "prefill": [], "decode": []}
+    reference_op, reference_continue = layers.TTTLinear.__dict__["op"], ops.ttt_continue  # the staticmethod
+
+    def kernel_continue(kind, XQ, XK, XV, eta, state, position, ln_weight, ln_bias, mini_batch_size=16,
+                        token_idx=None, eps=1e-6):
+        if kind != "linear" or XQ.shape[2] != 1:
+            return reference_continue(kind, XQ, XK, XV, eta, state, position, ln_weight, ln_bias,
+                                      mini_batch_size, token_idx, eps)
+        state = tuple(t.contiguous() for t in state)
+        z = kernels.ttt_linear_decode(XQ, XK, XV, eta[:, :, 0], state, position, ln_weight, ln_bias, token_idx, eps)
+        return z, state, (position + 1) % mini_batch_size
+
+    def use(kernel: bool) -> None:
+        layers.TTTLinear.op = staticmethod(kernels.ttt_linear_prefill) if kernel else reference_op
+        ops.ttt_continue = kernel_continue if kernel else reference_continue
+
+    try:
+        with torch.no_grad():
+            for B, T in ((1, 2048), (1, 8192), (1, 16384), (8, 2048)):
+                row = {"B": B, "T": T}
+                ids = torch.randint(0, 32000, (B, T), device="cuda")
+                for name, model, kernel, timer in (("llama_sdpa", llama, False, bench_ms),
+                                                   ("ttt_kernel", ttt, True, bench_ms),
+                                                   ("ttt_reference", ttt, False, lambda fn: slow_ms(fn, repeats=1))):
+                    use(kernel)
+                    ms = attempt(row, f"{name}_ms",
+                                 lambda m=model, f=timer: f(lambda: m(ids, use_cache=False, logits_to_keep=1)))
+                    if ms is not None:
+                        row[f"{name}_tokens_per_s"] = B * T / ms * 1e3
+                result["prefill"].append(row)
+                print(f"  model prefill {row}", flush=True)
+            B, steps = DECODE_BATCH, 64
+            prompt = torch.randint(0, 32000, (B, 16), device="cuda")
+            row = {"B": B, "prompt": 16, "steps": steps}
+            for name, model, kernel in (("llama_sdpa", llama, False), ("ttt_kernel", ttt, True),
+                                        ("ttt_reference", ttt, False)):
+                use(kernel)
+
+                def run(model=model):
+                    out = model(prompt, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        out = model(token, past_key_values=cache, use_cache=True)
+                        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    return B * steps / (time.perf_counter() - start)
+
+                attempt(row, f"{name}_warmup_tokens_per_s", run)
+                attempt(row, f"{name}_tokens_per_s", run)
+            result["decode"].append(row)
+            print(f"  model decode {row}", flush=True)
+    finally:
+        use(False)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="store_true", help="also time the 125M models (a few minutes more)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/kernels_<gpu>.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "the CPU checks are in tests/test_kernels.py")
+
+    started = time.perf_counter()
+    from ttt_helpers.kernels import ttt_linear as kernel_module
+
+    results = {"provenance": provenance(), "fla_note": FLA_NOTE,
+               "kernel_dot_precisions_16bit": dict(zip(("W", "grad"), kernel_module.PRECISION_16BIT))}
+    gpu = re.sub(r"[^a-z0-9]+", "_", results["provenance"]["gpu"].lower()).strip("_")
+    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{gpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+    print(f"{results['provenance']['gpu']}: writing {out}", flush=True)
+    results["peaks"] = measure_peaks()
+    print(f"peaks: {results['peaks']['bf16_matmul_tflops']:.0f} TFLOP/s bf16, "
+          f"{results['peaks']['copy_gbps']:.0f} GB/s copy", flush=True)
+    save()
+    sections = [("correctness", correctness), ("op", lambda: op_level(results["peaks"])),
+                ("decode", lambda: decode(results["peaks"])), ("precision", precision_variants)]
+    if args.model:
+        sections.append(("model", model_level))
+    for name, section in sections:
+        print(f"== {name}", flush=True)
+        attempt(results, name, section)
+        save()
+    print_summary(results)
+    print(f"wrote {out} in {results['elapsed_s']:.0f} s", flush=True)
+
+
+def print_summary(results: dict) -> None:
+    keys = ("ours_ms", "ours_bthd_layout_ms", "fla_chunk_ms", "fla_fused_chunk_ms", "sdpa_causal_ms", "reference_ms")
+    print("\n  B      T " + "".join(f"{k.removesuffix('_ms'):>16s}" for k in keys) + "   (ms, median)")
+    for row in results.get("op", []):
+        cells = "".join(f"{row[k]:16.3f}" if isinstance(row.get(k), float) else f"{'-':>16s}" for k in keys)
+        print(f"{row['B']:3d} {row['T']:6d} {cells}")
+    for row in results.get("correctness", []):
+        print(f"  check {row['kernel']} {row['dtype']} D={row['D']} T={row['T']}: ok={row['ok']} {row.get('rel_err')}")
+    dec = results.get("decode", {})
+    for key in ("eager", "cuda_graph", "cuda_graph_inputs_in_place", "reference_pytorch"):
+        if key in dec:
+            print(f"  decode {key}: {dec[key]['tokens_per_s']:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

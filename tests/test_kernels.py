@@ -1,0 +1,246 @@
+"""The Triton kernels against the float64 reference ops, on a GPU when there is one, else in
+Triton's interpreter on the CPU (shapes kept small: the interpreter runs each program in Python).
+
+The interpreter computes tl.dot in float32 for every input dtype and truncates (rather than
+rounds) when it casts to bfloat16, so its bfloat16 error (about 3e-3) sits above a GPU's.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
+pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
+
+from ttt_helpers import ops  # noqa: E402
+from ttt_helpers.kernels import (  # noqa: E402
+    TTTLinearDecoder,
+    ttt_linear_auto,
+    ttt_linear_decode,
+    ttt_linear_prefill,
+    use_kernels,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def make_inputs(B, H, T, D, dtype, gen, state_dtype=None):
+    """Random inputs of `ops.ttt_linear` at the scales a trained layer sees (eta ~ base_lr / D)."""
+    def r(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(DEVICE)
+
+    state_dtype = state_dtype or dtype
+    return dict(
+        XQ=r(B, H, T, D), XK=r(B, H, T, D), XV=r(B, H, T, D),
+        eta=(torch.rand(B, H, T, generator=gen) / D).to(dtype).to(DEVICE),
+        W0=r(B, H, D, D, scale=D**-0.5, dt=state_dtype), b0=r(B, H, 1, D, scale=0.1, dt=state_dtype),
+        ln_weight=1 + r(H, D, scale=0.2), ln_bias=r(H, D, scale=0.2),
+    )
+
+
+def reference(args: dict, mini_batch_size: int, **kw):
+    """`ops.ttt_linear` in float64 on the same (already rounded) inputs."""
+    return ops.ttt_linear(**{k: v.to(F64) for k, v in args.items()}, mini_batch_size=mini_batch_size, **kw)
+
+
+@pytest.mark.parametrize("B,H,T,D,b", [
+    (2, 3, 37, 32, 16),   # T not a multiple of b: a partial last mini-batch
+    (1, 2, 40, 64, 16),
+    (1, 1, 21, 128, 16),
+    (2, 2, 23, 32, 8),    # b < 16: padded inside to the 16-row tile
+    (1, 2, 45, 16, 32),
+    (1, 1, 5, 32, 16),    # fewer tokens than one mini-batch
+])
+def test_prefill_fp32_matches_reference(B, H, T, D, b, rng):
+    args = make_inputs(B, H, T, D, torch.float32, rng)
+    Z, W, bias = ttt_linear_prefill(**args, mini_batch_size=b)
+    for out, ref in zip((Z, W, bias), reference(args, b)):
+        assert out.dtype == torch.float32
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32])
+def test_prefill_bf16_matches_reference(state_dtype, rng):
+    """bf16 inputs; the final state comes back in W0's dtype (float32 keeps it unrounded)."""
+    args = make_inputs(2, 2, 50, 64, torch.bfloat16, rng, state_dtype=state_dtype)
+    Z, W, bias = ttt_linear_prefill(**args)
+    assert Z.dtype == torch.bfloat16 and W.dtype == bias.dtype == state_dtype
+    for out, ref in zip((Z, W, bias), reference(args, 16)):
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_prefill_takes_layer_layouts_and_streams(rng):
+    """Heads as a [B, T, H, D] view and W0 expanded over the batch, as the layers pass them;
+    the output keeps that layout; two calls passing the state equal one call."""
+    B, H, T, D, split = 2, 3, 41, 32, 32
+    args = make_inputs(B, H, T, D, torch.float32, rng)
+    for name in ("XQ", "XK", "XV"):
+        args[name] = args[name].transpose(1, 2).contiguous().transpose(1, 2)
+    args["W0"], args["b0"] = args["W0"][:1].expand(B, -1, -1, -1), args["b0"][:1].expand(B, -1, -1, -1)
+    Z_ref, W_ref, b_ref = reference(args, 16)
+
+    Z, W, bias = ttt_linear_prefill(**args)
+    assert Z.stride() == args["XQ"].stride()
+    first = {k: v[:, :, :split] if k in ("XQ", "XK", "XV", "eta") else v for k, v in args.items()}
+    second = {k: v[:, :, split:] if k in ("XQ", "XK", "XV", "eta") else v for k, v in args.items()}
+    Z1, W1, b1 = ttt_linear_prefill(**first)
+    Z2, W2, b2 = ttt_linear_prefill(**{**second, "W0": W1, "b0": b1})
+    for out, ref in ((Z, Z_ref), (W, W_ref), (bias, b_ref), (torch.cat([Z1, Z2], 2), Z_ref), (W2, W_ref), (b2, b_ref)):
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_prefill_custom_token_idx_and_eps(rng):
+    args = make_inputs(1, 2, 29, 32, torch.float32, rng)
+    token_idx = (torch.rand(16, generator=rng) + 0.1).to(DEVICE)
+    Z, W, bias = ttt_linear_prefill(**args, token_idx=token_idx, eps=1e-3)
+    for out, ref in zip((Z, W, bias), reference(args, 16, token_idx=token_idx.to(F64), eps=1e-3)):
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def decode_inputs(args: dict, t: int):
+    return [args[k][:, :, t:t + 1] for k in ("XQ", "XK", "XV")] + [args["eta"][:, :, t]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_matches_primal_form(dtype, rng):
+    """Token by token across two commits and a partial mini-batch: outputs against the dual form
+    in float64, the state (weights and gradient sums) against `ops.ttt_continue`."""
+    B, H, T, D, b = 2, 2, 11, 32, 4
+    args = make_inputs(B, H, T, D, dtype, rng, state_dtype=torch.float32)
+    token_idx = ops.default_token_idx(b, device=DEVICE)
+    state = (args["W0"].clone(), args["b0"].clone(), torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
+    outputs = []
+    for t in range(T):
+        outputs.append(ttt_linear_decode(*decode_inputs(args, t), state, t % b, args["ln_weight"],
+                                         args["ln_bias"], token_idx).clone())
+    Z_ref, _, _ = reference(args, b)
+    assert rel_err(torch.cat(outputs, 2), Z_ref) < TOL[dtype]
+
+    a64 = {k: v.to(F64) for k, v in args.items()}
+    start = (a64["W0"], a64["b0"], torch.zeros_like(a64["W0"]), torch.zeros_like(a64["b0"]))
+    _, state_ref, position = ops.ttt_continue("linear", a64["XQ"], a64["XK"], a64["XV"], a64["eta"], start, 0,
+                                              a64["ln_weight"], a64["ln_bias"], b, token_idx.to(F64))
+    assert position == T % b
+    for out, ref in zip(state, state_ref):
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decoder_matches_step_by_step_reference(rng):
+    """`TTTLinearDecoder` (a CUDA graph on a GPU, eager here) against `ttt_linear_step` + `commit_state`,
+    starting inside a mini-batch."""
+    B, H, T, D, b, position = 2, 2, 7, 32, 4, 2
+    args = make_inputs(B, H, T, D, torch.float32, rng)
+    token_idx = ops.default_token_idx(b, device=DEVICE)
+    grads = [(torch.randn(*shape, generator=rng) * 0.01).to(DEVICE) for shape in ((B, H, D, D), (B, H, 1, D))]
+    state = (args["W0"].clone(), args["b0"].clone(), grads[0].clone(), grads[1].clone())
+    ref_state = tuple(t.to(F64) for t in (args["W0"], args["b0"], *grads))
+    decoder = TTTLinearDecoder(state, position, args["ln_weight"], args["ln_bias"], token_idx)
+    for t in range(T):
+        z = decoder.step(*decode_inputs(args, t))
+        z_ref, ref_state = ops.ttt_linear_step(*(x.to(F64) for x in decode_inputs(args, t)), ref_state, position,
+                                               args["ln_weight"].to(F64), args["ln_bias"].to(F64), token_idx.to(F64))
+        if position == b - 1:
+            ref_state = ops.commit_state(ref_state, token_idx[position].to(F64))
+        position = (position + 1) % b
+        assert rel_err(z, z_ref) < TOL[torch.float32]
+    assert int(decoder.position) == position
+    for out, ref in zip(decoder.state, ref_state):
+        assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_decoder_equals_eager(rng):
+    B, H, T, D, b = 4, 3, 20, 64, 16
+    args = make_inputs(B, H, T, D, torch.bfloat16, rng, state_dtype=torch.float32)
+    token_idx = ops.default_token_idx(b, device=DEVICE)
+    states = [(args["W0"].clone(), args["b0"].clone(), torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
+              for _ in range(2)]
+    graphed = TTTLinearDecoder(states[0], 0, args["ln_weight"], args["ln_bias"], token_idx)
+    eager = TTTLinearDecoder(states[1], 0, args["ln_weight"], args["ln_bias"], token_idx, use_graph=False)
+    for t in range(T):
+        assert torch.equal(graphed.step(*decode_inputs(args, t)), eager.step(*decode_inputs(args, t)))
+    assert graphed.graph is not None
+    for a, b_ in zip(states[0], states[1]):
+        assert torch.equal(a, b_)
+
+
+def test_auto_dispatch(rng):
+    args = make_inputs(1, 2, 20, 32, torch.float32, rng)
+    assert use_kernels(args["XQ"]) == (DEVICE == "cuda")
+    Z_ref, *_ = ops.ttt_linear(**args)
+    Z_kernel, *_ = ttt_linear_auto(**args, impl="kernel")
+    Z_auto, *_ = ttt_linear_auto(**args)
+    assert torch.equal(ttt_linear_auto(**args, impl="reference")[0], Z_ref)
+    assert torch.equal(Z_auto, Z_kernel if DEVICE == "cuda" else Z_ref)
+    assert rel_err(Z_kernel, Z_ref.to(F64)) < TOL[torch.float32]
+    # a gradient is needed: auto takes the differentiable reference, a forced kernel refuses
+    args["W0"].requires_grad_(True)
+    ttt_linear_auto(**args)[0].sum().backward()
+    assert args["W0"].grad is not None
+    with pytest.raises(ValueError, match="no backward"):
+        ttt_linear_auto(**args, impl="kernel")
+    with pytest.raises(ValueError, match="impl"):
+        ttt_linear_auto(**args, impl="fast")
+
+
+def test_bad_inputs_raise_value_errors(rng):
+    args = make_inputs(1, 2, 20, 32, torch.float32, rng)
+    with pytest.raises(ValueError, match="head dim"):
+        ttt_linear_prefill(**make_inputs(1, 1, 4, 24, torch.float32, rng))
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ttt_linear_prefill(**args, mini_batch_size=65)
+    with pytest.raises(ValueError, match="eta must have shape"):
+        ttt_linear_prefill(**{**args, "eta": args["eta"][:, :, :-1]})
+    with pytest.raises(ValueError, match="XK must have dtype"):
+        ttt_linear_prefill(**{**args, "XK": args["XK"].bfloat16()})
+    with pytest.raises(ValueError, match="XQ must be float16, bfloat16 or float32"):
+        ttt_linear_prefill(**{k: v.double() for k, v in args.items()})
+    token_idx = ops.default_token_idx(16, device=DEVICE)
+    rest = (args["b0"], torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
+    step, ln = decode_inputs(args, 0), (args["ln_weight"], args["ln_bias"])
+    with pytest.raises(ValueError, match="contiguous"):
+        ttt_linear_decode(*step, (args["W0"].transpose(-1, -2), *rest), 0, *ln, token_idx)
+    with pytest.raises(ValueError, match="position"):
+        ttt_linear_decode(*step, (args["W0"], *rest), 16, *ln, token_idx)
+    if DEVICE == "cpu":
+        os.environ.pop("TRITON_INTERPRET")
+        try:
+            with pytest.raises(ValueError, match="CUDA device"):
+                ttt_linear_prefill(**args)
+        finally:
+            os.environ["TRITON_INTERPRET"] = "1"
+
+
+def load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_formulas():
+    """The benchmark imports without a GPU; its FLOP and byte counts follow their formulas."""
+    bench = load_benchmark()
+    B, H, T, D, b = 2, 3, 64, 16, 16
+    per_minibatch = 3 * 2 * b * D * D + 2 * 2 * b * b * D  # three [b,D]x[D,D] and two b x b products
+    assert bench.ttt_linear_flops(B, H, T, D, b) == B * H * (T // b) * per_minibatch
+    assert bench.ttt_linear_bytes(B, H, T, D, 2, 4) == B * H * (T * (4 * D + 1) * 2 + 2 * (D * D + D) * 4)
+    assert bench.sdpa_flops(B, H, T, D) == 2 * B * H * T * T * D
+    line = bench.roofline(flops=2e12, nbytes=1e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)
+    assert line["bound"] == "compute"
+    assert line["floor_ms"] == pytest.approx(2.0) and line["fraction_of_floor"] == pytest.approx(0.5)
+    assert bench.roofline(flops=1e9, nbytes=4e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)["bound"] == "memory"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main([])

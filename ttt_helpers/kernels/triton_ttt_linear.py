@@ -1,0 +1,212 @@
+"""The Triton programs behind `ttt_helpers.kernels.ttt_linear`; import this module only through it.
+
+It imports triton at the top, so `ttt_linear.py` loads it lazily: on a machine without triton
+the rest of the package still imports, and a test can set `TRITON_INTERPRET=1` first.
+Every program keeps its state and arithmetic in float32 whatever the input dtype.
+
+Sums go through the builtin tl.reduce rather than tl.sum: tl.sum is itself a @triton.jit
+function, which the interpreter cannot call when triton was imported before TRITON_INTERPRET
+was set (transformers imports triton, so this happens in a test session). Reducing with
+triton's own `_sum_combine` is what tl.sum compiles to on a GPU, and the interpreter
+recognises it and sums with numpy; our `_add` stands in if a triton version lacks it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with a float32 result. PRECISION "bf16" / "fp16" rounds the operands to that type for
+    the tensor cores; "tf32" keeps 10 mantissa bits of float32 operands (tensor cores too); "ieee"
+    multiplies in full float32 (no tensor cores: what the float32 path needs for 1e-5)."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    """tl.sum of a float32 tensor through the builtin tl.reduce (see the module docstring)."""
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def _normalize(x, D: tl.constexpr, eps):
+    """Rows of x: [n, D] standardised over D, and 1/std per row: [n]."""
+    mean = _sum(x, axis=1) / D
+    xc = x - mean[:, None]
+    rstd = 1.0 / tl.sqrt(_sum(xc * xc, axis=1) / D + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
+    """Gradient w.r.t. z of 0.5 * ||LN(z) - target||^2 per row, in closed form (ops.layer_norm_l2_grad).
+    z, target: [n, D]; gamma, beta: [D]."""
+    z_hat, rstd = _normalize(z, D, eps)
+    g_hat = (gamma[None, :] * z_hat + beta[None, :] - target) * gamma[None, :]
+    g_mean = _sum(g_hat, axis=1) / D
+    gz_mean = _sum(g_hat * z_hat, axis=1) / D
+    return (g_hat - g_mean[:, None] - z_hat * gz_mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def ttt_linear_prefill_kernel(
+    XQ, XK, XV, ETA, W0, B0, LN_W, LN_B, TOKEN_IDX,  # inputs
+    Z, W_OUT, B_OUT,  # outputs
+    T, H, eps,
+    sx_b, sx_h, sx_t,  # strides of XQ, XK, XV (last dim contiguous)
+    sz_b, sz_h, sz_t,  # strides of Z (last dim contiguous)
+    se_b, se_h, se_t,  # strides of eta
+    sw_b, sw_h, sw_r, sw_c,  # strides of W0 (a batch stride of 0 shares one W0 across the batch)
+    sb_b, sb_h, sb_d,  # strides of b0
+    D: tl.constexpr, MB: tl.constexpr, BLOCK_MB: tl.constexpr,
+    QK_PRECISION: tl.constexpr, W_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+):
+    """TTT-Linear over a whole sequence for one (batch, head): program id = batch * H + head.
+
+    XQ, XK, XV, Z: [B, H, T, D]; ETA: [B, H, T]; W0: [B, H, D, D], B0: [B, H, 1, D];
+    LN_W, LN_B: [H, D] contiguous; TOKEN_IDX: [MB]; W_OUT: [B, H, D, D], B_OUT: [B, H, 1, D]
+    contiguous. MB is the mini-batch size, BLOCK_MB the power of two >= max(MB, 16) that holds
+    it (tl.dot needs every dim >= 16); rows past the mini-batch or the sequence are masked.
+    The D x D state stays in registers from the first mini-batch to the last. tl.dot precisions:
+    QK_PRECISION of xq xk^T (inputs only: exact in their own 16-bit type), W_PRECISION of the
+    products with the state W, GRAD_PRECISION of those with the float32 gradients.
+    """
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rows = tl.arange(0, BLOCK_MB)  # position inside a mini-batch
+    cols = tl.arange(0, D)
+
+    W = tl.load(W0 + bi * sw_b + hi * sw_h + cols[:, None] * sw_r + cols[None, :] * sw_c).to(tl.float32)
+    bias = tl.load(B0 + bi * sb_b + hi * sb_h + cols * sb_d).to(tl.float32)
+    gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)
+    beta = tl.load(LN_B + hi * D + cols).to(tl.float32)
+    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(tl.float32)
+    causal = rows[None, :] <= rows[:, None]  # e[i, s] is nonzero only for s <= i
+
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    z_base = bi.to(tl.int64) * sz_b + hi * sz_h
+    e_base = bi.to(tl.int64) * se_b + hi * se_h
+    for start in range(0, T, MB):
+        n = tl.minimum(T - start, MB)  # tokens in this mini-batch: the last one may be short
+        valid = rows < n
+        t = (start + rows).to(tl.int64)
+        offs = x_base + t[:, None] * sx_t + cols[None, :]
+        xq = tl.load(XQ + offs, mask=valid[:, None], other=0.0)
+        xk = tl.load(XK + offs, mask=valid[:, None], other=0.0)
+        xv = tl.load(XV + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        # eta = 0 past the end also zeroes those tokens' columns of e: they move no state
+        eta = tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(tl.float32)
+
+        # the inner model's gradient at every token, all taken at the mini-batch's start state
+        z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
+        grad = _ln_l2_grad(z1, xv - xk.to(tl.float32), gamma, beta, D, eps)
+
+        # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
+        # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
+        e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
+        attn = _dot(xq, tl.trans(xk), QK_PRECISION)
+        z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
+        z_hat, _ = _normalize(z, D, eps)
+        out = xq.to(tl.float32) + z_hat * gamma[None, :] + beta[None, :]
+        tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
+
+        # commit with the last valid row of e: token_idx[n - 1] * eta[s] for s < n
+        e_last = tl.load(TOKEN_IDX + n - 1).to(tl.float32) * eta
+        weighted = e_last[:, None] * grad
+        W -= _dot(tl.trans(xk), weighted, GRAD_PRECISION)
+        bias -= _sum(weighted, axis=0)
+
+    out_base = pid.to(tl.int64) * D * D
+    tl.store(W_OUT + out_base + cols[:, None] * D + cols[None, :], W.to(W_OUT.dtype.element_ty))
+    tl.store(B_OUT + pid * D + cols, bias.to(B_OUT.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["pos_value"])  # one compiled program for every position
+def ttt_linear_decode_kernel(
+    XQ, XK, XV, ETA, W, Bv, GW, GB, POS, LN_W, LN_B, TOKEN_IDX, Z,
+    H, pos_value, eps,
+    sx_b, sx_h,  # strides of xq, xk, xv (last dim contiguous)
+    se_b, se_h,  # strides of eta
+    D: tl.constexpr, MB: tl.constexpr, ROWS: tl.constexpr, POS_FROM_PTR: tl.constexpr,
+):
+    """One token of TTT-Linear, primal form, for one (batch, head); updates the state in place.
+
+    XQ, XK, XV: [B, H, 1, D]; ETA: [B, H]; W, GW: [B, H, D, D] and Bv, GB: [B, H, 1, D]
+    contiguous (the state: weights at the mini-batch start and eta-weighted gradient sums);
+    Z: [B, H, 1, D] contiguous. The position inside the mini-batch is read from POS[0] when
+    POS_FROM_PTR (a device tensor: no host sync, so a CUDA graph can replay it) else pos_value.
+    W is walked ROWS rows at a time so a D = 128 state need not sit in registers at once.
+    """
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    cols = tl.arange(0, D)
+    rows = tl.arange(0, ROWS)
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    s_base = pid.to(tl.int64) * D * D
+    if POS_FROM_PTR:
+        pos = tl.load(POS)
+    else:
+        pos = pos_value
+    scale = tl.load(TOKEN_IDX + pos).to(tl.float32)
+    eta = tl.load(ETA + bi * se_b + hi * se_h).to(tl.float32)
+    gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)
+    beta = tl.load(LN_B + hi * D + cols).to(tl.float32)
+    xq = tl.load(XQ + x_base + cols).to(tl.float32)
+    xk = tl.load(XK + x_base + cols).to(tl.float32)
+    xv = tl.load(XV + x_base + cols).to(tl.float32)
+    bias = tl.load(Bv + pid * D + cols).to(tl.float32)
+    grad_b = tl.load(GB + pid * D + cols).to(tl.float32)
+
+    # pass 1: the gradient at the mini-batch's start state W, b
+    z1 = bias
+    for r0 in tl.static_range(0, D, ROWS):
+        w = tl.load(W + s_base + (r0 + rows)[:, None] * D + cols[None, :]).to(tl.float32)
+        xk_r = tl.load(XK + x_base + r0 + rows).to(tl.float32)
+        z1 += _sum(xk_r[:, None] * w, axis=0)
+    g = _sum(_ln_l2_grad(z1[None, :], (xv - xk)[None, :], gamma, beta, D, eps), axis=0)
+
+    # pass 2: add this token's gradient, predict with W - scale * grad_W, commit at the last position
+    commit = pos == MB - 1
+    grad_b += eta * g
+    b_eff = bias - scale * grad_b
+    z = b_eff
+    for r0 in tl.static_range(0, D, ROWS):
+        offs = s_base + (r0 + rows)[:, None] * D + cols[None, :]
+        w = tl.load(W + offs).to(tl.float32)
+        gw = tl.load(GW + offs).to(tl.float32)
+        xk_r = tl.load(XK + x_base + r0 + rows).to(tl.float32)
+        xq_r = tl.load(XQ + x_base + r0 + rows).to(tl.float32)
+        gw += eta * xk_r[:, None] * g[None, :]
+        w_eff = w - scale * gw
+        z += _sum(xq_r[:, None] * w_eff, axis=0)
+        if commit:  # the next mini-batch starts from w_eff with empty gradient sums
+            tl.store(W + offs, w_eff.to(W.dtype.element_ty))
+            tl.store(GW + offs, tl.full(gw.shape, 0.0, GW.dtype.element_ty))
+        else:
+            tl.store(GW + offs, gw.to(GW.dtype.element_ty))
+    if commit:
+        tl.store(Bv + pid * D + cols, b_eff.to(Bv.dtype.element_ty))
+        tl.store(GB + pid * D + cols, tl.full(grad_b.shape, 0.0, GB.dtype.element_ty))
+    else:
+        tl.store(GB + pid * D + cols, grad_b.to(GB.dtype.element_ty))
+
+    z_hat = _sum(_normalize(z[None, :], D, eps)[0], axis=0)
+    tl.store(Z + pid * D + cols, (xq + z_hat * gamma + beta).to(Z.dtype.element_ty))
