@@ -381,10 +381,10 @@ def decode(peaks: dict) -> dict:
 
 
 def model_level() -> dict:
-    """125M TTT-Linear model (kernels patched in) against a same-size Llama with SDPA, bf16."""
+    """125M TTT-Linear model (kernels through TTTConfig.ttt_impl) against a same-size Llama with SDPA, bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ttt_helpers import kernels, layers, ops
+    from ttt_helpers.layers import TTTLayer
     from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
 
     preset = TTT_STANDARD_CONFIGS["125m"]
@@ -393,51 +393,50 @@ def model_level() -> dict:
                                          vocab_size=32000, max_position_embeddings=32768, tie_word_embeddings=True,
                                          attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
     result = {"note": "prefill: forward with use_cache=False and logits for the last token only; decode: a "
-                      "plain Python loop of single-token forwards with the cache, after a 16-token prompt. "
-                      "'ttt_kernel' swaps TTTLinear's op for ttt_linear_prefill and ops.ttt_continue's single "
-                      "tokens for ttt_linear_decode (eager) by monkeypatching; 'ttt_reference' runs the ops as is.",
+                      "plain Python loop of single-token forwards with the cache (eager, no CUDA graph), after "
+                      "a prompt of `context` tokens read with the cache. 'ttt_kernel' is the model with "
+                      "ttt_impl='kernel' (the prefill kernel, and the decode kernel for single tokens), "
+                      "'ttt_reference' the same weights with ttt_impl='reference' (the PyTorch ops).",
               "params_M": {"ttt": sum(p.numel() for p in ttt.parameters()) / 1e6,
                            "llama": sum(p.numel() for p in llama.parameters()) / 1e6},
               "prefill": [], "decode": []}
-    reference_op, reference_continue = layers.TTTLinear.__dict__["op"], ops.ttt_continue  # the staticmethod
 
-    def kernel_continue(kind, XQ, XK, XV, eta, state, position, ln_weight, ln_bias, mini_batch_size=16,
-                        token_idx=None, eps=1e-6):
-        if kind != "linear" or XQ.shape[2] != 1:
-            return reference_continue(kind, XQ, XK, XV, eta, state, position, ln_weight, ln_bias,
-                                      mini_batch_size, token_idx, eps)
-        state = tuple(t.contiguous() for t in state)
-        z = kernels.ttt_linear_decode(XQ, XK, XV, eta[:, :, 0], state, position, ln_weight, ln_bias, token_idx, eps)
-        return z, state, (position + 1) % mini_batch_size
+    def use(impl: str) -> None:
+        ttt.config.ttt_impl = impl
+        for module in ttt.modules():
+            if isinstance(module, TTTLayer):
+                module.impl = impl
 
-    def use(kernel: bool) -> None:
-        layers.TTTLinear.op = staticmethod(kernels.ttt_linear_prefill) if kernel else reference_op
-        ops.ttt_continue = kernel_continue if kernel else reference_continue
-
-    try:
-        with torch.no_grad():
-            for B, T in ((1, 2048), (1, 8192), (1, 16384), (8, 2048)):
-                row = {"B": B, "T": T}
-                ids = torch.randint(0, 32000, (B, T), device="cuda")
-                for name, model, kernel, timer in (("llama_sdpa", llama, False, bench_ms),
-                                                   ("ttt_kernel", ttt, True, bench_ms),
-                                                   ("ttt_reference", ttt, False, lambda fn: slow_ms(fn, repeats=1))):
-                    use(kernel)
-                    ms = attempt(row, f"{name}_ms",
-                                 lambda m=model, f=timer: f(lambda: m(ids, use_cache=False, logits_to_keep=1)))
-                    if ms is not None:
-                        row[f"{name}_tokens_per_s"] = B * T / ms * 1e3
-                result["prefill"].append(row)
-                print(f"  model prefill {row}", flush=True)
-            B, steps = DECODE_BATCH, 64
-            prompt = torch.randint(0, 32000, (B, 16), device="cuda")
-            row = {"B": B, "prompt": 16, "steps": steps}
-            for name, model, kernel in (("llama_sdpa", llama, False), ("ttt_kernel", ttt, True),
-                                        ("ttt_reference", ttt, False)):
-                use(kernel)
+    with torch.no_grad():
+        for B, T in ((1, 2048), (1, 8192), (1, 16384), (1, 32768), (8, 2048)):
+            row = {"B": B, "T": T}
+            ids = torch.randint(0, 32000, (B, T), device="cuda")
+            for name, model, impl, timer in (("llama_sdpa", llama, None, bench_ms),
+                                             ("ttt_kernel", ttt, "kernel", bench_ms),
+                                             ("ttt_reference", ttt, "reference", lambda fn: slow_ms(fn, repeats=1))):
+                if impl is not None:
+                    use(impl)
+                if name == "ttt_reference" and B * T > 16384:  # about 10 s at 16k tokens
+                    continue
+                ms = attempt(row, f"{name}_ms",
+                             lambda m=model, f=timer: f(lambda: m(ids, use_cache=False, logits_to_keep=1)))
+                if ms is not None:
+                    row[f"{name}_tokens_per_s"] = B * T / ms * 1e3
+            result["prefill"].append(row)
+            print(f"  model prefill {row}", flush=True)
+        B, steps = DECODE_BATCH, 32
+        for context in (16, 512, 2048, 8192):
+            prompt = torch.randint(0, 32000, (B, context), device="cuda")
+            row = {"B": B, "context": context, "steps": steps}
+            for name, model, impl in (("llama_sdpa", llama, None), ("ttt_kernel", ttt, "kernel"),
+                                      ("ttt_reference", ttt, "reference")):
+                if impl is not None:
+                    use(impl)
+                if name == "ttt_reference" and context > 512:
+                    continue  # its per-token work does not depend on the context; its prompt prefill is slow
 
                 def run(model=model):
-                    out = model(prompt, use_cache=True)
+                    out = model(prompt, use_cache=True, logits_to_keep=1)
                     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()
                     start = time.perf_counter()
@@ -451,8 +450,9 @@ def model_level() -> dict:
                 attempt(row, f"{name}_tokens_per_s", run)
             result["decode"].append(row)
             print(f"  model decode {row}", flush=True)
-    finally:
-        use(False)
+            del prompt
+            torch.cuda.empty_cache()
+    use("auto")
     return result
 
 

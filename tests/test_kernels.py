@@ -244,3 +244,63 @@ def test_benchmark_formulas():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             bench.main([])
+
+
+# ---------------------------------------------------------------- the model's dispatch (TTTConfig.ttt_impl)
+
+
+def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transformer"):
+    from ttt_helpers.model import TTTConfig, TTTForCausalLM
+
+    torch.manual_seed(0)
+    config = TTTConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, ttt_layer_type=layer_type, backbone=backbone, ttt_impl=impl)
+    return TTTForCausalLM(config).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+def test_model_kernel_path_matches_reference(backbone, rng):
+    """Forced kernels against the reference ops on one model: one forward over T = 37 tokens, and a
+    prefill of 21 tokens (one whole mini-batch, then a ragged end) followed by token-by-token decode."""
+    ids = torch.randint(0, 64, (2, 37), generator=rng).to(DEVICE)
+    kernel, reference = tiny_model("kernel", backbone=backbone), tiny_model("reference", backbone=backbone)
+    reference.load_state_dict(kernel.state_dict())
+    with torch.no_grad():
+        want = reference(ids).logits
+        assert (kernel(ids).logits - want).abs().max().item() < 1e-4
+        out = kernel(ids[:, :21], use_cache=True)
+        pieces, cache = [out.logits], out.past_key_values
+        for t in range(21, 37):
+            out = kernel(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+    assert (torch.cat(pieces, dim=1) - want).abs().max().item() < 1e-4
+
+
+def test_model_dispatch_choices(monkeypatch):
+    """'auto' runs the kernel only on CUDA without gradients; the reference op never calls it."""
+    from ttt_helpers import kernels
+
+    calls = []
+    real = kernels.ttt_linear_prefill
+    monkeypatch.setattr(kernels, "ttt_linear_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 64, (1, 32), device=DEVICE)
+    with torch.no_grad():
+        tiny_model("reference")(ids)
+        assert calls == []
+        tiny_model("auto")(ids)
+        assert len(calls) == (2 if DEVICE == "cuda" else 0)
+    tiny_model("auto").train()(ids, labels=ids).loss.backward()  # training takes the reference path
+    assert len(calls) == (2 if DEVICE == "cuda" else 0)
+
+
+def test_model_dispatch_bad_input():
+    from ttt_helpers.model import TTTConfig
+
+    with pytest.raises(ValueError, match="ttt_impl"):
+        TTTConfig(ttt_impl="fast")
+    with pytest.raises(ValueError, match="ttt_impl='kernel' needs ttt_layer_type='linear'"):
+        TTTConfig(ttt_layer_type="mlp", ttt_impl="kernel")
+    model = tiny_model("kernel").train()
+    ids = torch.randint(0, 64, (1, 16), device=DEVICE)
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        model(ids, labels=ids)

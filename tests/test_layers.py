@@ -61,9 +61,12 @@ def test_gradcheck_through_layer(kind, rng):
 
 def test_inner_lr_and_token_idx():
     layer = TTTLinear(32, 4, mini_batch_size=16, base_lr=1.0)
-    eta = layer.inner_lr(torch.randn(2, 5, 32))
+    x = torch.randn(2, 5, 32)
+    eta = layer.inner_lr(x)
     assert eta.shape == (2, 4, 5)
-    assert torch.allclose(eta, torch.full_like(eta, 0.5 / 8), atol=0.01)  # sigmoid(~0) * base_lr / D
+    gate = x @ layer.lr_gate.weight.T + layer.lr_gate.bias  # [B, T, H]
+    assert torch.allclose(eta, torch.sigmoid(gate).transpose(1, 2) * 1.0 / 8)  # base_lr * sigmoid / D
+    assert ((eta > 0) & (eta < 1.0 / 8)).all()
     assert torch.allclose(layer.token_idx(), 1 / torch.arange(1, 17.0))
     assert TTTMLP(32, 4).base_lr == 0.1
 

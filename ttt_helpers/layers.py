@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import kernels, ops
 
 State = tuple[Tensor, ...]
+IMPLS = ("auto", "kernel", "reference")
 
 
 class TTTLayer(nn.Module):
@@ -35,8 +36,14 @@ class TTTLayer(nn.Module):
         base_lr: float = 1.0,
         eps: float = 1e-6,
         use_gate: bool = False,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "kernel" and self.kind != "linear":
+            raise ValueError(f"impl='kernel' needs TTT-Linear: TTT-{self.kind.upper()} has no kernel (use 'auto' or "
+                             "'reference')")
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if mini_batch_size < 1:
@@ -45,7 +52,7 @@ class TTTLayer(nn.Module):
             raise ValueError(f"base_lr must be > 0, got {base_lr}")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
-        self.mini_batch_size, self.base_lr, self.eps = mini_batch_size, base_lr, eps
+        self.mini_batch_size, self.base_lr, self.eps, self.impl = mini_batch_size, base_lr, eps, impl
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -108,7 +115,10 @@ class TTTLayer(nn.Module):
         XQ, XK, XV, eta = self._inputs(x)
         if state is None:
             state = self.initial_state(x.shape[0])
-        op = self.primal_op if primal else self.op
+        if primal:
+            op = self.primal_op
+        else:
+            op = kernels.ttt_linear_prefill if self._use_kernel(XQ, XK, XV, eta, *state) else self.op
         Z, *new_state = op(XQ, XK, XV, eta, *state, self.ln_weight, self.ln_bias,
                            mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps)
         return self._output(Z, x), tuple(new_state)
@@ -125,11 +135,54 @@ class TTTLayer(nn.Module):
         position: tokens already read in the current mini-batch. Returns y, the state, the position.
         """
         XQ, XK, XV, eta = self._inputs(x)
-        Z, state, position = ops.ttt_continue(
-            self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias,
-            mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps,
-        )
+        if self._use_kernel(XQ, XK, XV, eta, *state):
+            Z, state, position = self._continue_with_kernels(XQ, XK, XV, eta, state, position)
+        else:
+            Z, state, position = ops.ttt_continue(
+                self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias,
+                mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps,
+            )
         return self._output(Z, x), state, position
+
+    def _use_kernel(self, XQ: Tensor, *tensors: Tensor) -> bool:
+        """Whether this call runs the Triton kernels (see `impl`)."""
+        if self.kind != "linear" or self.impl == "reference":
+            return False
+        tensors = (XQ, *tensors, self.ln_weight, self.ln_bias, self.token_idx_offset)
+        if self.impl == "kernel":
+            if kernels.needs_grad(tensors):
+                raise RuntimeError("impl='kernel' cannot train: the TTT-Linear kernels have no backward pass; "
+                                   "use impl='auto' (kernels only where no gradient is needed) or 'reference'")
+            return True
+        return kernels.kernel_applies(XQ, self.mini_batch_size, tensors)
+
+    def _continue_with_kernels(self, XQ: Tensor, XK: Tensor, XV: Tensor, eta: Tensor, state: State,
+                               position: int) -> tuple[Tensor, State, int]:
+        """`ops.ttt_continue` for TTT-Linear with the kernels: one decoded token updates the state in
+        place; a prompt read from a mini-batch boundary runs its whole mini-batches through the
+        prefill kernel and only the ragged end through the reference."""
+        b, T, token_idx = self.mini_batch_size, XQ.shape[2], self.token_idx()
+        if T == 1:
+            state = tuple(t.contiguous() for t in state)
+            z = kernels.ttt_linear_decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight,
+                                          self.ln_bias, token_idx, self.eps)
+            return z, state, (position + 1) % b
+        whole = T // b * b if position == 0 else 0  # at a boundary the gradient sums are zero
+        if whole == 0:
+            return ops.ttt_continue(self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias,
+                                    mini_batch_size=b, token_idx=token_idx, eps=self.eps)
+        span = slice(0, whole)
+        Z, W, bias = kernels.ttt_linear_prefill(XQ[:, :, span], XK[:, :, span], XV[:, :, span], eta[:, :, span],
+                                                state[0], state[1], self.ln_weight, self.ln_bias, b, token_idx,
+                                                self.eps)
+        state = (W, bias, *state[2:])
+        if whole == T:
+            return Z, state, 0
+        rest = slice(whole, T)
+        Z_rest, state, position = ops.ttt_continue(self.kind, XQ[:, :, rest], XK[:, :, rest], XV[:, :, rest],
+                                                   eta[:, :, rest], state, 0, self.ln_weight, self.ln_bias,
+                                                   mini_batch_size=b, token_idx=token_idx, eps=self.eps)
+        return torch.cat([Z, Z_rest], dim=2), state, position
 
 
 class TTTLinear(TTTLayer):
@@ -140,8 +193,8 @@ class TTTLinear(TTTLayer):
     primal_op = staticmethod(ops.ttt_linear_primal)
 
     def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
-                 base_lr: float = 1.0, eps: float = 1e-6, use_gate: bool = False) -> None:
-        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate)
+                 base_lr: float = 1.0, eps: float = 1e-6, use_gate: bool = False, impl: str = "auto") -> None:
+        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate, impl)
         H, D = num_heads, self.head_dim
         self.W0 = nn.Parameter(torch.randn(H, D, D) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(H, 1, D))
@@ -158,8 +211,8 @@ class TTTMLP(TTTLayer):
     primal_op = staticmethod(ops.ttt_mlp_primal)
 
     def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
-                 base_lr: float = 0.1, eps: float = 1e-6, use_gate: bool = False) -> None:
-        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate)
+                 base_lr: float = 0.1, eps: float = 1e-6, use_gate: bool = False, impl: str = "auto") -> None:
+        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate, impl)
         H, D = num_heads, self.head_dim
         self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * 0.02)
         self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D))

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .layers import TTTLayer, TTTLinear, TTTMLP
+from .layers import IMPLS, TTTLayer, TTTLinear, TTTMLP
 
 # The paper's model sizes (Sun et al. 2024, Table of configurations); vocabulary as in its Llama tokenizer.
 TTT_STANDARD_CONFIGS: dict[str, dict] = {
@@ -35,7 +35,9 @@ class TTTConfig(PretrainedConfig):
     ttt_layer_type: "linear" (TTT-Linear) or "mlp" (TTT-MLP); mini_batch_size: tokens per inner
     step; ttt_base_lr: base inner learning rate (default 1.0 for linear, 0.1 for mlp);
     backbone: "transformer" (norm -> TTT -> residual, norm -> SwiGLU -> residual) or "mamba"
-    (a causal depthwise convolution before the TTT layer and a GELU output gate).
+    (a causal depthwise convolution before the TTT layer and a GELU output gate); ttt_impl:
+    "auto" runs TTT-Linear through the Triton kernels on CUDA when no gradient is needed and
+    through the reference ops otherwise, "kernel" or "reference" force one path.
     """
 
     model_type = "ttt"
@@ -52,6 +54,7 @@ class TTTConfig(PretrainedConfig):
         ttt_base_lr: float | None = None,
         backbone: str = "transformer",
         conv_kernel: int = 4,
+        ttt_impl: str = "auto",
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -73,6 +76,10 @@ class TTTConfig(PretrainedConfig):
             )
         if ttt_layer_type not in ("linear", "mlp"):
             raise ValueError(f"ttt_layer_type must be 'linear' or 'mlp', got {ttt_layer_type!r}")
+        if ttt_impl not in IMPLS:
+            raise ValueError(f"ttt_impl must be one of {IMPLS}, got {ttt_impl!r}")
+        if ttt_impl == "kernel" and ttt_layer_type != "linear":
+            raise ValueError("ttt_impl='kernel' needs ttt_layer_type='linear': TTT-MLP has no kernel")
         if backbone not in ("transformer", "mamba"):
             raise ValueError(f"backbone must be 'transformer' or 'mamba', got {backbone!r}")
         if ttt_base_lr is None:
@@ -82,7 +89,7 @@ class TTTConfig(PretrainedConfig):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.ttt_layer_type, self.mini_batch_size, self.ttt_base_lr = ttt_layer_type, mini_batch_size, ttt_base_lr
-        self.backbone, self.conv_kernel = backbone, conv_kernel
+        self.backbone, self.conv_kernel, self.ttt_impl = backbone, conv_kernel, ttt_impl
         self.rms_norm_eps, self.initializer_range, self.use_cache = rms_norm_eps, initializer_range, use_cache
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -157,7 +164,7 @@ class TTTBlock(nn.Module):
         self.seq_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
         self.conv = CausalConv(C, config.conv_kernel) if mamba else None
         self.ttt = layer_cls(C, config.num_attention_heads, config.mini_batch_size, config.ttt_base_lr,
-                             use_gate=mamba)
+                             use_gate=mamba, impl=config.ttt_impl)
         self.ffn_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(C, config.intermediate_size)
 

@@ -3,7 +3,8 @@
 TTT-Linear has two kernels (`ttt_linear.py`): a fused prefill, one program per (batch, head)
 keeping the D x D float32 state in registers over the whole sequence (16 KB for D = 64), and a
 decode step that updates the state in place, replayable from a CUDA graph (`TTTLinearDecoder`).
-`ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere.
+`ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; `TTTLinear` layers
+(and so `TTTForCausalLM`, through `TTTConfig.ttt_impl`) make the same choice.
 
 TTT-MLP has no kernel here. Its state per head is W1 [D, 4D], W2 [4D, D] and their gradient
 sums, 8 D^2 floats: 128 KB in float32 for D = 64, against 64 K 32-bit registers (256 KB) per
@@ -11,13 +12,15 @@ H100 multiprocessor shared by all its threads, and 228 KB of shared memory. One 
 not keep that in registers; a kernel would hold W1 and W2 in shared memory and stream tiles of
 them through the matrix units for every product of a mini-batch (x W1, the gradient through W2,
 both updates), trading the simple register-resident loop for tiled loads and barriers. That
-is left undone: the model falls back to `ops.ttt_mlp` for TTT-MLP layers.
+is left undone: TTT-MLP layers always run `ops.ttt_mlp`.
 """
 
 from .ttt_linear import (
     HEAD_DIMS,
     MAX_MINI_BATCH,
     TTTLinearDecoder,
+    kernel_applies,
+    needs_grad,
     triton_available,
     ttt_linear_auto,
     ttt_linear_decode,
@@ -29,6 +32,8 @@ __all__ = [
     "HEAD_DIMS",
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",
+    "kernel_applies",
+    "needs_grad",
     "triton_available",
     "ttt_linear_auto",
     "ttt_linear_decode",

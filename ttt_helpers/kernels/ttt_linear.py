@@ -37,6 +37,19 @@ def use_kernels(tensor: Tensor) -> bool:
     return tensor.is_cuda and triton_available()
 
 
+def needs_grad(tensors: tuple[object, ...]) -> bool:
+    """True when autograd would track an op on `tensors`: the kernels have no backward pass."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def kernel_applies(XQ: Tensor, mini_batch_size: int, tensors: tuple[object, ...]) -> bool:
+    """The automatic choice: the kernel runs for CUDA inputs of a supported shape and dtype when
+    triton is importable and no gradient is needed; the reference op everywhere else."""
+    supported = (XQ.dim() == 4 and XQ.dtype in INPUT_DTYPES and XQ.shape[-1] in HEAD_DIMS
+                 and 1 <= mini_batch_size <= MAX_MINI_BATCH)
+    return supported and use_kernels(XQ) and not needs_grad(tensors)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -307,9 +320,6 @@ def ttt_linear_auto(
         raise ValueError(f"impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
     if impl == "auto":
         tensors = (XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx)
-        needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-        supported = (XQ.dim() == 4 and XQ.dtype in INPUT_DTYPES and XQ.shape[-1] in HEAD_DIMS
-                     and 1 <= mini_batch_size <= MAX_MINI_BATCH)
-        impl = "kernel" if use_kernels(XQ) and supported and not needs_grad else "reference"
+        impl = "kernel" if kernel_applies(XQ, mini_batch_size, tensors) else "reference"
     op = ttt_linear_prefill if impl == "kernel" else ops.ttt_linear
     return op(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps)

@@ -1,0 +1,141 @@
+"""Train a ~25M-parameter byte-level TTT-Linear and a Transformer of the same shape on one GPU,
+with the same data, steps and window, and write what the training chapter plots as JSON.
+
+    python benchmarks/train_gpu.py --budget-s 420
+
+A short probe times a TTT-Linear step first; the number of steps is then chosen so that the
+TTT runs fit the budget, and every run gets that same number of steps (equal tokens). Runs:
+TTT-Linear with state passing, TTT-Linear without it, and the Transformer (a Llama with RoPE).
+After each run: length generalization from 0.5x to 10x the window (20 lengths), the loss by
+position over windows of 10x the training window, and a sampled continuation. The JSON is
+rewritten after every run, so a run cut short keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_kernels import provenance  # noqa: E402
+
+from ttt_helpers import metrics  # noqa: E402
+from ttt_helpers.data import encode_bytes, load_plays, train_val_split  # noqa: E402
+from ttt_helpers.train import TrainConfig, build_model, stream_generate, train  # noqa: E402
+
+WINDOW = 512
+SHAPE = dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, mini_batch_size=16)
+COMMON = dict(**SHAPE, tokenizer="bytes", doc_tokens=16384, window=WINDOW, batch_size=32, lr=1e-3,
+              warmup_steps=30, weight_decay=0.1, grad_clip=1.0, seed=0, eval_lengths=20,
+              eval_tokens_per_doc=20480, checkpoint_every=None, tensorboard=False, progress=False)
+RUNS = {  # name: (model, state_passing)
+    "TTT-Linear": ("ttt-linear", True),
+    "Transformer": ("transformer", False),
+    "TTT-Linear, no passing": ("ttt-linear", False),
+}
+PROMPT = "HAMLET\nTo be, or not to be, that is the question:\n"
+
+
+def corpus() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Training documents (plays cut into 16,384 bytes) and the four held-out plays."""
+    train_plays, val_plays = train_val_split(load_plays())
+    docs = [part for play in train_plays for part in encode_bytes(play.text).split(COMMON["doc_tokens"])]
+    return docs, [encode_bytes(play.text) for play in val_plays]
+
+
+def position_windows(val_docs: list[torch.Tensor], length: int, per_doc: int = 8) -> list[torch.Tensor]:
+    """`per_doc` consecutive windows of `length` bytes from the middle of each held-out play."""
+    return [doc[doc.numel() // 3 :][: per_doc * length] for doc in val_docs]
+
+
+def step_seconds(train_docs: list[torch.Tensor], out_dir: Path) -> float:
+    """Seconds per TTT-Linear training step, from the last 3 of 6 probe steps (after warm-up)."""
+    stamps: list[float] = []
+    config = TrainConfig(model="ttt-linear", max_steps=6, eval_after=False, out_dir=str(out_dir), **COMMON)
+    train(config, train_docs=train_docs, callback=lambda step, record: stamps.append(time.perf_counter()))
+    return (stamps[-1] - stamps[-4]) / 3
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the two TTT-Linear runs together")
+    parser.add_argument("--max-steps", type=int, default=2000, help="never more steps than this")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/training_<gpu>.json)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/ttt-train-gpu"), help="run folders (logs)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("train_gpu.py needs a CUDA GPU; the CPU version of these runs is chapter 5")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    results: dict = {"provenance": provenance(), "shape": SHAPE, "common": COMMON, "runs": {}}
+    gpu = re.sub(r"[^a-z0-9]+", "_", results["provenance"]["gpu"].lower()).strip("_")
+    out = args.out or ROOT / "benchmarks" / "results" / f"training_{gpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+    train_docs, val_docs = corpus()
+    seconds = step_seconds(train_docs, args.runs_dir / "probe")
+    steps = max(50, min(args.max_steps, int(args.budget_s / 2 / seconds)))
+    results["probe"] = {"ttt_linear_step_s": seconds, "steps": steps, "budget_s": args.budget_s}
+    results["tokens_per_run"] = steps * COMMON["batch_size"] * WINDOW
+    print(f"TTT-Linear step {seconds:.3f} s -> {steps} steps per run", flush=True)
+    save()
+    eval_docs = [d[: COMMON["eval_tokens_per_doc"]] for d in val_docs]
+    for name, (model, passing) in RUNS.items():
+        config = TrainConfig(model=model, state_passing=passing, max_steps=steps, out_dir=str(args.runs_dir / name),
+                             **COMMON)
+        run_start = time.perf_counter()
+        stamps: list[float] = []
+        rates: list[float] = []
+        result = train(config, train_docs=train_docs, val_docs=eval_docs,
+                       callback=lambda step, record: (stamps.append(time.perf_counter()),
+                                                      rates.append(record["tokens_per_s"])))
+        train_s = stamps[-1] - run_start
+        model_ = result.model
+        device = next(model_.parameters()).device
+        windows = [w.to(device) for w in position_windows(val_docs, 10 * WINDOW)]
+        curve = metrics.per_position_loss(model_, windows, length=10 * WINDOW)
+        generator = torch.Generator().manual_seed(0)
+        sample = "".join(stream_generate(model_, None, PROMPT, 400, temperature=0.8, generator=generator))
+        lg = result.length_generalization
+        results["runs"][name] = {
+            "model": model, "state_passing": passing,
+            "parameters": sum(p.numel() for p in model_.parameters()),
+            "steps": result.step, "tokens": result.tokens,
+            "losses": [round(x, 5) for x in result.losses],
+            "train_seconds": train_s, "tokens_per_s": result.tokens / train_s,
+            "length_generalization": {"train_window": lg.train_window,
+                                      "rows": [dict(ratio=r.ratio, length=r.length, perplexity=r.perplexity,
+                                                    tokens=r.tokens) for r in lg.rows],
+                                      "at_1x": lg.at_1x, "at_5x": lg.at_5x, "at_10x": lg.at_10x,
+                                      "best_length": lg.best_length, "degradation": lg.degradation},
+            "per_position_loss": {"length": 10 * WINDOW, "windows": 8 * len(windows),
+                                  "bin": 64, "binned": curve.view(-1)[: (curve.numel() // 64) * 64]
+                                  .view(-1, 64).mean(1).tolist()},
+            "sample": {"prompt": PROMPT, "temperature": 0.8, "seed": 0, "text": sample},
+            "seconds_with_eval": time.perf_counter() - run_start,
+        }
+        print(f"{name}: {result.step} steps, loss {sum(result.losses[-20:]) / 20:.3f} (last 20), "
+              f"{result.tokens / train_s:,.0f} tok/s, perplexity at {lg.rows[0].length} {lg.rows[0].perplexity:.3f}, "
+              f"at {lg.rows[-1].length} {lg.rows[-1].perplexity:.3f}", flush=True)
+        save()
+        del model_, result
+        torch.cuda.empty_cache()
+    print(f"wrote {out} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
