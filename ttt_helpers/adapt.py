@@ -1,0 +1,262 @@
+"""LoRA test-time adaptation of any Hugging Face causal LM.
+
+The base model is frozen and small LoRA adapters (a short-term memory) are trained on a context
+with the next-token loss for a few AdamW steps: the inner loop of test-time training, applied to
+a pretrained model. `adapted` wraps it so the adapter is always removed afterwards and the base
+weights are bitwise what they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+Batch = dict[str, Tensor]
+_Snapshot = tuple[dict[str, bool], dict[str, bool]]
+
+
+@dataclass
+class AdaptResult:
+    """What `adapt_lora` returns.
+
+    model: the base model wrapped with the trained adapter (eval mode, ready to generate).
+    losses: the training loss before each AdamW step, `steps * chunks` floats in order.
+    seconds: wall time of the whole adaptation (adapter creation and all steps).
+    trainable_params / total_params: LoRA parameters / all parameters, LoRA included.
+    chunks: how many chunk batches the text was cut into (1 for a text that fits).
+    """
+
+    model: PeftModel
+    losses: list[float]
+    seconds: float
+    trainable_params: int
+    total_params: int
+    chunks: int
+    _snapshot: _Snapshot = field(repr=False)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params
+
+    def unload(self) -> nn.Module:
+        """Remove the adapter (peft `unload`, not merge) and restore every module's train/eval
+        mode and every parameter's requires_grad. Returns the base model, bitwise as before."""
+        return _remove_adapter(self.model, self._snapshot)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's `nn.Linear` modules: the valid LoRA targets."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def _token_rows(tokenizer, text: str | Sequence[str]) -> list[list[int]]:
+    """Token ids of each row of `text` (a string is one row), as the tokenizer encodes it by default."""
+    rows = [text] if isinstance(text, str) else list(text)
+    if not rows:
+        raise ValueError("text must be a non-empty string or a non-empty list of strings, got an empty list")
+    ids = []
+    for i, row in enumerate(rows):
+        name = "text" if isinstance(text, str) else f"text[{i}]"
+        if not isinstance(row, str) or not row.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {row!r}")
+        tokens = list(tokenizer(row)["input_ids"])
+        if len(tokens) < 2:
+            raise ValueError(f"{name} must encode to at least 2 tokens (one next-token target), got {len(tokens)}")
+        ids.append(tokens)
+    return ids
+
+
+def chunk_batches(rows: list[list[int]], chunk_tokens: int) -> list[Batch]:
+    """Cut every row into consecutive chunks of `chunk_tokens` tokens; batch k holds chunk k of
+    every row that has one (of at least 2 tokens), right-padded.
+
+    Each batch: input_ids, attention_mask, labels, all [rows_k, T_k] with T_k <= chunk_tokens;
+    padding has attention 0 and label -100. A chunk starts without the previous one in its
+    context, so the first token of each chunk is never a target.
+    """
+    n_chunks = max(math.ceil(len(r) / chunk_tokens) for r in rows)
+    batches = []
+    for k in range(n_chunks):
+        pieces = [r[k * chunk_tokens : (k + 1) * chunk_tokens] for r in rows]
+        pieces = [p for p in pieces if len(p) >= 2]
+        if not pieces:
+            continue
+        width = max(len(p) for p in pieces)
+        ids = torch.zeros(len(pieces), width, dtype=torch.long)  # pad id 0: masked, its value never matters
+        mask = torch.zeros(len(pieces), width, dtype=torch.long)
+        for i, p in enumerate(pieces):
+            ids[i, : len(p)] = torch.tensor(p)
+            mask[i, : len(p)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return batches
+
+
+def _take_snapshot(model: nn.Module) -> _Snapshot:
+    """Train/eval flag of every module and requires_grad of every parameter, by name."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    return modes, grads
+
+
+def _remove_adapter(peft_model: PeftModel, snapshot: _Snapshot) -> nn.Module:
+    """Unload (not merge) the adapter and restore the modes and requires_grad flags. -> base model"""
+    base = peft_model.unload()
+    modes, grads = snapshot
+    for name, module in base.named_modules():
+        module.training = modes[name]
+    for name, param in base.named_parameters():
+        param.requires_grad_(grads[name])
+    return base
+
+
+def adapt_lora(
+    model: nn.Module,
+    tokenizer,
+    text: str | Sequence[str],
+    *,
+    steps: int = 20,
+    lr: float = 1e-3,
+    rank: int = 8,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    chunk_tokens: int | None = None,
+    seed: int = 0,
+) -> AdaptResult:
+    """Freeze `model`, attach LoRA adapters and train only them on `text` with AdamW.
+
+    text: one string, or a list of strings fed together as the rows of one batch (right-padded).
+      Each row starts from an empty context, so no row can copy from another (copies of a fact
+      concatenated in one string can be predicted from the earlier copies instead of being
+      stored). Identical rows give the same gradient as one row: rows help when they differ,
+      e.g. several facts or several phrasings of one.
+    chunk_tokens: rows longer than this (default: the model's context window) are cut into
+      chunks, learned in order (streaming): `steps` AdamW steps on the batch of first chunks,
+      then `steps` on the second chunks, and so on, with one optimizer throughout. So
+      `len(losses) == steps * chunks`.
+    rank: LoRA rank r (alpha = 2r, no dropout); target_modules: last names of the linear layers
+      that get adapters (see `linear_module_names`). `seed` seeds torch before the adapter is
+      initialised. The model is changed in place (peft injects the adapter layers): remove the
+      adapter with `result.unload()`, or use the `adapted` context manager which does it for you.
+    """
+    if isinstance(model, PeftModel):
+        raise ValueError("model already carries a peft adapter: unload it first")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    valid = linear_module_names(model)
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = [t for t in targets if t not in valid]
+    if not targets or unknown:
+        raise ValueError(f"target_modules must be a non-empty list of names from {valid}, got {target_modules!r}")
+    if chunk_tokens is None:
+        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        chunk_tokens = window or 2**62  # no known window: every row is one chunk
+    if chunk_tokens < 2:
+        raise ValueError(f"chunk_tokens must be >= 2, got {chunk_tokens}")
+    batches = chunk_batches(_token_rows(tokenizer, text), chunk_tokens)
+
+    start = time.perf_counter()
+    snapshot = _take_snapshot(model)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)  # freezes every base parameter
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    device = next(model.parameters()).device
+    losses = []
+    try:
+        peft_model.train()
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for _ in range(steps):
+                loss = peft_model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        peft_model.eval()
+    except BaseException:
+        _remove_adapter(peft_model, snapshot)  # a failed adaptation leaves the model as it found it
+        raise
+    return AdaptResult(
+        model=peft_model,
+        losses=losses,
+        seconds=time.perf_counter() - start,
+        trainable_params=sum(p.numel() for p in trainable),
+        total_params=sum(p.numel() for p in peft_model.parameters()),
+        chunks=len(batches),
+        _snapshot=snapshot,
+    )
+
+
+@contextmanager
+def adapted(model: nn.Module, tokenizer, text: str | Sequence[str], **kwargs) -> Iterator[AdaptResult]:
+    """`with adapted(model, tokenizer, text, steps=...) as result:` yields `adapt_lora`'s result;
+    use `result.model` inside.
+
+    Keyword arguments go to `adapt_lora`. On leaving the block, also when it raises, the adapter
+    is unloaded (not merged), so every base parameter is bitwise what it was, and each module's
+    train/eval mode and each parameter's requires_grad are restored.
+    """
+    result = adapt_lora(model, tokenizer, text, **kwargs)
+    try:
+        yield result
+    finally:
+        result.unload()
+
+
+def greedy_answer(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 12) -> str:
+    """Greedy continuation of `prompt` (encoded as the tokenizer does by default), new text only."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)  # [1, T]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def answer_nll(model: nn.Module, tokenizer, prompt: str, answer: str) -> float:
+    """Mean negative log-likelihood (nats per token) of `answer` right after `prompt`.
+
+    A graded view of recall: it falls as the model comes to expect the answer, before greedy
+    decoding produces it. The answer is encoded without special tokens.
+    """
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if not prompt_ids or not answer_ids:
+        raise ValueError(f"prompt and answer must both encode to at least one token, got {prompt!r} and {answer!r}")
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + answer_ids], device=device)  # [1, P + A]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]  # [A, V]: predictions of the answer
+    return torch.nn.functional.cross_entropy(logits.float(), ids[0, len(prompt_ids) :]).item()
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """SHA-256 of the state dict (names, dtypes, shapes and raw bytes): equal iff bitwise equal."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
