@@ -2,6 +2,7 @@
 with the same data, steps and window, and write what the training chapter plots as JSON.
 
     python benchmarks/train_gpu.py --budget-s 420
+    python benchmarks/train_gpu.py --steps 249 --only "TTT-Linear, no passing"   # add one run to the JSON
 
 A short probe times a TTT-Linear step first; the number of steps is then chosen so that the
 TTT runs fit the budget, and every run gets that same number of steps (equal tokens). Runs:
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the two TTT-Linear runs together")
     parser.add_argument("--max-steps", type=int, default=2000, help="never more steps than this")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/training_<gpu>.json)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (skips the probe)")
+    parser.add_argument("--only", action="append", choices=list(RUNS), default=None,
+                        help="run only these (repeatable); their results replace those in an existing --out")
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/ttt-train-gpu"), help="run folders (logs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -81,20 +85,27 @@ def main(argv: list[str] | None = None) -> None:
     gpu = re.sub(r"[^a-z0-9]+", "_", results["provenance"]["gpu"].lower()).strip("_")
     out = args.out or ROOT / "benchmarks" / "results" / f"training_{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.exists():
+        results = json.loads(out.read_text())  # keep the other runs; each run records its own provenance
 
     def save() -> None:
         results["elapsed_s"] = time.perf_counter() - started
         out.write_text(json.dumps(results, indent=1) + "\n")
 
     train_docs, val_docs = corpus()
-    seconds = step_seconds(train_docs, args.runs_dir / "probe")
-    steps = max(50, min(args.max_steps, int(args.budget_s / 2 / seconds)))
-    results["probe"] = {"ttt_linear_step_s": seconds, "steps": steps, "budget_s": args.budget_s}
+    if args.steps is None:
+        seconds = step_seconds(train_docs, args.runs_dir / "probe")
+        steps = max(50, min(args.max_steps, int(args.budget_s / 2 / seconds)))
+        results["probe"] = {"ttt_linear_step_s": seconds, "steps": steps, "budget_s": args.budget_s}
+        print(f"TTT-Linear step {seconds:.3f} s -> {steps} steps per run", flush=True)
+    else:
+        steps = args.steps
     results["tokens_per_run"] = steps * COMMON["batch_size"] * WINDOW
-    print(f"TTT-Linear step {seconds:.3f} s -> {steps} steps per run", flush=True)
     save()
     eval_docs = [d[: COMMON["eval_tokens_per_doc"]] for d in val_docs]
     for name, (model, passing) in RUNS.items():
+        if args.only and name not in args.only:
+            continue
         config = TrainConfig(model=model, state_passing=passing, max_steps=steps, out_dir=str(args.runs_dir / name),
                              **COMMON)
         run_start = time.perf_counter()
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                                   .view(-1, 64).mean(1).tolist()},
             "sample": {"prompt": PROMPT, "temperature": 0.8, "seed": 0, "text": sample},
             "seconds_with_eval": time.perf_counter() - run_start,
+            "provenance": provenance(),
         }
         print(f"{name}: {result.step} steps, loss {sum(result.losses[-20:]) / 20:.3f} (last 20), "
               f"{result.tokens / train_s:,.0f} tok/s, perplexity at {lg.rows[0].length} {lg.rows[0].perplexity:.3f}, "
