@@ -31,13 +31,27 @@ from bench_kernels import provenance  # noqa: E402
 
 from ttt_helpers import metrics  # noqa: E402
 from ttt_helpers.data import encode_bytes, load_plays, train_val_split  # noqa: E402
-from ttt_helpers.train import TrainConfig, build_model, stream_generate, train  # noqa: E402
+from ttt_helpers.train import TrainConfig, stream_generate, train  # noqa: E402
 
 WINDOW = 512
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, mini_batch_size=16)
-COMMON = dict(**SHAPE, tokenizer="bytes", doc_tokens=16384, window=WINDOW, batch_size=32, lr=1e-3,
-              warmup_steps=30, weight_decay=0.1, grad_clip=1.0, seed=0, eval_lengths=20,
-              eval_tokens_per_doc=20480, checkpoint_every=None, tensorboard=False, progress=False)
+COMMON = dict(
+    **SHAPE,
+    tokenizer="bytes",
+    doc_tokens=16384,
+    window=WINDOW,
+    batch_size=32,
+    lr=1e-3,
+    warmup_steps=30,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    seed=0,
+    eval_lengths=20,
+    eval_tokens_per_doc=20480,
+    checkpoint_every=None,
+    tensorboard=False,
+    progress=False,
+)
 RUNS = {  # name: (model, state_passing)
     "TTT-Linear": ("ttt-linear", True),
     "Transformer": ("transformer", False),
@@ -72,8 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=2000, help="never more steps than this")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/training_<gpu>.json)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (skips the probe)")
-    parser.add_argument("--only", action="append", choices=list(RUNS), default=None,
-                        help="run only these (repeatable); their results replace those in an existing --out")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(RUNS),
+        default=None,
+        help="run only these (repeatable); their results replace those in an existing --out",
+    )
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/ttt-train-gpu"), help="run folders (logs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -106,14 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     for name, (model, passing) in RUNS.items():
         if args.only and name not in args.only:
             continue
-        config = TrainConfig(model=model, state_passing=passing, max_steps=steps, out_dir=str(args.runs_dir / name),
-                             **COMMON)
+        config = TrainConfig(
+            model=model, state_passing=passing, max_steps=steps, out_dir=str(args.runs_dir / name), **COMMON
+        )
         run_start = time.perf_counter()
         stamps: list[float] = []
         rates: list[float] = []
-        result = train(config, train_docs=train_docs, val_docs=eval_docs,
-                       callback=lambda step, record: (stamps.append(time.perf_counter()),
-                                                      rates.append(record["tokens_per_s"])))
+        result = train(
+            config,
+            train_docs=train_docs,
+            val_docs=eval_docs,
+            callback=lambda step, record: (stamps.append(time.perf_counter()), rates.append(record["tokens_per_s"])),
+        )
         train_s = stamps[-1] - run_start
         model_ = result.model
         device = next(model_.parameters()).device
@@ -123,26 +146,41 @@ def main(argv: list[str] | None = None) -> None:
         sample = "".join(stream_generate(model_, None, PROMPT, 400, temperature=0.8, generator=generator))
         lg = result.length_generalization
         results["runs"][name] = {
-            "model": model, "state_passing": passing,
+            "model": model,
+            "state_passing": passing,
             "parameters": sum(p.numel() for p in model_.parameters()),
-            "steps": result.step, "tokens": result.tokens,
+            "steps": result.step,
+            "tokens": result.tokens,
             "losses": [round(x, 5) for x in result.losses],
-            "train_seconds": train_s, "tokens_per_s": result.tokens / train_s,
-            "length_generalization": {"train_window": lg.train_window,
-                                      "rows": [dict(ratio=r.ratio, length=r.length, perplexity=r.perplexity,
-                                                    tokens=r.tokens) for r in lg.rows],
-                                      "at_1x": lg.at_1x, "at_5x": lg.at_5x, "at_10x": lg.at_10x,
-                                      "best_length": lg.best_length, "degradation": lg.degradation},
-            "per_position_loss": {"length": 10 * WINDOW, "windows": 8 * len(windows),
-                                  "bin": 64, "binned": curve.view(-1)[: (curve.numel() // 64) * 64]
-                                  .view(-1, 64).mean(1).tolist()},
+            "train_seconds": train_s,
+            "tokens_per_s": result.tokens / train_s,
+            "length_generalization": {
+                "train_window": lg.train_window,
+                "rows": [
+                    dict(ratio=r.ratio, length=r.length, perplexity=r.perplexity, tokens=r.tokens) for r in lg.rows
+                ],
+                "at_1x": lg.at_1x,
+                "at_5x": lg.at_5x,
+                "at_10x": lg.at_10x,
+                "best_length": lg.best_length,
+                "degradation": lg.degradation,
+            },
+            "per_position_loss": {
+                "length": 10 * WINDOW,
+                "windows": 8 * len(windows),
+                "bin": 64,
+                "binned": curve.view(-1)[: (curve.numel() // 64) * 64].view(-1, 64).mean(1).tolist(),
+            },
             "sample": {"prompt": PROMPT, "temperature": 0.8, "seed": 0, "text": sample},
             "seconds_with_eval": time.perf_counter() - run_start,
             "provenance": provenance(),
         }
-        print(f"{name}: {result.step} steps, loss {sum(result.losses[-20:]) / 20:.3f} (last 20), "
-              f"{result.tokens / train_s:,.0f} tok/s, perplexity at {lg.rows[0].length} {lg.rows[0].perplexity:.3f}, "
-              f"at {lg.rows[-1].length} {lg.rows[-1].perplexity:.3f}", flush=True)
+        print(
+            f"{name}: {result.step} steps, loss {sum(result.losses[-20:]) / 20:.3f} (last 20), "
+            f"{result.tokens / train_s:,.0f} tok/s, perplexity at {lg.rows[0].length} {lg.rows[0].perplexity:.3f}, "
+            f"at {lg.rows[-1].length} {lg.rows[-1].perplexity:.3f}",
+            flush=True,
+        )
         save()
         del model_, result
         torch.cuda.empty_cache()

@@ -40,9 +40,16 @@ class ByteTokenizer:
 def tiny(rng):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     # a wide initialisation: with the default 0.02 the random model barely reacts to its adapters
-    config = LlamaConfig(vocab_size=256, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                         initializer_range=0.3)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -88,6 +95,39 @@ def test_same_seed_same_losses_and_copies_equal_one_row(tiny, tok, rng):
     assert torch.equal(runs[0], runs[1])
     assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=0)  # identical rows: the same mean gradient
     assert not torch.allclose(runs[0], runs[3], rtol=1e-4, atol=0)  # another seed, another LoRA init
+
+
+def test_callback_sees_each_step_and_changes_nothing(tiny, tok, rng):
+    """The callback runs after every step, in eval mode without gradients, and a run with it has
+    the losses of a run without it; the first k steps of a long run are a k-step run."""
+    text, seen = random_text(rng, 20), []
+    ids = torch.tensor([tok(text)["input_ids"]])
+
+    def probe(step, model):
+        seen.append((step, model.training, torch.is_grad_enabled(), model(input_ids=ids, labels=ids).loss))
+
+    with adapted(tiny, tok, text, steps=6, lr=1e-2, seed=1, callback=probe) as long_run:
+        long_losses = long_run.losses
+    with adapted(tiny, tok, text, steps=3, lr=1e-2, seed=1) as short_run:
+        with torch.no_grad():
+            short_loss_after = short_run.model(input_ids=ids, labels=ids).loss
+    assert [s for s, *_ in seen] == [1, 2, 3, 4, 5, 6]
+    assert not any(training or grad for _, training, grad, _ in seen)
+    with adapted(tiny, tok, text, steps=6, lr=1e-2, seed=1) as plain:
+        assert plain.losses == long_losses
+    assert torch.equal(seen[2][3], short_loss_after)
+
+
+def test_callback_error_removes_the_adapter(tiny, tok, rng):
+    before = weights_checksum(tiny)
+
+    def stop(step, model):
+        if step == 2:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        adapt_lora(tiny, tok, random_text(rng, 20), steps=4, lr=1e-2, callback=stop)
+    assert not lora_names(tiny) and weights_checksum(tiny) == before
 
 
 def test_adapted_restores_the_exact_base(tiny, tok, rng):
@@ -233,7 +273,10 @@ def test_linear_module_names(tiny):
         ({"lr": 0.0}, "lr must be > 0, got 0.0"),
         ({"lr": -1e-3}, "lr must be > 0"),
         ({"rank": 0}, "rank must be >= 1, got 0"),
-        ({"target_modules": ["q_proj", "attn"]}, r"target_modules must be .*'q_proj'.*'v_proj'.*got \['q_proj', 'attn'\]"),
+        (
+            {"target_modules": ["q_proj", "attn"]},
+            r"target_modules must be .*'q_proj'.*'v_proj'.*got \['q_proj', 'attn'\]",
+        ),
         ({"target_modules": []}, "target_modules must be a non-empty list"),
         ({"chunk_tokens": 1}, "chunk_tokens must be >= 2, got 1"),
     ],

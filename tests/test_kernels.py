@@ -36,15 +36,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def make_inputs(B, H, T, D, dtype, gen, state_dtype=None):
     """Random inputs of `ops.ttt_linear` at the scales a trained layer sees (eta ~ base_lr / D)."""
+
     def r(*shape, scale=1.0, dt=dtype):
         return (torch.randn(*shape, generator=gen) * scale).to(dt).to(DEVICE)
 
     state_dtype = state_dtype or dtype
     return dict(
-        XQ=r(B, H, T, D), XK=r(B, H, T, D), XV=r(B, H, T, D),
+        XQ=r(B, H, T, D),
+        XK=r(B, H, T, D),
+        XV=r(B, H, T, D),
         eta=(torch.rand(B, H, T, generator=gen) / D).to(dtype).to(DEVICE),
-        W0=r(B, H, D, D, scale=D**-0.5, dt=state_dtype), b0=r(B, H, 1, D, scale=0.1, dt=state_dtype),
-        ln_weight=1 + r(H, D, scale=0.2), ln_bias=r(H, D, scale=0.2),
+        W0=r(B, H, D, D, scale=D**-0.5, dt=state_dtype),
+        b0=r(B, H, 1, D, scale=0.1, dt=state_dtype),
+        ln_weight=1 + r(H, D, scale=0.2),
+        ln_bias=r(H, D, scale=0.2),
     )
 
 
@@ -53,14 +58,17 @@ def reference(args: dict, mini_batch_size: int, **kw):
     return ops.ttt_linear(**{k: v.to(F64) for k, v in args.items()}, mini_batch_size=mini_batch_size, **kw)
 
 
-@pytest.mark.parametrize("B,H,T,D,b", [
-    (2, 3, 37, 32, 16),   # T not a multiple of b: a partial last mini-batch
-    (1, 2, 40, 64, 16),
-    (1, 1, 21, 128, 16),
-    (2, 2, 23, 32, 8),    # b < 16: padded inside to the 16-row tile
-    (1, 2, 45, 16, 32),
-    (1, 1, 5, 32, 16),    # fewer tokens than one mini-batch
-])
+@pytest.mark.parametrize(
+    "B,H,T,D,b",
+    [
+        (2, 3, 37, 32, 16),  # T not a multiple of b: a partial last mini-batch
+        (1, 2, 40, 64, 16),
+        (1, 1, 21, 128, 16),
+        (2, 2, 23, 32, 8),  # b < 16: padded inside to the 16-row tile
+        (1, 2, 45, 16, 32),
+        (1, 1, 5, 32, 16),  # fewer tokens than one mini-batch
+    ],
+)
 def test_prefill_fp32_matches_reference(B, H, T, D, b, rng):
     args = make_inputs(B, H, T, D, torch.float32, rng)
     Z, W, bias = ttt_linear_prefill(**args, mini_batch_size=b)
@@ -108,7 +116,7 @@ def test_prefill_custom_token_idx_and_eps(rng):
 
 
 def decode_inputs(args: dict, t: int):
-    return [args[k][:, :, t:t + 1] for k in ("XQ", "XK", "XV")] + [args["eta"][:, :, t]]
+    return [args[k][:, :, t : t + 1] for k in ("XQ", "XK", "XV")] + [args["eta"][:, :, t]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -121,15 +129,29 @@ def test_decode_matches_primal_form(dtype, rng):
     state = (args["W0"].clone(), args["b0"].clone(), torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
     outputs = []
     for t in range(T):
-        outputs.append(ttt_linear_decode(*decode_inputs(args, t), state, t % b, args["ln_weight"],
-                                         args["ln_bias"], token_idx).clone())
+        outputs.append(
+            ttt_linear_decode(
+                *decode_inputs(args, t), state, t % b, args["ln_weight"], args["ln_bias"], token_idx
+            ).clone()
+        )
     Z_ref, _, _ = reference(args, b)
     assert rel_err(torch.cat(outputs, 2), Z_ref) < TOL[dtype]
 
     a64 = {k: v.to(F64) for k, v in args.items()}
     start = (a64["W0"], a64["b0"], torch.zeros_like(a64["W0"]), torch.zeros_like(a64["b0"]))
-    _, state_ref, position = ops.ttt_continue("linear", a64["XQ"], a64["XK"], a64["XV"], a64["eta"], start, 0,
-                                              a64["ln_weight"], a64["ln_bias"], b, token_idx.to(F64))
+    _, state_ref, position = ops.ttt_continue(
+        "linear",
+        a64["XQ"],
+        a64["XK"],
+        a64["XV"],
+        a64["eta"],
+        start,
+        0,
+        a64["ln_weight"],
+        a64["ln_bias"],
+        b,
+        token_idx.to(F64),
+    )
     assert position == T % b
     for out, ref in zip(state, state_ref):
         assert rel_err(out, ref) < TOL[dtype]
@@ -147,8 +169,14 @@ def test_decoder_matches_step_by_step_reference(rng):
     decoder = TTTLinearDecoder(state, position, args["ln_weight"], args["ln_bias"], token_idx)
     for t in range(T):
         z = decoder.step(*decode_inputs(args, t))
-        z_ref, ref_state = ops.ttt_linear_step(*(x.to(F64) for x in decode_inputs(args, t)), ref_state, position,
-                                               args["ln_weight"].to(F64), args["ln_bias"].to(F64), token_idx.to(F64))
+        z_ref, ref_state = ops.ttt_linear_step(
+            *(x.to(F64) for x in decode_inputs(args, t)),
+            ref_state,
+            position,
+            args["ln_weight"].to(F64),
+            args["ln_bias"].to(F64),
+            token_idx.to(F64),
+        )
         if position == b - 1:
             ref_state = ops.commit_state(ref_state, token_idx[position].to(F64))
         position = (position + 1) % b
@@ -163,8 +191,10 @@ def test_cuda_graph_decoder_equals_eager(rng):
     B, H, T, D, b = 4, 3, 20, 64, 16
     args = make_inputs(B, H, T, D, torch.bfloat16, rng, state_dtype=torch.float32)
     token_idx = ops.default_token_idx(b, device=DEVICE)
-    states = [(args["W0"].clone(), args["b0"].clone(), torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
-              for _ in range(2)]
+    states = [
+        (args["W0"].clone(), args["b0"].clone(), torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
+        for _ in range(2)
+    ]
     graphed = TTTLinearDecoder(states[0], 0, args["ln_weight"], args["ln_bias"], token_idx)
     eager = TTTLinearDecoder(states[1], 0, args["ln_weight"], args["ln_bias"], token_idx, use_graph=False)
     for t in range(T):
@@ -253,8 +283,16 @@ def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transform
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
     torch.manual_seed(0)
-    config = TTTConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, ttt_layer_type=layer_type, backbone=backbone, ttt_impl=impl)
+    config = TTTConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ttt_layer_type=layer_type,
+        backbone=backbone,
+        ttt_impl=impl,
+    )
     return TTTForCausalLM(config).to(DEVICE).eval()
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ttt_helpers.layers import TTTLinear, TTTMLP
+from ttt_helpers.layers import TTTMLP, TTTLinear
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}
 
@@ -102,7 +102,7 @@ def test_forward_stream_token_by_token(kind, use_gate, rng):
     y_pre, state, position = layer.forward_stream(x[:, :11], state, position)
     pieces.append(y_pre)
     for t in range(11, 21):
-        y_t, state, position = layer.forward_stream(x[:, t:t + 1], state, position)
+        y_t, state, position = layer.forward_stream(x[:, t : t + 1], state, position)
         pieces.append(y_t)
     assert position == 21 % 8
     assert torch.allclose(torch.cat(pieces, 1), y, rtol=0, atol=1e-12)

@@ -16,8 +16,15 @@ matplotlib.use("Agg")
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -149,7 +156,9 @@ def test_length_generalization_skips_lengths_the_data_cannot_fill(rng):
     # L=300 fits only the 301-token document; L=120 uses 2 windows of it and 1 of the other
     assert result.rows[3].tokens == 300 and result.rows[2].tokens == 240 + 120
     short = [d[: (len(d) - 1) // 120 * 120 + 1] for d in docs]
-    assert result.rows[2].perplexity == pytest.approx(metrics.perplexity(model, short, window=120, stride=120).perplexity)
+    assert result.rows[2].perplexity == pytest.approx(
+        metrics.perplexity(model, short, window=120, stride=120).perplexity
+    )
     assert result.at_1x == result.rows[1].perplexity and result.at_5x == result.rows[3].perplexity
     assert result.at_10x is None
     done = [r.perplexity for r in result.rows if r.perplexity is not None]
@@ -229,8 +238,9 @@ def test_known_values():
 
 def test_kl_matches_torch_distributions(rng):
     p, q = torch.randn(5, 30, generator=rng) * 3, torch.randn(5, 30, generator=rng) * 3
-    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
-                                            torch.distributions.Categorical(logits=q))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=p), torch.distributions.Categorical(logits=q)
+    )
     torch.testing.assert_close(metrics.kl_divergence(p, q), ref, rtol=1e-5, atol=1e-6)
     assert (metrics.max_abs_diff(p, q) <= metrics.total_variation(p, q) + 1e-6).all()
 
@@ -276,8 +286,10 @@ def test_bad_per_position_and_length_input():
         metrics.length_generalization(model, [doc], train_window=20, ratios=[1, 2])
 
 
-@pytest.mark.parametrize("name,value", [("batch", 0), ("prompt_len", 0), ("new_tokens", 1), ("repeats", 0),
-                                        ("warmup", -1), ("vocab_size", 0)])
+@pytest.mark.parametrize(
+    "name,value",
+    [("batch", 0), ("prompt_len", 0), ("new_tokens", 1), ("repeats", 0), ("warmup", -1), ("vocab_size", 0)],
+)
 def test_bad_latency_input(name, value):
     kwargs = dict(batch=1, prompt_len=4, new_tokens=3, repeats=1, vocab_size=64, warmup=0) | {name: value}
     with pytest.raises(ValueError, match=f"{name} must be >= "):

@@ -44,7 +44,7 @@ def test_prefill_then_decode_equals_one_forward(layer_type, backbone, T, k, rng)
         cache, pieces = out.past_key_values, [out.logits]
         size = cache.nbytes()
         for t in range(k, T):
-            pieces.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
     assert cache.seen_tokens == T and cache.nbytes() == size  # the state does not grow
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-4
 
@@ -52,16 +52,18 @@ def test_prefill_then_decode_equals_one_forward(layer_type, backbone, T, k, rng)
 def test_generate_greedy_and_sampling(rng):
     model = tiny_model(rng)
     prompt = torch.randint(0, 97, (2, 7), generator=rng)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                         pad_token_id=0)
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     seq = prompt
     with torch.no_grad():  # greedy by hand, without a cache
         for _ in range(12):
             seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
     torch.manual_seed(0)
-    sampled = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=True,
-                             top_k=20, pad_token_id=0)
+    sampled = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=True, top_k=20, pad_token_id=0
+    )
     assert sampled.shape == (2, 19) and torch.equal(sampled[:, :7], prompt)
 
 

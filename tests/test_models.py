@@ -19,7 +19,7 @@ def test_smollm2_loads_offline_and_answers(smollm2):
     assert model.dtype == torch.float32
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
 def test_cached_copy_matches(smollm2, tmp_path):
@@ -44,8 +44,9 @@ def test_bad_name():
 
 def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
     """A conversion that breaks half-way leaves neither the target nor a temporary folder."""
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2))
+    tiny = LlamaForCausalLM(
+        LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    )
 
     class BrokenTokenizer:
         def save_pretrained(self, folder):

@@ -14,19 +14,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_inputs(kind: str, B=2, H=3, T=37, D=8, dtype=F64, gen=None):
     """Random inputs of `ops.ttt_linear` / `ops.ttt_mlp` as a dict of keyword arguments."""
+
     def r(*shape, scale=1.0):
         return torch.randn(*shape, dtype=dtype, generator=gen) * scale
 
     args = dict(
-        XQ=r(B, H, T, D), XK=r(B, H, T, D), XV=r(B, H, T, D),
+        XQ=r(B, H, T, D),
+        XK=r(B, H, T, D),
+        XV=r(B, H, T, D),
         eta=torch.rand(B, H, T, dtype=dtype, generator=gen) * 0.5,
-        ln_weight=1 + r(H, D, scale=0.2), ln_bias=r(H, D, scale=0.2),
+        ln_weight=1 + r(H, D, scale=0.2),
+        ln_bias=r(H, D, scale=0.2),
     )
     if kind == "linear":
         args.update(W0=r(B, H, D, D, scale=0.3), b0=r(B, H, 1, D, scale=0.3))
     else:
-        args.update(W1=r(B, H, D, 4 * D, scale=0.3), b1=r(B, H, 1, 4 * D, scale=0.3),
-                    W2=r(B, H, 4 * D, D, scale=0.3), b2=r(B, H, 1, D, scale=0.3))
+        args.update(
+            W1=r(B, H, D, 4 * D, scale=0.3),
+            b1=r(B, H, 1, 4 * D, scale=0.3),
+            W2=r(B, H, 4 * D, D, scale=0.3),
+            b2=r(B, H, 1, D, scale=0.3),
+        )
     return args
 
 
@@ -59,15 +67,17 @@ def definition(kind, XQ, XK, XV, eta, ln_weight, ln_bias, mini_batch_size, token
                 grads = []
                 for s in range(start, end):
                     p = [t.clone().requires_grad_(True) for t in theta]
-                    out = ops.layer_norm(inner_model(kind, XK[bi, h, s:s + 1], p), w, c, eps)
-                    loss = 0.5 * (out - (XV[bi, h, s:s + 1] - XK[bi, h, s:s + 1])).pow(2).sum()
+                    out = ops.layer_norm(inner_model(kind, XK[bi, h, s : s + 1], p), w, c, eps)
+                    loss = 0.5 * (out - (XV[bi, h, s : s + 1] - XK[bi, h, s : s + 1])).pow(2).sum()
                     grads.append(torch.autograd.grad(loss, p))
                 for i, t in enumerate(range(start, end)):
                     theta_t = [
                         th - token_idx[i] * sum(eta[bi, h, s] * grads[s - start][k] for s in range(start, t + 1))
                         for k, th in enumerate(theta)
                     ]
-                    Z[bi, h, t] = XQ[bi, h, t] + ops.layer_norm(inner_model(kind, XQ[bi, h, t:t + 1], theta_t), w, c, eps)[0]
+                    Z[bi, h, t] = (
+                        XQ[bi, h, t] + ops.layer_norm(inner_model(kind, XQ[bi, h, t : t + 1], theta_t), w, c, eps)[0]
+                    )
                 theta = theta_t
             for k, th in enumerate(theta):
                 finals[k][bi, h] = th
@@ -227,8 +237,16 @@ def test_continue_from_any_split_equals_one_call(kind, rng):
     for start, end in zip(cuts, cuts[1:]):
         sl = slice(start, end)
         z, state, position = ops.ttt_continue(
-            kind, args["XQ"][:, :, sl], args["XK"][:, :, sl], args["XV"][:, :, sl], args["eta"][:, :, sl],
-            state, position, args["ln_weight"], args["ln_bias"], mini_batch_size=8,
+            kind,
+            args["XQ"][:, :, sl],
+            args["XK"][:, :, sl],
+            args["XV"][:, :, sl],
+            args["eta"][:, :, sl],
+            state,
+            position,
+            args["ln_weight"],
+            args["ln_bias"],
+            mini_batch_size=8,
         )
         outputs.append(z)
     assert position == 45 % 8

@@ -17,8 +17,19 @@ from ttt_helpers.data import decode_bytes, encode_bytes
 from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, mini_batch_size=4, window=8,
-            batch_size=2, warmup_steps=2, eval_after=False, checkpoint_every=None, progress=False)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    mini_batch_size=4,
+    window=8,
+    batch_size=2,
+    warmup_steps=2,
+    eval_after=False,
+    checkpoint_every=None,
+    progress=False,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,8 +51,16 @@ def random_docs(rng: torch.Generator, lengths=(41, 70, 25, 95, 33, 58)) -> list[
 
 
 def tiny_ttt(kind: str = "linear", backbone: str = "transformer") -> TTTForCausalLM:
-    config = TTTConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, ttt_layer_type=kind, mini_batch_size=4, backbone=backbone)
+    config = TTTConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ttt_layer_type=kind,
+        mini_batch_size=4,
+        backbone=backbone,
+    )
     return TTTForCausalLM(config).eval()
 
 
@@ -143,8 +162,9 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, rng, model):
     with pytest.raises(KeyboardInterrupt):
         T.train(cut, train_docs=docs, callback=crash)
     assert T.latest_checkpoint(cut.out_dir).name == "step-00000004"
-    resumed = T.train(tiny_config(tmp_path / "cut", model=model, max_steps=9, checkpoint_every=4, resume=True),
-                      train_docs=docs)
+    resumed = T.train(
+        tiny_config(tmp_path / "cut", model=model, max_steps=9, checkpoint_every=4, resume=True), train_docs=docs
+    )
     assert resumed.start_step == 4 and resumed.step == 9
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]), atol=1e-6, rtol=0)
     for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
@@ -164,8 +184,9 @@ def test_checkpoint_contents_and_fine_tuning(tmp_path, rng):
     assert {"stream", "cache", "torch_rng", "python_rng"} <= set(saved)
     assert len(saved["cache"]["states"]) == 1  # one layer's carried TTT state
     assert (ckpt / "model" / "model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
-    tuned = T.train(tiny_config(tmp_path / "tuned", max_steps=1, from_pretrained=str(ckpt / "model"), lr=1e-9),
-                    train_docs=docs)
+    tuned = T.train(
+        tiny_config(tmp_path / "tuned", max_steps=1, from_pretrained=str(ckpt / "model"), lr=1e-9), train_docs=docs
+    )
     for a, b in zip(tuned.model.state_dict().values(), first.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # it started from the saved weights
 
@@ -186,7 +207,11 @@ def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, rng, monkeypatch)
     parent = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in parent.iterdir()) == ["step-00000002"]  # no step-4, no temporary folder
     assert sorted(p.name for p in (parent / "step-00000002").iterdir()) == [
-        "model", "optimizer.pt", "rank-0.pt", "trainer_state.json"]
+        "model",
+        "optimizer.pt",
+        "rank-0.pt",
+        "trainer_state.json",
+    ]
 
 
 # ---------------------------------------------------------------- logging and evaluation
@@ -243,8 +268,9 @@ def fake_wandb(online_fails: bool) -> types.ModuleType:
 def test_wandb_is_optional_and_never_fails_offline(tmp_path, rng, monkeypatch, offline, online_fails):
     wandb = fake_wandb(online_fails)
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    result = T.train(tiny_config(tmp_path, max_steps=2, wandb=not offline, wandb_offline=offline),
-                     train_docs=random_docs(rng))
+    result = T.train(
+        tiny_config(tmp_path, max_steps=2, wandb=not offline, wandb_offline=offline), train_docs=random_docs(rng)
+    )
     inits = [c[1] for c in wandb.calls if c[0] == "init"]
     assert inits == (["offline"] if offline else ["online", "offline"])
     logged = [c[2]["loss"] for c in wandb.calls if c[0] == "log" and "loss" in c[2]]
@@ -264,8 +290,9 @@ def test_wandb_missing_is_a_clear_error_only_when_asked(tmp_path, rng, monkeypat
 def _ddp_worker(rank: int, port: int, out: str, docs: list[torch.Tensor]) -> None:
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     torch.set_num_threads(1)
     config = T.TrainConfig(**{**TINY, "out_dir": out, "max_steps": 4, "checkpoint_every": 4})
     result = T.train(config, train_docs=docs)
@@ -369,20 +396,23 @@ def test_config_files_and_command_line_overrides(tmp_path):
         T.TrainConfig.from_file(shipped)  # every config in the repository is valid
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"window": 8, "mini_batch_size": 16}, "window .8. must be a multiple of mini_batch_size .16."),
-    ({"window": 24, "mini_batch_size": 16}, "multiple of mini_batch_size"),
-    ({"window": 1, "model": "transformer"}, "window must be >= 2"),
-    ({"model": "rnn"}, "model must be one of"),
-    ({"batch_size": 0}, "batch_size must be >= 1"),
-    ({"cache_reset_interval": 0}, "cache_reset_interval must be >= 1 or None"),
-    ({"lr": 0.0}, "lr must be > 0"),
-    ({"preset": "7b"}, "preset must be one of"),
-    ({"hidden_size": 30, "num_heads": 4}, "divisible by num_heads"),
-    ({"window": "long"}, "window must be a int"),
-    ({"state_passing": "maybe"}, "state_passing must be true or false"),
-    ({"window_size": 64, "stepz": 3}, r"unknown config keys \['stepz', 'window_size'\]"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"window": 8, "mini_batch_size": 16}, "window .8. must be a multiple of mini_batch_size .16."),
+        ({"window": 24, "mini_batch_size": 16}, "multiple of mini_batch_size"),
+        ({"window": 1, "model": "transformer"}, "window must be >= 2"),
+        ({"model": "rnn"}, "model must be one of"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"cache_reset_interval": 0}, "cache_reset_interval must be >= 1 or None"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"preset": "7b"}, "preset must be one of"),
+        ({"hidden_size": 30, "num_heads": 4}, "divisible by num_heads"),
+        ({"window": "long"}, "window must be a int"),
+        ({"state_passing": "maybe"}, "state_passing must be true or false"),
+        ({"window_size": 64, "stepz": 3}, r"unknown config keys \['stepz', 'window_size'\]"),
+    ],
+)
 def test_bad_config_values_raise(values, message):
     with pytest.raises(ValueError, match=message):
         T.TrainConfig.from_dict(values)

@@ -4,14 +4,27 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_helpers.transplant import TTTAsAttention, imitate, match_scale, record_attention, transplant, ttt_from_attention
+from ttt_helpers.transplant import (
+    TTTAsAttention,
+    imitate,
+    match_scale,
+    record_attention,
+    transplant,
+    ttt_from_attention,
+)
 
 
 @pytest.fixture
 def llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 

@@ -12,9 +12,9 @@ import hashlib
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -130,6 +130,7 @@ def adapt_lora(
     target_modules: Sequence[str] = DEFAULT_TARGETS,
     chunk_tokens: int | None = None,
     seed: int = 0,
+    callback: Callable[[int, PeftModel], None] | None = None,
 ) -> AdaptResult:
     """Freeze `model`, attach LoRA adapters and train only them on `text` with AdamW.
 
@@ -146,6 +147,9 @@ def adapt_lora(
       that get adapters (see `linear_module_names`). `seed` seeds torch before the adapter is
       initialised. The model is changed in place (peft injects the adapter layers): remove the
       adapter with `result.unload()`, or use the `adapted` context manager which does it for you.
+    callback(step, peft_model): called after every AdamW step (step counts from 1), with the model
+      in eval mode and gradients off, to measure recall along the way; its time is not counted
+      in `seconds`. An exception from it stops the adaptation and removes the adapter.
     """
     if isinstance(model, PeftModel):
         raise ValueError("model already carries a peft adapter: unload it first")
@@ -178,7 +182,7 @@ def adapt_lora(
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     device = next(model.parameters()).device
-    losses = []
+    losses, callback_seconds = [], 0.0
     try:
         peft_model.train()
         for batch in batches:
@@ -189,6 +193,13 @@ def adapt_lora(
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
+                if callback is not None:
+                    tick = time.perf_counter()
+                    peft_model.eval()
+                    with torch.no_grad():
+                        callback(len(losses), peft_model)
+                    peft_model.train()
+                    callback_seconds += time.perf_counter() - tick
         peft_model.eval()
     except BaseException:
         _remove_adapter(peft_model, snapshot)  # a failed adaptation leaves the model as it found it
@@ -196,7 +207,7 @@ def adapt_lora(
     return AdaptResult(
         model=peft_model,
         losses=losses,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start - callback_seconds,
         trainable_params=sum(p.numel() for p in trainable),
         total_params=sum(p.numel() for p in peft_model.parameters()),
         chunks=len(batches),
@@ -229,8 +240,11 @@ def greedy_answer(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

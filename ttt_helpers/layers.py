@@ -42,8 +42,9 @@ class TTTLayer(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "kernel" and self.kind != "linear":
-            raise ValueError(f"impl='kernel' needs TTT-Linear: TTT-{self.kind.upper()} has no kernel (use 'auto' or "
-                             "'reference')")
+            raise ValueError(
+                f"impl='kernel' needs TTT-Linear: TTT-{self.kind.upper()} has no kernel (use 'auto' or 'reference')"
+            )
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if mini_batch_size < 1:
@@ -80,8 +81,9 @@ class TTTLayer(nn.Module):
 
     def token_idx(self) -> Tensor:
         """Per-position step scale of a mini-batch: 1/(1..b) plus a learned offset, kept >= 0. [b]"""
-        base = ops.default_token_idx(self.mini_batch_size, dtype=self.token_idx_offset.dtype,
-                                     device=self.token_idx_offset.device)
+        base = ops.default_token_idx(
+            self.mini_batch_size, dtype=self.token_idx_offset.dtype, device=self.token_idx_offset.device
+        )
         return (base + self.token_idx_offset).clamp(min=0.0)
 
     def inner_lr(self, x: Tensor) -> Tensor:
@@ -119,8 +121,18 @@ class TTTLayer(nn.Module):
             op = self.primal_op
         else:
             op = kernels.ttt_linear_prefill if self._use_kernel(XQ, XK, XV, eta, *state) else self.op
-        Z, *new_state = op(XQ, XK, XV, eta, *state, self.ln_weight, self.ln_bias,
-                           mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps)
+        Z, *new_state = op(
+            XQ,
+            XK,
+            XV,
+            eta,
+            *state,
+            self.ln_weight,
+            self.ln_bias,
+            mini_batch_size=self.mini_batch_size,
+            token_idx=self.token_idx(),
+            eps=self.eps,
+        )
         return self._output(Z, x), tuple(new_state)
 
     def initial_stream_state(self, batch_size: int) -> State:
@@ -139,8 +151,18 @@ class TTTLayer(nn.Module):
             Z, state, position = self._continue_with_kernels(XQ, XK, XV, eta, state, position)
         else:
             Z, state, position = ops.ttt_continue(
-                self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias,
-                mini_batch_size=self.mini_batch_size, token_idx=self.token_idx(), eps=self.eps,
+                self.kind,
+                XQ,
+                XK,
+                XV,
+                eta,
+                state,
+                position,
+                self.ln_weight,
+                self.ln_bias,
+                mini_batch_size=self.mini_batch_size,
+                token_idx=self.token_idx(),
+                eps=self.eps,
             )
         return self._output(Z, x), state, position
 
@@ -151,37 +173,74 @@ class TTTLayer(nn.Module):
         tensors = (XQ, *tensors, self.ln_weight, self.ln_bias, self.token_idx_offset)
         if self.impl == "kernel":
             if kernels.needs_grad(tensors):
-                raise RuntimeError("impl='kernel' cannot train: the TTT-Linear kernels have no backward pass; "
-                                   "use impl='auto' (kernels only where no gradient is needed) or 'reference'")
+                raise RuntimeError(
+                    "impl='kernel' cannot train: the TTT-Linear kernels have no backward pass; "
+                    "use impl='auto' (kernels only where no gradient is needed) or 'reference'"
+                )
             return True
         return kernels.kernel_applies(XQ, self.mini_batch_size, tensors)
 
-    def _continue_with_kernels(self, XQ: Tensor, XK: Tensor, XV: Tensor, eta: Tensor, state: State,
-                               position: int) -> tuple[Tensor, State, int]:
+    def _continue_with_kernels(
+        self, XQ: Tensor, XK: Tensor, XV: Tensor, eta: Tensor, state: State, position: int
+    ) -> tuple[Tensor, State, int]:
         """`ops.ttt_continue` for TTT-Linear with the kernels: one decoded token updates the state in
         place; a prompt read from a mini-batch boundary runs its whole mini-batches through the
         prefill kernel and only the ragged end through the reference."""
         b, T, token_idx = self.mini_batch_size, XQ.shape[2], self.token_idx()
         if T == 1:
             state = tuple(t.contiguous() for t in state)
-            z = kernels.ttt_linear_decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight,
-                                          self.ln_bias, token_idx, self.eps)
+            z = kernels.ttt_linear_decode(
+                XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps
+            )
             return z, state, (position + 1) % b
         whole = T // b * b if position == 0 else 0  # at a boundary the gradient sums are zero
         if whole == 0:
-            return ops.ttt_continue(self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias,
-                                    mini_batch_size=b, token_idx=token_idx, eps=self.eps)
+            return ops.ttt_continue(
+                self.kind,
+                XQ,
+                XK,
+                XV,
+                eta,
+                state,
+                position,
+                self.ln_weight,
+                self.ln_bias,
+                mini_batch_size=b,
+                token_idx=token_idx,
+                eps=self.eps,
+            )
         span = slice(0, whole)
-        Z, W, bias = kernels.ttt_linear_prefill(XQ[:, :, span], XK[:, :, span], XV[:, :, span], eta[:, :, span],
-                                                state[0], state[1], self.ln_weight, self.ln_bias, b, token_idx,
-                                                self.eps)
+        Z, W, bias = kernels.ttt_linear_prefill(
+            XQ[:, :, span],
+            XK[:, :, span],
+            XV[:, :, span],
+            eta[:, :, span],
+            state[0],
+            state[1],
+            self.ln_weight,
+            self.ln_bias,
+            b,
+            token_idx,
+            self.eps,
+        )
         state = (W, bias, *state[2:])
         if whole == T:
             return Z, state, 0
         rest = slice(whole, T)
-        Z_rest, state, position = ops.ttt_continue(self.kind, XQ[:, :, rest], XK[:, :, rest], XV[:, :, rest],
-                                                   eta[:, :, rest], state, 0, self.ln_weight, self.ln_bias,
-                                                   mini_batch_size=b, token_idx=token_idx, eps=self.eps)
+        Z_rest, state, position = ops.ttt_continue(
+            self.kind,
+            XQ[:, :, rest],
+            XK[:, :, rest],
+            XV[:, :, rest],
+            eta[:, :, rest],
+            state,
+            0,
+            self.ln_weight,
+            self.ln_bias,
+            mini_batch_size=b,
+            token_idx=token_idx,
+            eps=self.eps,
+        )
         return torch.cat([Z, Z_rest], dim=2), state, position
 
 
@@ -192,8 +251,16 @@ class TTTLinear(TTTLayer):
     op = staticmethod(ops.ttt_linear)
     primal_op = staticmethod(ops.ttt_linear_primal)
 
-    def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
-                 base_lr: float = 1.0, eps: float = 1e-6, use_gate: bool = False, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mini_batch_size: int = 16,
+        base_lr: float = 1.0,
+        eps: float = 1e-6,
+        use_gate: bool = False,
+        impl: str = "auto",
+    ) -> None:
         super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate, impl)
         H, D = num_heads, self.head_dim
         self.W0 = nn.Parameter(torch.randn(H, D, D) * 0.02)
@@ -210,8 +277,16 @@ class TTTMLP(TTTLayer):
     op = staticmethod(ops.ttt_mlp)
     primal_op = staticmethod(ops.ttt_mlp_primal)
 
-    def __init__(self, hidden_size: int, num_heads: int, mini_batch_size: int = 16,
-                 base_lr: float = 0.1, eps: float = 1e-6, use_gate: bool = False, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mini_batch_size: int = 16,
+        base_lr: float = 0.1,
+        eps: float = 1e-6,
+        use_gate: bool = False,
+        impl: str = "auto",
+    ) -> None:
         super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate, impl)
         H, D = num_heads, self.head_dim
         self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * 0.02)

@@ -12,10 +12,11 @@ import math
 import statistics
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +70,7 @@ class PerplexityResult(NamedTuple):
     tokens: int
 
 
-def perplexity(
-    model: nn.Module, token_ids: Tensor | Sequence[Tensor], *, window: int, stride: int
-) -> PerplexityResult:
+def perplexity(model: nn.Module, token_ids: Tensor | Sequence[Tensor], *, window: int, stride: int) -> PerplexityResult:
     """Sliding-window perplexity of one document [N] or a corpus (a list of documents).
 
     The model reads `window` tokens at a time and predicts the token after each of them. The
@@ -223,7 +222,9 @@ def length_generalization(
         rows.append(LengthRow(ratio, length, result.perplexity, result.tokens))
     done = [r for r in rows if r.perplexity is not None]
     if not done:
-        raise ValueError(f"documents are too short for every length: the shortest length needs {rows[0].length + 1} tokens")
+        raise ValueError(
+            f"documents are too short for every length: the shortest length needs {rows[0].length + 1} tokens"
+        )
     at = {r.length: r.perplexity for r in rows}
     best = min(done, key=lambda r: r.perplexity)
     return LengthGeneralization(
@@ -317,9 +318,7 @@ class _PeakRss:
         self.peak = max(self.peak, self._rss())
 
 
-def _greedy_decode(
-    model: nn.Module, prompt: Tensor, new_tokens: int
-) -> tuple[Tensor, float, list[float]]:
+def _greedy_decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> tuple[Tensor, float, list[float]]:
     """Greedy generation with the model's KV cache, timing each forward. prompt: [B, T]
 
     Returns the new tokens [B, new_tokens], the time to the first token (the prefill) and the
@@ -361,8 +360,13 @@ def latency(
     first by the prefill, the rest by one cached decode step each. `warmup` untimed runs come
     first, then `repeats` timed ones.
     """
-    for name, value, low in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2),
-                             ("repeats", repeats, 1), ("warmup", warmup, 0)):
+    for name, value, low in (
+        ("batch", batch, 1),
+        ("prompt_len", prompt_len, 1),
+        ("new_tokens", new_tokens, 2),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     vocab = vocab_size if vocab_size is not None else getattr(getattr(model, "config", None), "vocab_size", None)

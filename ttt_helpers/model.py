@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .layers import IMPLS, TTTLayer, TTTLinear, TTTMLP
+from .layers import IMPLS, TTTMLP, TTTLayer, TTTLinear
 
 # The paper's model sizes (Sun et al. 2024, Table of configurations); vocabulary as in its Llama tokenizer.
 TTT_STANDARD_CONFIGS: dict[str, dict] = {
@@ -64,10 +64,15 @@ class TTTConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         **kwargs,
     ) -> None:
-        for field, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
-                             ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
-                             ("num_attention_heads", num_attention_heads), ("mini_batch_size", mini_batch_size),
-                             ("conv_kernel", conv_kernel)):
+        for field, value in (
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("mini_batch_size", mini_batch_size),
+            ("conv_kernel", conv_kernel),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1, got {value!r}")
         if hidden_size % num_attention_heads:
@@ -91,8 +96,13 @@ class TTTConfig(PretrainedConfig):
         self.ttt_layer_type, self.mini_batch_size, self.ttt_base_lr = ttt_layer_type, mini_batch_size, ttt_base_lr
         self.backbone, self.conv_kernel, self.ttt_impl = backbone, conv_kernel, ttt_impl
         self.rms_norm_eps, self.initializer_range, self.use_cache = rms_norm_eps, initializer_range, use_cache
-        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
 
 
 @dataclass
@@ -109,7 +119,7 @@ class TTTCache:
     conv_states: list[Tensor | None]
     seen_tokens: int = 0
 
-    def detach(self) -> "TTTCache":
+    def detach(self) -> TTTCache:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
         return TTTCache(
             [tuple(t.detach() for t in s) for s in self.states],
@@ -138,7 +148,7 @@ class CausalConv(nn.Module):
         """x: [B, T, C], state: [B, k-1, C] -> (y: [B, T, C], new state)."""
         padded = torch.cat([state, x], dim=1)
         y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - (self.kernel - 1):]
+        return y, padded[:, padded.shape[1] - (self.kernel - 1) :]
 
 
 class SwiGLU(nn.Module):
@@ -163,8 +173,14 @@ class TTTBlock(nn.Module):
         layer_cls = TTTLinear if config.ttt_layer_type == "linear" else TTTMLP
         self.seq_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
         self.conv = CausalConv(C, config.conv_kernel) if mamba else None
-        self.ttt = layer_cls(C, config.num_attention_heads, config.mini_batch_size, config.ttt_base_lr,
-                             use_gate=mamba, impl=config.ttt_impl)
+        self.ttt = layer_cls(
+            C,
+            config.num_attention_heads,
+            config.mini_batch_size,
+            config.ttt_base_lr,
+            use_gate=mamba,
+            impl=config.ttt_impl,
+        )
         self.ffn_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(C, config.intermediate_size)
 
@@ -222,8 +238,9 @@ class TTTModel(TTTPreTrainedModel):
 
     def new_cache(self, batch_size: int) -> TTTCache:
         """An empty cache: every layer at its learned initial state."""
-        return TTTCache([block.ttt.initial_stream_state(batch_size) for block in self.layers],
-                        [None] * len(self.layers))
+        return TTTCache(
+            [block.ttt.initial_stream_state(batch_size) for block in self.layers], [None] * len(self.layers)
+        )
 
     def forward(self, inputs_embeds: Tensor, cache: TTTCache | None) -> Tensor:
         x = inputs_embeds
@@ -293,7 +310,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     ) -> dict:
         """Feed only the tokens the cache has not read yet."""
         if past_key_values is not None:
-            input_ids = input_ids[:, past_key_values.seen_tokens:]
+            input_ids = input_ids[:, past_key_values.seen_tokens :]
         return {"input_ids": input_ids, "past_key_values": past_key_values, "use_cache": use_cache}
 
 

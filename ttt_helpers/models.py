@@ -97,7 +97,10 @@ def load_pretrained(
             folder = name
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, quantization_config=quantization,
+            folder,
+            dtype=dtype,
+            use_safetensors=True,
+            quantization_config=quantization,
             device_map="cuda" if quantization else None,
         )
     finally:

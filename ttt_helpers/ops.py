@@ -36,11 +36,7 @@ def layer_norm_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, 
     std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + eps)
     z_hat = (z - mu) / std
     grad_hat = (weight * z_hat + bias - target) * weight
-    return (
-        grad_hat
-        - grad_hat.mean(-1, keepdim=True)
-        - z_hat * (grad_hat * z_hat).mean(-1, keepdim=True)
-    ) / std
+    return (grad_hat - grad_hat.mean(-1, keepdim=True) - z_hat * (grad_hat * z_hat).mean(-1, keepdim=True)) / std
 
 
 def inner_loss(
@@ -158,9 +154,7 @@ def ttt_linear(
     token_idx: [mini_batch_size], default 1/(1..b).
     Returns Z: [B, H, T, D] and the final state W_T: [B, H, D, D], b_T: [B, H, 1, D].
     """
-    token_idx = _check_inputs(
-        XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx
-    )
+    token_idx = _check_inputs(XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx)
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     W, b = W0, b0
     outputs = []
@@ -233,10 +227,10 @@ def ttt_linear_primal(
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TTT-Linear token by token (primal form); same arguments and results as `ttt_linear`."""
-    token_idx = _check_inputs(
-        XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx
+    token_idx = _check_inputs(XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx)
+    Z, state = _primal_loop(
+        ttt_linear_step, XQ, XK, XV, eta, (W0, b0), ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
-    Z, state = _primal_loop(ttt_linear_step, XQ, XK, XV, eta, (W0, b0), ln_weight, ln_bias, mini_batch_size, token_idx, eps)
     return Z, *state
 
 
@@ -248,8 +242,16 @@ def _primal_loop(step, XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_s
         for t in range(start, end):
             tok = slice(t, t + 1)
             z, state = step(
-                XQ[:, :, tok], XK[:, :, tok], XV[:, :, tok], eta[:, :, t], state, t - start,
-                ln_weight, ln_bias, token_idx, eps,
+                XQ[:, :, tok],
+                XK[:, :, tok],
+                XV[:, :, tok],
+                eta[:, :, t],
+                state,
+                t - start,
+                ln_weight,
+                ln_bias,
+                token_idx,
+                eps,
             )
             outputs.append(z)
         state = commit_state(state, token_idx[end - start - 1])
@@ -409,10 +411,20 @@ def ttt_continue(
 
     def steps_until(stop: int) -> None:
         nonlocal state, position, t
-        for t in range(t, stop):
-            tok = slice(t, t + 1)
-            z, state = step(XQ[:, :, tok], XK[:, :, tok], XV[:, :, tok], eta[:, :, t], state, position,
-                            ln_weight, ln_bias, token_idx, eps)
+        for s in range(t, stop):
+            tok = slice(s, s + 1)
+            z, state = step(
+                XQ[:, :, tok],
+                XK[:, :, tok],
+                XV[:, :, tok],
+                eta[:, :, s],
+                state,
+                position,
+                ln_weight,
+                ln_bias,
+                token_idx,
+                eps,
+            )
             outputs.append(z)
             position += 1
             if position == mini_batch_size:
@@ -424,8 +436,18 @@ def ttt_continue(
     whole = (T - t) // mini_batch_size * mini_batch_size
     if whole:
         span = slice(t, t + whole)
-        Z, *params = dual(XQ[:, :, span], XK[:, :, span], XV[:, :, span], eta[:, :, span], *state[:n],
-                          ln_weight, ln_bias, mini_batch_size, token_idx, eps)
+        Z, *params = dual(
+            XQ[:, :, span],
+            XK[:, :, span],
+            XV[:, :, span],
+            eta[:, :, span],
+            *state[:n],
+            ln_weight,
+            ln_bias,
+            mini_batch_size,
+            token_idx,
+            eps,
+        )
         state = tuple(params) + state[n:]
         outputs.append(Z)
         t += whole

@@ -25,10 +25,11 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,12 +64,12 @@ class TrainConfig:
     mini_batch_size: int = _opt("TTT inner mini-batch size (tokens per inner step)", 16)
     ttt_base_lr: float | None = _opt("TTT base inner learning rate (none: 1.0 linear, 0.1 mlp)", None)
     backbone: str = _opt("TTT backbone: transformer or mamba", "transformer")
-    from_pretrained: str | None = _opt("fine-tune this model folder (any AutoModelForCausalLM) instead of a new model",
-                                       None)
+    from_pretrained: str | None = _opt(
+        "fine-tune this model folder (any AutoModelForCausalLM) instead of a new model", None
+    )
     # data
     tokenizer: str = _opt("bytes (UTF-8 bytes, 256 ids), smollm2, or a tokenizer folder or hub id", "bytes")
-    doc_tokens: int | None = _opt("cut every play into documents of at most this many tokens (none: whole plays)",
-                                  None)
+    doc_tokens: int | None = _opt("cut every play into documents of at most this many tokens (none: whole plays)", None)
     window: int = _opt("training window: tokens per segment", 128)
     batch_size: int = _opt("rows (documents read in parallel) per process", 8)
     state_passing: bool = _opt("carry the TTT state across the segments of a document", True)
@@ -109,8 +110,18 @@ class TrainConfig:
             size = TTT_STANDARD_CONFIGS[self.preset]
             self.hidden_size, self.intermediate_size = size["hidden_size"], size["intermediate_size"]
             self.num_layers, self.num_heads = size["num_hidden_layers"], size["num_attention_heads"]
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "mini_batch_size", "batch_size",
-                     "max_steps", "log_every", "keep_checkpoints", "eval_lengths"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "mini_batch_size",
+            "batch_size",
+            "max_steps",
+            "log_every",
+            "keep_checkpoints",
+            "eval_lengths",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("doc_tokens", "cache_reset_interval", "checkpoint_every", "eval_tokens_per_doc"):
@@ -119,8 +130,10 @@ class TrainConfig:
         if self.window < 2:
             raise ValueError(f"window must be >= 2, got {self.window}")
         if self.model != "transformer" and self.from_pretrained is None and self.window % self.mini_batch_size:
-            raise ValueError(f"window ({self.window}) must be a multiple of mini_batch_size ({self.mini_batch_size}), "
-                             "so that every segment starts at an inner mini-batch boundary")
+            raise ValueError(
+                f"window ({self.window}) must be a multiple of mini_batch_size ({self.mini_batch_size}), "
+                "so that every segment starts at an inner mini-batch boundary"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.lr <= 0:
@@ -246,8 +259,17 @@ class SegmentStream:
     is a few integers (`state_dict`), so a resumed run reads exactly what it would have read.
     """
 
-    def __init__(self, documents: Sequence[Tensor], window: int, rows: int, *, seed: int = 0,
-                 reset_interval: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        documents: Sequence[Tensor],
+        window: int,
+        rows: int,
+        *,
+        seed: int = 0,
+        reset_interval: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if window < 1 or rows < 1:
             raise ValueError(f"window and rows must be >= 1, got {window}, {rows}")
         if not 0 <= rank < world_size:
@@ -260,8 +282,9 @@ class SegmentStream:
         self.docs = [d for d in documents if d.numel() > window]
         if not self.docs:
             longest = max(d.numel() for d in documents)
-            raise ValueError(f"no document has the window + 1 = {window + 1} tokens one segment needs "
-                             f"(the longest has {longest})")
+            raise ValueError(
+                f"no document has the window + 1 = {window + 1} tokens one segment needs (the longest has {longest})"
+            )
         self.window, self.seed, self.reset_interval = window, seed, reset_interval
         self.rank, self.world_size = rank, world_size
         self.segments = [(d.numel() - 1) // window for d in self.docs]
@@ -301,8 +324,14 @@ class SegmentStream:
         return Batch(torch.stack(inputs), torch.stack(targets), torch.tensor(reset))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "next_doc": self.next_doc, "row_doc": list(self.row_doc),
-                "row_segment": list(self.row_segment), "row_age": list(self.row_age), "documents": len(self.docs)}
+        return {
+            "epoch": self.epoch,
+            "next_doc": self.next_doc,
+            "row_doc": list(self.row_doc),
+            "row_segment": list(self.row_segment),
+            "row_age": list(self.row_age),
+            "documents": len(self.docs),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["documents"] != len(self.docs) or len(state["row_doc"]) != len(self.row_doc):
@@ -322,22 +351,46 @@ def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
         with _no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(config.from_pretrained, dtype=torch.float32)
         if model.config.vocab_size < vocab_size:
-            raise ValueError(f"from_pretrained model has vocab_size {model.config.vocab_size}, "
-                             f"but the tokenizer needs {vocab_size}")
+            raise ValueError(
+                f"from_pretrained model has vocab_size {model.config.vocab_size}, but the tokenizer needs {vocab_size}"
+            )
         if isinstance(model, TTTForCausalLM) and config.window % model.config.mini_batch_size:
-            raise ValueError(f"window ({config.window}) must be a multiple of the pretrained model's "
-                             f"mini_batch_size ({model.config.mini_batch_size})")
+            raise ValueError(
+                f"window ({config.window}) must be a multiple of the pretrained model's "
+                f"mini_batch_size ({model.config.mini_batch_size})"
+            )
         return model
     torch.manual_seed(config.seed)
-    shape = dict(vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                 num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, tie_word_embeddings=True)
+    shape = dict(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        tie_word_embeddings=True,
+    )
     if config.model == "transformer":
-        return LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=config.num_heads, rms_norm_eps=1e-6,
-                                            max_position_embeddings=config.window,
-                                            bos_token_id=None, eos_token_id=None))
-    return TTTForCausalLM(TTTConfig(**shape, ttt_layer_type=config.model.removeprefix("ttt-"),
-                                    mini_batch_size=config.mini_batch_size, ttt_base_lr=config.ttt_base_lr,
-                                    backbone=config.backbone, bos_token_id=None, eos_token_id=None))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                **shape,
+                num_key_value_heads=config.num_heads,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=config.window,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        )
+    return TTTForCausalLM(
+        TTTConfig(
+            **shape,
+            ttt_layer_type=config.model.removeprefix("ttt-"),
+            mini_batch_size=config.mini_batch_size,
+            ttt_base_lr=config.ttt_base_lr,
+            backbone=config.backbone,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
 
 
 def carry_state(model: TTTForCausalLM, cache: TTTCache | None, reset: Tensor) -> TTTCache:
@@ -386,8 +439,10 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
@@ -491,9 +546,24 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 # fields a resumed run may change; any other difference from the checkpoint's config is an error
-_RESUME_MAY_CHANGE = {"max_steps", "out_dir", "resume", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
-                      "eval_after", "eval_tokens_per_doc", "eval_lengths", "tensorboard", "wandb", "wandb_offline",
-                      "wandb_project", "device", "from_pretrained"}
+_RESUME_MAY_CHANGE = {
+    "max_steps",
+    "out_dir",
+    "resume",
+    "progress",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_after",
+    "eval_tokens_per_doc",
+    "eval_lengths",
+    "tensorboard",
+    "wandb",
+    "wandb_offline",
+    "wandb_project",
+    "device",
+    "from_pretrained",
+}
 
 
 # ---------------------------------------------------------------- the training loop
@@ -508,14 +578,22 @@ class Trainer:
     and process `rank` reads its own rows of documents.
     """
 
-    def __init__(self, config: TrainConfig, train_docs: Sequence[Tensor], tokenizer=None,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, config: TrainConfig, train_docs: Sequence[Tensor], tokenizer=None, device: torch.device | str = "cpu"
+    ) -> None:
         self.config, self.tokenizer, self.device = config, tokenizer, torch.device(device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.out_dir = Path(config.out_dir)
-        self.stream = SegmentStream(train_docs, config.window, config.batch_size, seed=config.seed,
-                                    reset_interval=config.cache_reset_interval, rank=self.rank, world_size=self.world)
+        self.stream = SegmentStream(
+            train_docs,
+            config.window,
+            config.batch_size,
+            seed=config.seed,
+            reset_interval=config.cache_reset_interval,
+            rank=self.rank,
+            world_size=self.world,
+        )
         checkpoint = latest_checkpoint(self.out_dir) if config.resume else None
         if config.resume and checkpoint is None:
             raise ValueError(f"resume=True but {self.out_dir / 'checkpoints'} holds no checkpoint")
@@ -527,8 +605,10 @@ class Trainer:
         self.model = model.to(self.device).train()
         self.state_passing = config.state_passing and isinstance(model, TTTForCausalLM)
         if config.state_passing and not self.state_passing:
-            logger.warning("state_passing applies to TTT models only: the %s reads every segment from scratch",
-                           type(model).__name__)
+            logger.warning(
+                "state_passing applies to TTT models only: the %s reads every segment from scratch",
+                type(model).__name__,
+            )
         self.optimizer = _optimizer(self.model, config)
         self.step, self.tokens, self.cache = 0, 0, None
         if checkpoint is not None:
@@ -558,8 +638,14 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(loss)
             loss /= self.world
-        return {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                "tokens": self.tokens, "resets": int(batch.reset.sum())}  # resets: this process's rows
+        return {
+            "step": self.step,
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens": self.tokens,
+            "resets": int(batch.reset.sum()),
+        }  # resets: this process's rows
 
     def save(self) -> Path:
         """Write `checkpoints/step-NNNNNNNN` atomically: into a temporary folder, then renamed.
@@ -581,16 +667,30 @@ class Trainer:
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp / "model")
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                state = {"step": self.step, "tokens": self.tokens, "world_size": self.world,
-                         "config": self.config.to_dict()}
+                state = {
+                    "step": self.step,
+                    "tokens": self.tokens,
+                    "world_size": self.world,
+                    "config": self.config.to_dict(),
+                }
                 (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             cache = None
             if self.cache is not None:
-                cache = {"states": [list(t) for t in self.cache.states], "conv_states": self.cache.conv_states,
-                         "seen_tokens": self.cache.seen_tokens}
-            torch.save({"stream": self.stream.state_dict(), "cache": cache, "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                        "python_rng": random.getstate()}, tmp / f"rank-{self.rank}.pt")
+                cache = {
+                    "states": [list(t) for t in self.cache.states],
+                    "conv_states": self.cache.conv_states,
+                    "seen_tokens": self.cache.seen_tokens,
+                }
+            torch.save(
+                {
+                    "stream": self.stream.state_dict(),
+                    "cache": cache,
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python_rng": random.getstate(),
+                },
+                tmp / f"rank-{self.rank}.pt",
+            )
             _barrier()
             if self.rank == 0:
                 if final.exists():  # this step was saved before: swap the new folder in
@@ -610,13 +710,15 @@ class Trainer:
 
     def _restore(self, folder: Path) -> None:
         saved = json.loads((folder / "trainer_state.json").read_text())
-        changed = sorted(k for k, v in self.config.to_dict().items()
-                         if k not in _RESUME_MAY_CHANGE and saved["config"].get(k) != v)
+        changed = sorted(
+            k for k, v in self.config.to_dict().items() if k not in _RESUME_MAY_CHANGE and saved["config"].get(k) != v
+        )
         if changed:
             raise ValueError(f"resume=True with a config that differs from the checkpoint's in {changed}")
         if saved["world_size"] != self.world:
-            raise ValueError(f"the checkpoint was written by {saved['world_size']} processes, "
-                             f"this run has {self.world}")
+            raise ValueError(
+                f"the checkpoint was written by {saved['world_size']} processes, this run has {self.world}"
+            )
         self.step, self.tokens = saved["step"], saved["tokens"]
         optimizer_state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(optimizer_state)
@@ -632,8 +734,9 @@ class Trainer:
         logger.info("resumed from %s at step %d", folder, self.step)
 
 
-def evaluate_length_generalization(model: nn.Module, documents: Sequence[Tensor], config: TrainConfig,
-                                   out_dir: Path | None = None) -> metrics.LengthGeneralization:
+def evaluate_length_generalization(
+    model: nn.Module, documents: Sequence[Tensor], config: TrainConfig, out_dir: Path | None = None
+) -> metrics.LengthGeneralization:
     """`metrics.length_generalization` at config.eval_lengths lengths from 0.5x to 10x the window;
     the plot goes to `out_dir/length_generalization.png` when out_dir is given."""
     result = metrics.length_generalization(model, documents, train_window=config.window, n=config.eval_lengths)
@@ -661,9 +764,14 @@ class TrainResult:
     config: TrainConfig
 
 
-def train(config: TrainConfig, *, train_docs: Sequence[Tensor] | None = None,
-          val_docs: Sequence[Tensor] | None = None, tokenizer=None,
-          callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    train_docs: Sequence[Tensor] | None = None,
+    val_docs: Sequence[Tensor] | None = None,
+    tokenizer=None,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Train as `config` says; under torchrun, with DistributedDataParallel over the processes.
 
     train_docs, val_docs: lists of 1-D token-id tensors; by default the Shakespeare plays encoded
@@ -685,14 +793,26 @@ def train(config: TrainConfig, *, train_docs: Sequence[Tensor] | None = None,
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         if trainer.rank == 0:
             run_log = RunLogger(trainer.out_dir, config)
-            run_log.log({"step": trainer.step, "event": "start", "model": type(model).__name__,
-                         "parameters": sum(p.numel() for p in model.parameters()), "world_size": trainer.world,
-                         "state_passing": trainer.state_passing, "config": config.to_dict()})
+            run_log.log(
+                {
+                    "step": trainer.step,
+                    "event": "start",
+                    "model": type(model).__name__,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "world_size": trainer.world,
+                    "state_passing": trainer.state_passing,
+                    "config": config.to_dict(),
+                }
+            )
         from tqdm import tqdm
 
         start_step, start_tokens, start_time, losses = trainer.step, trainer.tokens, time.perf_counter(), []
-        bar = tqdm(total=config.max_steps, initial=start_step, unit="step",
-                   disable=not (config.progress and trainer.rank == 0 and sys.stderr.isatty()))
+        bar = tqdm(
+            total=config.max_steps,
+            initial=start_step,
+            unit="step",
+            disable=not (config.progress and trainer.rank == 0 and sys.stderr.isatty()),
+        )
         while trainer.step < config.max_steps:
             record = trainer.train_step()
             record["tokens_per_s"] = (trainer.tokens - start_tokens) / (time.perf_counter() - start_time)
@@ -713,9 +833,17 @@ def train(config: TrainConfig, *, train_docs: Sequence[Tensor] | None = None,
         if config.eval_after and run_log is not None and val_docs:
             lg = evaluate_length_generalization(model, [d.to(device) for d in val_docs], config, trainer.out_dir)
             result.length_generalization = lg
-            run_log.log({"step": trainer.step, "event": "eval", "train_window": lg.train_window,
-                         "lengths": [r.length for r in lg.rows], "perplexities": [r.perplexity for r in lg.rows],
-                         "eval/perplexity_at_1x": lg.at_1x, "eval/degradation": lg.degradation})
+            run_log.log(
+                {
+                    "step": trainer.step,
+                    "event": "eval",
+                    "train_window": lg.train_window,
+                    "lengths": [r.length for r in lg.rows],
+                    "perplexities": [r.perplexity for r in lg.rows],
+                    "eval/perplexity_at_1x": lg.at_1x,
+                    "eval/degradation": lg.degradation,
+                }
+            )
         return result
     finally:
         if run_log is not None:
@@ -748,20 +876,28 @@ class _Detokenizer:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
             return ""
-        piece, self.sent = text[len(self.sent):], text
+        piece, self.sent = text[len(self.sent) :], text
         return piece
 
     def flush(self) -> str:
         """What is still held back (an incomplete character becomes U+FFFD)."""
         if self.bytes is not None:
             return self.bytes.decode(b"", final=True)
-        return self.tokenizer.decode(self.ids)[len(self.sent):]
+        return self.tokenizer.decode(self.ids)[len(self.sent) :]
 
 
 @torch.no_grad()
-def stream_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, cache=None, *,
-                    temperature: float = 0.8, top_k: int | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[str]:
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    cache=None,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[str]:
     """Read `prompt`, then yield the text of each new token as soon as it is sampled.
 
     tokenizer: None for byte-level models, else a Hugging Face tokenizer. cache: the state to
@@ -813,8 +949,9 @@ class Chat:
     as it comes when echo is on. `loop()` does the same with lines typed at a prompt.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, temperature: float = 0.8, top_k: int | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer=None, *, temperature: float = 0.8, top_k: int | None = None, seed: int = 0
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_k = temperature, top_k
         self.generator = torch.Generator().manual_seed(seed)
@@ -822,8 +959,16 @@ class Chat:
 
     def turn(self, text: str, max_new_tokens: int = 100, *, echo: bool = True) -> str:
         pieces = []
-        for piece in stream_generate(self.model, self.tokenizer, text, max_new_tokens, self.cache,
-                                     temperature=self.temperature, top_k=self.top_k, generator=self.generator):
+        for piece in stream_generate(
+            self.model,
+            self.tokenizer,
+            text,
+            max_new_tokens,
+            self.cache,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            generator=self.generator,
+        ):
             pieces.append(piece)
             if echo:
                 print(piece, end="", flush=True)
@@ -850,8 +995,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ttt_helpers.train",
         description="Train a TTT language model (or the Transformer baseline) on the Shakespeare plays with "
-                    "state passing. Options override the --config file; under torchrun every process trains "
-                    "its own rows with DistributedDataParallel.",
+        "state passing. Options override the --config file; under torchrun every process trains "
+        "its own rows with DistributedDataParallel.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML or JSON file of TrainConfig fields (default: none)")
@@ -878,12 +1023,21 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     result = train(config)
     if rank == 0 and result.losses:
-        logger.info("step %d: loss %.4f after %d tokens; metrics in %s", result.step, result.losses[-1],
-                    result.tokens, result.out_dir / "metrics.jsonl")
+        logger.info(
+            "step %d: loss %.4f after %d tokens; metrics in %s",
+            result.step,
+            result.losses[-1],
+            result.tokens,
+            result.out_dir / "metrics.jsonl",
+        )
     if result.length_generalization is not None:
         lg = result.length_generalization
-        logger.info("perplexity at 1x the window: %s; worst / best over lengths: %.3f; plot in %s",
-                    lg.at_1x, lg.degradation, result.out_dir / "length_generalization.png")
+        logger.info(
+            "perplexity at 1x the window: %s; worst / best over lengths: %.3f; plot in %s",
+            lg.at_1x,
+            lg.degradation,
+            result.out_dir / "length_generalization.png",
+        )
     return result
 
 

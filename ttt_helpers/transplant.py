@@ -31,8 +31,10 @@ class TTTAsAttention(nn.Module):
     def forward(self, hidden_states: Tensor, *args, past_key_values=None, **kwargs) -> tuple[Tensor, None]:
         if past_key_values is not None:
             if past_key_values.get_seq_length(self.layer_idx) > 0:
-                raise ValueError("past_key_values: a transplanted TTT layer cannot continue a cached sequence; "
-                                 "decode with use_cache=False")
+                raise ValueError(
+                    "past_key_values: a transplanted TTT layer cannot continue a cached sequence; "
+                    "decode with use_cache=False"
+                )
             B, T, _ = hidden_states.shape
             marker = hidden_states.new_zeros(B, 1, T, 1)
             past_key_values.update(marker, marker, self.layer_idx)
@@ -40,8 +42,9 @@ class TTTAsAttention(nn.Module):
         return y, None
 
 
-def ttt_from_attention(attn: nn.Module, *, init: str = "attention", mini_batch_size: int = 16,
-                       seed: int = 0) -> TTTLinear:
+def ttt_from_attention(
+    attn: nn.Module, *, init: str = "attention", mini_batch_size: int = 16, seed: int = 0
+) -> TTTLinear:
     """A TTT-Linear layer shaped like a Llama attention module `attn`.
 
     init="attention" copies q_proj and o_proj and repeats each grouped key/value head for the
@@ -79,7 +82,9 @@ def _check_indices(model: nn.Module, layer_indices: Sequence[int]) -> nn.ModuleL
 
 
 @torch.no_grad()
-def record_attention(model: nn.Module, layer_indices: Sequence[int], input_ids: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+def record_attention(
+    model: nn.Module, layer_indices: Sequence[int], input_ids: Tensor
+) -> dict[int, tuple[Tensor, Tensor]]:
     """Inputs and outputs of the chosen self-attention modules on `input_ids` [B, T].
 
     Returns {layer index: (hidden states entering attention [B, T, C], attention output [B, T, C])}.
@@ -87,8 +92,10 @@ def record_attention(model: nn.Module, layer_indices: Sequence[int], input_ids: 
     layers = _check_indices(model, layer_indices)
     records, hooks = {}, []
     for i in layer_indices:
+
         def hook(module, args, kwargs, output, i=i):
             records[i] = (kwargs.get("hidden_states", args[0] if args else None).detach(), output[0].detach())
+
         hooks.append(layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
     try:
         model(input_ids, use_cache=False)
@@ -106,8 +113,16 @@ def match_scale(layer: TTTLinear, inputs: Tensor, targets: Tensor) -> float:
     return factor
 
 
-def imitate(layer: TTTLinear, inputs: Tensor, targets: Tensor, *, steps: int, lr: float = 1e-3,
-            batch_size: int = 4, seed: int = 0) -> list[float]:
+def imitate(
+    layer: TTTLinear,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> list[float]:
     """Train `layer` so that layer(inputs) matches targets; returns the loss of every step.
 
     inputs, targets: [N, T, C], sampled `batch_size` rows at a time with AdamW. The loss is the

@@ -66,16 +66,43 @@ def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
 
 @triton.jit
 def ttt_linear_prefill_kernel(
-    XQ, XK, XV, ETA, W0, B0, LN_W, LN_B, TOKEN_IDX,  # inputs
-    Z, W_OUT, B_OUT,  # outputs
-    T, H, eps,
-    sx_b, sx_h, sx_t,  # strides of XQ, XK, XV (last dim contiguous)
-    sz_b, sz_h, sz_t,  # strides of Z (last dim contiguous)
-    se_b, se_h, se_t,  # strides of eta
-    sw_b, sw_h, sw_r, sw_c,  # strides of W0 (a batch stride of 0 shares one W0 across the batch)
-    sb_b, sb_h, sb_d,  # strides of b0
-    D: tl.constexpr, MB: tl.constexpr, BLOCK_MB: tl.constexpr,
-    QK_PRECISION: tl.constexpr, W_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    XQ,
+    XK,
+    XV,
+    ETA,
+    W0,
+    B0,
+    LN_W,
+    LN_B,
+    TOKEN_IDX,  # inputs
+    Z,
+    W_OUT,
+    B_OUT,  # outputs
+    T,
+    H,
+    eps,
+    sx_b,
+    sx_h,
+    sx_t,  # strides of XQ, XK, XV (last dim contiguous)
+    sz_b,
+    sz_h,
+    sz_t,  # strides of Z (last dim contiguous)
+    se_b,
+    se_h,
+    se_t,  # strides of eta
+    sw_b,
+    sw_h,
+    sw_r,
+    sw_c,  # strides of W0 (a batch stride of 0 shares one W0 across the batch)
+    sb_b,
+    sb_h,
+    sb_d,  # strides of b0
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    BLOCK_MB: tl.constexpr,
+    QK_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
 ):
     """TTT-Linear over a whole sequence for one (batch, head): program id = batch * H + head.
 
@@ -140,11 +167,30 @@ def ttt_linear_prefill_kernel(
 
 @triton.jit(do_not_specialize=["pos_value"])  # one compiled program for every position
 def ttt_linear_decode_kernel(
-    XQ, XK, XV, ETA, W, Bv, GW, GB, POS, LN_W, LN_B, TOKEN_IDX, Z,
-    H, pos_value, eps,
-    sx_b, sx_h,  # strides of xq, xk, xv (last dim contiguous)
-    se_b, se_h,  # strides of eta
-    D: tl.constexpr, MB: tl.constexpr, ROWS: tl.constexpr, POS_FROM_PTR: tl.constexpr,
+    XQ,
+    XK,
+    XV,
+    ETA,
+    W,
+    Bv,
+    GW,
+    GB,
+    POS,
+    LN_W,
+    LN_B,
+    TOKEN_IDX,
+    Z,
+    H,
+    pos_value,
+    eps,
+    sx_b,
+    sx_h,  # strides of xq, xk, xv (last dim contiguous)
+    se_b,
+    se_h,  # strides of eta
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    ROWS: tl.constexpr,
+    POS_FROM_PTR: tl.constexpr,
 ):
     """One token of TTT-Linear, primal form, for one (batch, head); updates the state in place.
 

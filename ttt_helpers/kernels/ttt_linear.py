@@ -45,8 +45,12 @@ def needs_grad(tensors: tuple[object, ...]) -> bool:
 def kernel_applies(XQ: Tensor, mini_batch_size: int, tensors: tuple[object, ...]) -> bool:
     """The automatic choice: the kernel runs for CUDA inputs of a supported shape and dtype when
     triton is importable and no gradient is needed; the reference op everywhere else."""
-    supported = (XQ.dim() == 4 and XQ.dtype in INPUT_DTYPES and XQ.shape[-1] in HEAD_DIMS
-                 and 1 <= mini_batch_size <= MAX_MINI_BATCH)
+    supported = (
+        XQ.dim() == 4
+        and XQ.dtype in INPUT_DTYPES
+        and XQ.shape[-1] in HEAD_DIMS
+        and 1 <= mini_batch_size <= MAX_MINI_BATCH
+    )
     return supported and use_kernels(XQ) and not needs_grad(tensors)
 
 
@@ -151,9 +155,19 @@ def ttt_linear_prefill(
         raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
     if token_idx is None:
         token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
-    _check_tensors({"XK": (XK, (B, H, T, D)), "XV": (XV, (B, H, T, D)), "eta": (eta, (B, H, T)),
-                    "W0": (W0, (B, H, D, D)), "b0": (b0, (B, H, 1, D)), "ln_weight": (ln_weight, (H, D)),
-                    "ln_bias": (ln_bias, (H, D)), "token_idx": (token_idx, (mini_batch_size,))}, XQ.device)
+    _check_tensors(
+        {
+            "XK": (XK, (B, H, T, D)),
+            "XV": (XV, (B, H, T, D)),
+            "eta": (eta, (B, H, T)),
+            "W0": (W0, (B, H, D, D)),
+            "b0": (b0, (B, H, 1, D)),
+            "ln_weight": (ln_weight, (H, D)),
+            "ln_bias": (ln_bias, (H, D)),
+            "token_idx": (token_idx, (mini_batch_size,)),
+        },
+        XQ.device,
+    )
     for name, x in (("XK", XK), ("XV", XV)):
         if x.dtype != XQ.dtype:
             raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, got {x.dtype}")
@@ -167,12 +181,34 @@ def ttt_linear_prefill(
     block = max(16, 1 << (mini_batch_size - 1).bit_length())
     qk_precision, w_precision, grad_precision = _precisions(XQ.dtype)
     _programs().ttt_linear_prefill_kernel[(B * H,)](
-        XQ, XK, XV, eta, W0, b0, ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous(),
-        Z, W_T, b_T, T, H, eps,
-        *XQ.stride()[:3], *Z.stride()[:3],
-        *eta.stride(), *W0.stride(), b0.stride(0), b0.stride(1), b0.stride(3),
-        D=D, MB=mini_batch_size, BLOCK_MB=block, QK_PRECISION=qk_precision,
-        W_PRECISION=w_precision, GRAD_PRECISION=grad_precision,
+        XQ,
+        XK,
+        XV,
+        eta,
+        W0,
+        b0,
+        ln_weight.contiguous(),
+        ln_bias.contiguous(),
+        token_idx.contiguous(),
+        Z,
+        W_T,
+        b_T,
+        T,
+        H,
+        eps,
+        *XQ.stride()[:3],
+        *Z.stride()[:3],
+        *eta.stride(),
+        *W0.stride(),
+        b0.stride(0),
+        b0.stride(1),
+        b0.stride(3),
+        D=D,
+        MB=mini_batch_size,
+        BLOCK_MB=block,
+        QK_PRECISION=qk_precision,
+        W_PRECISION=w_precision,
+        GRAD_PRECISION=grad_precision,
         num_warps=_num_warps(D),
     )
     return Z, W_T, b_T
@@ -210,18 +246,30 @@ def ttt_linear_decode(
     if not isinstance(state, tuple) or len(state) != 4:
         raise ValueError(f"state must be a tuple (W, b, grad_W, grad_b), got {type(state).__name__}")
     W, bias, grad_W, grad_b = state
-    _check_tensors({"xk": (xk, (B, H, 1, D)), "xv": (xv, (B, H, 1, D)), "eta": (eta, (B, H)),
-                    "state[0] (W)": (W, (B, H, D, D)), "state[1] (b)": (bias, (B, H, 1, D)),
-                    "state[2] (grad_W)": (grad_W, (B, H, D, D)), "state[3] (grad_b)": (grad_b, (B, H, 1, D)),
-                    "ln_weight": (ln_weight, (H, D)), "ln_bias": (ln_bias, (H, D)),
-                    "token_idx": (token_idx, (b,))}, xq.device)
+    _check_tensors(
+        {
+            "xk": (xk, (B, H, 1, D)),
+            "xv": (xv, (B, H, 1, D)),
+            "eta": (eta, (B, H)),
+            "state[0] (W)": (W, (B, H, D, D)),
+            "state[1] (b)": (bias, (B, H, 1, D)),
+            "state[2] (grad_W)": (grad_W, (B, H, D, D)),
+            "state[3] (grad_b)": (grad_b, (B, H, 1, D)),
+            "ln_weight": (ln_weight, (H, D)),
+            "ln_bias": (ln_bias, (H, D)),
+            "token_idx": (token_idx, (b,)),
+        },
+        xq.device,
+    )
     for i, (name, t) in enumerate(zip(("W", "b", "grad_W", "grad_b"), state)):
         if not t.is_contiguous():
             raise ValueError(f"state[{i}] ({name}) must be contiguous to be updated in place; pass {name}.contiguous()")
     if isinstance(position, Tensor):
         if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64) or position.device != xq.device:
-            raise ValueError(f"position must be an int or a one-element int tensor on {xq.device}, "
-                             f"got {position.dtype} {list(position.shape)} on {position.device}")
+            raise ValueError(
+                f"position must be an int or a one-element int tensor on {xq.device}, "
+                f"got {position.dtype} {list(position.shape)} on {position.device}"
+            )
         pos_ptr, pos_value = position, 0
     elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < b:
         pos_ptr, pos_value = token_idx, position  # the pointer is unused when the value is given
@@ -233,10 +281,30 @@ def ttt_linear_decode(
     elif tuple(out.shape) != (B, H, 1, D) or not out.is_contiguous() or out.device != xq.device:
         raise ValueError(f"out must be a contiguous tensor [B, H, 1, D] = {[B, H, 1, D]} on {xq.device}")
     _programs().ttt_linear_decode_kernel[(B * H,)](
-        xq, xk, xv, eta, W, bias, grad_W, grad_b, pos_ptr, ln_weight.contiguous(), ln_bias.contiguous(),
-        token_idx.contiguous(), out, H, pos_value, eps,
-        xq.stride(0), xq.stride(1), eta.stride(0), eta.stride(1),
-        D=D, MB=b, ROWS=min(D, 32), POS_FROM_PTR=isinstance(position, Tensor),
+        xq,
+        xk,
+        xv,
+        eta,
+        W,
+        bias,
+        grad_W,
+        grad_b,
+        pos_ptr,
+        ln_weight.contiguous(),
+        ln_bias.contiguous(),
+        token_idx.contiguous(),
+        out,
+        H,
+        pos_value,
+        eps,
+        xq.stride(0),
+        xq.stride(1),
+        eta.stride(0),
+        eta.stride(1),
+        D=D,
+        MB=b,
+        ROWS=min(D, 32),
+        POS_FROM_PTR=isinstance(position, Tensor),
         num_warps=_num_warps(D),
     )
     return out
@@ -253,8 +321,17 @@ class TTTLinearDecoder:
     copied again. On the CPU (the Triton interpreter) steps run eagerly.
     """
 
-    def __init__(self, state: State, position: int, ln_weight: Tensor, ln_bias: Tensor,
-                 token_idx: Tensor, eps: float = 1e-6, *, use_graph: bool | None = None) -> None:
+    def __init__(
+        self,
+        state: State,
+        position: int,
+        ln_weight: Tensor,
+        ln_bias: Tensor,
+        token_idx: Tensor,
+        eps: float = 1e-6,
+        *,
+        use_graph: bool | None = None,
+    ) -> None:
         if not 0 <= position < token_idx.shape[0]:
             raise ValueError(f"position must be in [0, {token_idx.shape[0]}), got {position}")
         self.state, self.ln_weight, self.ln_bias, self.token_idx, self.eps = state, ln_weight, ln_bias, token_idx, eps
@@ -263,8 +340,9 @@ class TTTLinearDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self, xq: Tensor, xk: Tensor, xv: Tensor, eta: Tensor, out: Tensor | None = None) -> Tensor:
-        z = ttt_linear_decode(xq, xk, xv, eta, self.state, self.position, self.ln_weight, self.ln_bias,
-                              self.token_idx, self.eps, out=out)
+        z = ttt_linear_decode(
+            xq, xk, xv, eta, self.state, self.position, self.ln_weight, self.ln_bias, self.token_idx, self.eps, out=out
+        )
         self.position.add_(1).remainder_(self.token_idx.shape[0])  # on the device: no host sync
         return z
 
