@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install unit notebooks refresh clean
+.PHONY: book test install unit notebooks site refresh clean
 
 install: $(STAMP)
 
@@ -28,7 +28,22 @@ unit: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest --nbval notebooks -q -p no:cacheprovider
 
-test: unit notebooks book
+# Tests of the built site (run `make book` first): internal links offline, then every page in
+# headless Chromium, with screenshots in _build/screenshots/. Chromium is installed where we are
+# root with apt-get (as on CI); elsewhere the browser test is skipped with a message.
+site: $(STAMP)
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || exit 1; \
+	  else \
+	    echo "NOTE: /usr/bin/chromium is missing and cannot be installed here (that needs root and apt-get):"; \
+	    echo "      the browser test will be skipped. Install it with: sudo apt-get install chromium"; \
+	  fi; \
+	fi
+	$(BIN)/python -m pytest site_tests -q -p no:cacheprovider -rs
+
+test: unit notebooks book site
 
 # Re-execute notebooks in place and store their outputs: `make refresh` (all) or
 # `make refresh NB=notebooks/01_ttt_layer_from_scratch.ipynb` (one).
