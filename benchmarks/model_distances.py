@@ -1,0 +1,132 @@
+"""How far the kernel path of a TTT-Linear model is from its reference path, at every time step.
+
+    python benchmarks/model_distances.py --train-steps 120
+
+Trains the byte-level TTT-Linear of `train_gpu.py` briefly (so that its predictions are not
+near-uniform, as a random model's are), then feeds the same held-out text through the model
+twice, with `ttt_impl="kernel"` and with `ttt_impl="reference"`, in bfloat16 and in float32:
+a prefill of [B=32, T=512], then 512 decode steps of one token per sequence (teacher forced:
+both paths read the same tokens). At every position it records the total variation distance,
+the max-abs probability difference and the percentage of sequences whose argmax differs
+(`ttt_helpers.metrics`). Writes benchmarks/results/model_distances_<gpu>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_kernels import provenance  # noqa: E402
+from train_gpu import COMMON, corpus  # noqa: E402
+
+from ttt_helpers import metrics  # noqa: E402
+from ttt_helpers.layers import TTTLayer  # noqa: E402
+from ttt_helpers.train import TrainConfig, train  # noqa: E402
+
+B, PREFILL, DECODE = 32, 512, 512
+
+
+def set_impl(model: torch.nn.Module, impl: str) -> None:
+    model.config.ttt_impl = impl
+    for module in model.modules():
+        if isinstance(module, TTTLayer):
+            module.impl = impl
+
+
+@torch.no_grad()
+def logits_by_step(model: torch.nn.Module, ids: torch.Tensor, impl: str) -> torch.Tensor:
+    """Prefill ids[:, :PREFILL], then decode the rest token by token. -> [B, T, V] float32 logits"""
+    set_impl(model, impl)
+    out = model(ids[:, :PREFILL], use_cache=True)
+    cache, pieces = out.past_key_values, [out.logits.float()]
+    for t in range(PREFILL, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        pieces.append(out.logits.float())
+    return torch.cat(pieces, dim=1)
+
+
+def compare(p: torch.Tensor, q: torch.Tensor) -> dict:
+    """Per position (over the B sequences): mean total variation, max of max-abs, % argmax differing."""
+    tv = metrics.total_variation(p.flatten(0, 1), q.flatten(0, 1)).view(p.shape[:2])
+    mad = metrics.max_abs_diff(p.flatten(0, 1), q.flatten(0, 1)).view(p.shape[:2])
+    differ = (p.argmax(-1) != q.argmax(-1)).float()
+    return {
+        "tv_mean": tv.mean(0).tolist(),
+        "max_abs_diff_max": mad.amax(0).tolist(),
+        "argmax_differ_pct": (100 * differ.mean(0)).tolist(),
+        "summary": {
+            "prefill": {
+                "tv_mean": tv[:, :PREFILL].mean().item(),
+                "argmax_differ_pct": 100 * differ[:, :PREFILL].mean().item(),
+            },
+            "decode": {
+                "tv_mean": tv[:, PREFILL:].mean().item(),
+                "argmax_differ_pct": 100 * differ[:, PREFILL:].mean().item(),
+            },
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-steps", type=int, default=120, help="training steps before the comparison")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/model_distances_<gpu>.json)")
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script: slow)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("model_distances.py needs a CUDA GPU")
+    started = time.perf_counter()
+    prov = provenance() if args.device == "cuda" else {"gpu": "cpu"}
+    gpu = re.sub(r"[^a-z0-9]+", "_", prov["gpu"].lower()).strip("_")
+    out = args.out or ROOT / "benchmarks" / "results" / f"model_distances_{gpu}.json"
+    train_docs, val_docs = corpus()
+    config = TrainConfig(
+        model="ttt-linear",
+        state_passing=True,
+        max_steps=args.train_steps,
+        eval_after=False,
+        device=args.device,
+        out_dir="/tmp/ttt-distances",
+        **{**COMMON, "warmup_steps": min(COMMON["warmup_steps"], args.train_steps // 4)},
+    )
+    model = train(config, train_docs=train_docs).model.eval()
+    # B held-out passages of PREFILL + DECODE bytes, from the middle of the four validation plays
+    per_doc = B // len(val_docs)
+    n = PREFILL + DECODE
+    rows = [doc[doc.numel() // 3 + k * n :][:n] for doc in val_docs for k in range(per_doc)]
+    ids = torch.stack(rows).to(args.device)
+    results = {
+        "provenance": prov,
+        "model": {"train_steps": args.train_steps, "shape": {k: COMMON[k] for k in ("hidden_size", "num_layers")}},
+        "B": B,
+        "prefill": PREFILL,
+        "decode": DECODE,
+        "note": "teacher-forced: both paths read the same held-out bytes; position i < prefill comes from the "
+        "prefill, the rest from single-token decode steps",
+        "by_dtype": {},
+    }
+    for dtype in (torch.bfloat16, torch.float32):
+        model = model.to(dtype)
+        kernel = logits_by_step(model, ids, "kernel")
+        reference = logits_by_step(model, ids, "reference")
+        results["by_dtype"][str(dtype).removeprefix("torch.")] = compare(reference, kernel)
+        summary = results["by_dtype"][str(dtype).removeprefix("torch.")]["summary"]
+        print(f"{dtype}: {summary}", flush=True)
+    results["elapsed_s"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results) + "\n")
+    print(f"wrote {out} in {results['elapsed_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
