@@ -304,8 +304,9 @@ def test_smollm2_recalls_the_secret_only_while_adapted():
     prompt = "The operational password for Project Omega is"
     before = weights_checksum(model)
     assert "BlueSky99" not in greedy_answer(model, tokenizer, prompt)
-    with adapted(model, tokenizer, fact) as result:
-        assert "BlueSky99" in greedy_answer(result.model, tokenizer, prompt)
-        assert result.trainable_params == 460_800  # r=8 on q_proj and v_proj of 30 layers
-    assert "BlueSky99" not in greedy_answer(model, tokenizer, prompt)
+    for seed in (0, 1, 2):  # the defaults recall the secret whatever the adapter's initialisation
+        with adapted(model, tokenizer, fact, seed=seed) as result:
+            assert "BlueSky99" in greedy_answer(result.model, tokenizer, prompt), f"seed {seed}"
+            assert result.trainable_params == 460_800  # r=8 on q_proj and v_proj of 30 layers
+        assert "BlueSky99" not in greedy_answer(model, tokenizer, prompt)
     assert weights_checksum(model) == before
