@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test install unit notebooks site refresh clean
+.PHONY: book test install lint unit notebooks site refresh clean
 
 install: $(STAMP)
 
@@ -43,7 +43,12 @@ site: $(STAMP)
 	fi
 	$(BIN)/python -m pytest site_tests -q -p no:cacheprovider -rs
 
-test: unit notebooks book site
+# ruff: lint rules and formatting (pyproject.toml) over the code and the notebooks' cells
+lint: $(STAMP)
+	$(BIN)/ruff check ttt_helpers tests site_tests benchmarks notebooks
+	$(BIN)/ruff format --check ttt_helpers tests site_tests benchmarks notebooks
+
+test: lint unit notebooks book site
 
 # Re-execute notebooks in place and store their outputs: `make refresh` (all) or
 # `make refresh NB=notebooks/01_ttt_layer_from_scratch.ipynb` (one).
