@@ -342,3 +342,40 @@ def test_model_dispatch_bad_input():
     ids = torch.randint(0, 64, (1, 16), device=DEVICE)
     with pytest.raises(RuntimeError, match="no backward pass"):
         model(ids, labels=ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("impl", ["kernel", "auto"])
+def test_cuda_graph_decoder_matches_eager_decode(impl, rng):
+    """Graph replay against eager single-token forwards and one full forward, over 39 tokens after a
+    prefill of 21 (mini-batch boundaries crossed twice, every position captured)."""
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    model = tiny_model(impl)
+    ids = torch.randint(0, 64, (3, 60), generator=rng).to(DEVICE)
+    with torch.no_grad():
+        whole = model(ids).logits
+        eager_cache = model(ids[:, :21], use_cache=True).past_key_values
+        decoder = CUDAGraphDecoder(model, model(ids[:, :21], use_cache=True).past_key_values)
+        for t in range(21, 60):
+            eager = model(ids[:, t : t + 1], past_key_values=eager_cache, use_cache=True).logits
+            graph = decoder.step(ids[:, t : t + 1])
+            assert (graph - eager).abs().max().item() < 1e-5, f"token {t}"
+            assert (graph[:, 0] - whole[:, t]).abs().max().item() < 1e-4, f"token {t}"
+    assert decoder.cache.seen_tokens == 60 and sorted(decoder.graphs) == list(range(16))
+
+
+def test_cuda_graph_decoder_bad_input():
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    model = tiny_model("reference")
+    cache = model.model.new_cache(1)
+    with pytest.raises(ValueError, match="ttt_impl='reference'"):
+        CUDAGraphDecoder(model, cache)
+    with pytest.raises(ValueError, match="ttt_layer_type='linear'"):
+        CUDAGraphDecoder(tiny_model("auto", layer_type="mlp"), cache)
+    with pytest.raises(ValueError, match="backbone"):
+        CUDAGraphDecoder(tiny_model("auto", backbone="mamba"), cache)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="CUDA device"):
+            CUDAGraphDecoder(tiny_model("auto"), cache)

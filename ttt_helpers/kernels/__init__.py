@@ -3,6 +3,7 @@
 TTT-Linear has two kernels (`ttt_linear.py`): a fused prefill, one program per (batch, head)
 keeping the D x D float32 state in registers over the whole sequence (16 KB for D = 64), and a
 decode step that updates the state in place, replayable from a CUDA graph (`TTTLinearDecoder`).
+`CUDAGraphDecoder` replays a whole model's decode step from CUDA graphs.
 `ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; `TTTLinear` layers
 (and so `TTTForCausalLM`, through `TTTConfig.ttt_impl`) make the same choice.
 
@@ -15,6 +16,7 @@ both updates), trading the simple register-resident loop for tiled loads and bar
 is left undone: TTT-MLP layers always run `ops.ttt_mlp`.
 """
 
+from .graph_decode import CUDAGraphDecoder
 from .ttt_linear import (
     HEAD_DIMS,
     MAX_MINI_BATCH,
@@ -29,6 +31,7 @@ from .ttt_linear import (
 )
 
 __all__ = [
+    "CUDAGraphDecoder",
     "HEAD_DIMS",
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",

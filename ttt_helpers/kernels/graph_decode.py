@@ -1,0 +1,82 @@
+"""Whole-model decode steps of a TTT-Linear `TTTForCausalLM`, replayed from CUDA graphs.
+
+A decode step of the model launches a few hundred small kernels; at batch 64 on a large GPU
+launching them from Python takes longer than running them. Capturing the step once and
+replaying it removes that cost. The TTT state is updated in place by the decode kernel, so a
+captured step keeps working on the live cache. The step differs with the token's position in
+its inner mini-batch (the last position commits the state), so one graph is captured per
+position and the graph of the current position is replayed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CUDAGraphDecoder:
+    """Decode one token per sequence at a time, from CUDA graphs. Greedy or teacher-forced:
+    `step(tokens)` returns the logits, the caller picks the next tokens.
+
+    model: a `TTTForCausalLM` with TTT-Linear layers and the Transformer backbone, on CUDA, in
+    eval mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
+    (`model(prompt, use_cache=True).past_key_values`), updated in place by every step.
+    """
+
+    def __init__(self, model: nn.Module, cache) -> None:
+        config = model.config
+        if getattr(config, "model_type", None) != "ttt" or config.ttt_layer_type != "linear":
+            raise ValueError("model must be a TTTForCausalLM with ttt_layer_type='linear' (TTT-MLP has no kernel)")
+        if config.backbone != "transformer":
+            raise ValueError(f"backbone must be 'transformer' for graph decoding, got {config.backbone!r}")
+        if config.ttt_impl == "reference":
+            raise ValueError("ttt_impl='reference' runs no kernels: use 'auto' or 'kernel'")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
+        if model.training:
+            raise ValueError("model must be in eval mode (model.eval())")
+        self.model, self.cache = model, cache
+        self.mini_batch_size = config.mini_batch_size
+        cache.states = [tuple(t.contiguous() for t in s) for s in cache.states]  # updated in place from now on
+        batch = cache.states[0][0].shape[0]
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, Tensor] = {}
+
+    def _forward(self) -> Tensor:
+        return self.model(self.tokens, past_key_values=self.cache, use_cache=True).logits  # [B, 1, V]
+
+    @torch.no_grad()
+    def _capture(self, position: int) -> None:
+        """Warm up (kernel compilation) and capture the step at `position`, leaving the cache as it was."""
+        cache, seen = self.cache, self.cache.seen_tokens
+        saved = [tuple(t.clone() for t in s) for s in cache.states]
+        base = seen - seen % self.mini_batch_size
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            cache.seen_tokens = base + position
+            self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        cache.seen_tokens = base + position
+        with torch.cuda.graph(graph):
+            self.logits[position] = self._forward()
+        cache.seen_tokens = seen
+        for live, copy in zip(cache.states, saved):
+            for t, c in zip(live, copy):
+                t.copy_(c)
+        self.graphs[position] = graph
+
+    @torch.no_grad()
+    def step(self, tokens: Tensor) -> Tensor:
+        """tokens: [B, 1] (or [B]) int64 on the model's device -> logits [B, 1, V], valid until
+        the next step at the same mini-batch position."""
+        position = self.cache.seen_tokens % self.mini_batch_size
+        if position not in self.graphs:
+            self._capture(position)
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.graphs[position].replay()
+        self.cache.seen_tokens += 1
+        return self.logits[position]
