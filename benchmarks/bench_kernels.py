@@ -157,6 +157,12 @@ def provenance() -> dict:
     }
 
 
+def results_path(name: str, prov: dict) -> Path:
+    """benchmarks/results/<name>_<gpu>.json, the GPU's name in lower case with underscores."""
+    gpu = re.sub(r"[^a-z0-9]+", "_", prov["gpu"].lower()).strip("_")
+    return ROOT / "benchmarks" / "results" / f"{name}_{gpu}.json"
+
+
 def measure_peaks() -> dict:
     """The two ceilings of the roofline, measured here: a bf16 matrix product and a device copy."""
     n = 8192
@@ -470,7 +476,6 @@ def model_level() -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ttt_helpers.kernels import CUDAGraphDecoder
-    from ttt_helpers.layers import TTTLayer
     from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
 
     preset = TTT_STANDARD_CONFIGS["125m"]
@@ -504,12 +509,6 @@ def model_level() -> dict:
         "decode": [],
     }
 
-    def use(impl: str) -> None:
-        ttt.config.ttt_impl = impl
-        for module in ttt.modules():
-            if isinstance(module, TTTLayer):
-                module.impl = impl
-
     with torch.no_grad():
         for B, T in ((1, 2048), (1, 8192), (1, 16384), (1, 32768), (8, 2048)):
             row = {"B": B, "T": T}
@@ -520,7 +519,7 @@ def model_level() -> dict:
                 ("ttt_reference", ttt, "reference", lambda fn: slow_ms(fn, repeats=1)),
             ):
                 if impl is not None:
-                    use(impl)
+                    ttt.set_ttt_impl(impl)
                 if name == "ttt_reference" and B * T > 16384:  # about 10 s at 16k tokens
                     continue
                 ms = attempt(
@@ -541,7 +540,7 @@ def model_level() -> dict:
                 ("ttt_reference", ttt, "reference"),
             ):
                 if impl is not None:
-                    use(impl)
+                    ttt.set_ttt_impl(impl)
                 if name == "ttt_reference" and context > 512:
                     continue  # its per-token work does not depend on the context; its prompt prefill is slow
 
@@ -581,7 +580,7 @@ def model_level() -> dict:
             print(f"  model decode {row}", flush=True)
             del prompt
             torch.cuda.empty_cache()
-    use("auto")
+    ttt.set_ttt_impl("auto")
     return result
 
 
@@ -609,8 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         "fla_note": FLA_NOTE,
         "kernel_dot_precisions_16bit": dict(zip(("W", "grad"), kernel_module.PRECISION_16BIT)),
     }
-    gpu = re.sub(r"[^a-z0-9]+", "_", results["provenance"]["gpu"].lower()).strip("_")
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{gpu}.json"
+    out = args.out or results_path("kernels", results["provenance"])
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,27 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import provenance  # noqa: E402
+from bench_kernels import provenance, results_path  # noqa: E402
 from train_gpu import COMMON, corpus  # noqa: E402
 
 from ttt_helpers import metrics  # noqa: E402
-from ttt_helpers.layers import TTTLayer  # noqa: E402
 from ttt_helpers.train import TrainConfig, train  # noqa: E402
 
 B, PREFILL, DECODE = 32, 512, 512
 
 
-def set_impl(model: torch.nn.Module, impl: str) -> None:
-    model.config.ttt_impl = impl
-    for module in model.modules():
-        if isinstance(module, TTTLayer):
-            module.impl = impl
-
-
 @torch.no_grad()
 def logits_by_step(model: torch.nn.Module, ids: torch.Tensor, impl: str) -> torch.Tensor:
     """Prefill ids[:, :PREFILL], then decode the rest token by token. -> [B, T, V] float32 logits"""
-    set_impl(model, impl)
+    model.set_ttt_impl(impl)
     out = model(ids[:, :PREFILL], use_cache=True)
     cache, pieces = out.past_key_values, [out.logits.float()]
     for t in range(PREFILL, ids.shape[1]):
@@ -87,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("model_distances.py needs a CUDA GPU")
     started = time.perf_counter()
     prov = provenance() if args.device == "cuda" else {"gpu": "cpu"}
-    gpu = re.sub(r"[^a-z0-9]+", "_", prov["gpu"].lower()).strip("_")
-    out = args.out or ROOT / "benchmarks" / "results" / f"model_distances_{gpu}.json"
+    out = args.out or results_path("model_distances", prov)
     train_docs, val_docs = corpus()
     config = TrainConfig(
         model="ttt-linear",

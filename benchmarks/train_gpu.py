@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import provenance  # noqa: E402
+from bench_kernels import provenance, results_path  # noqa: E402
 
 from ttt_helpers import metrics  # noqa: E402
 from ttt_helpers.data import encode_bytes, load_plays, train_val_split  # noqa: E402
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
     results: dict = {"provenance": provenance(), "shape": SHAPE, "common": COMMON, "runs": {}}
-    gpu = re.sub(r"[^a-z0-9]+", "_", results["provenance"]["gpu"].lower()).strip("_")
-    out = args.out or ROOT / "benchmarks" / "results" / f"training_{gpu}.json"
+    out = args.out or results_path("training", results["provenance"])
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.only and out.exists():
         results = json.loads(out.read_text())  # keep the other runs; each run records its own provenance

@@ -379,3 +379,13 @@ def test_cuda_graph_decoder_bad_input():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA device"):
             CUDAGraphDecoder(tiny_model("auto"), cache)
+
+
+def test_set_ttt_impl_switches_every_layer():
+    model = tiny_model("auto")
+    model.set_ttt_impl("reference")
+    assert model.config.ttt_impl == "reference" and all(b.ttt.impl == "reference" for b in model.model.layers)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        model.set_ttt_impl("fast")
+    with pytest.raises(ValueError, match="TTT-MLP has no kernel"):
+        tiny_model("auto", layer_type="mlp").set_ttt_impl("kernel")

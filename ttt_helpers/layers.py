@@ -147,23 +147,30 @@ class TTTLayer(nn.Module):
         position: tokens already read in the current mini-batch. Returns y, the state, the position.
         """
         XQ, XK, XV, eta = self._inputs(x)
+        token_idx, dual = self.token_idx(), None
         if self._use_kernel(XQ, XK, XV, eta, *state):
-            Z, state, position = self._continue_with_kernels(XQ, XK, XV, eta, state, position)
-        else:
-            Z, state, position = ops.ttt_continue(
-                self.kind,
-                XQ,
-                XK,
-                XV,
-                eta,
-                state,
-                position,
-                self.ln_weight,
-                self.ln_bias,
-                mini_batch_size=self.mini_batch_size,
-                token_idx=self.token_idx(),
-                eps=self.eps,
-            )
+            if XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
+                state = tuple(t.contiguous() for t in state)
+                z = kernels.ttt_linear_decode(
+                    XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps
+                )
+                return self._output(z, x), state, (position + 1) % self.mini_batch_size
+            dual = kernels.ttt_linear_prefill  # whole mini-batches of a prompt; ragged edges by reference
+        Z, state, position = ops.ttt_continue(
+            self.kind,
+            XQ,
+            XK,
+            XV,
+            eta,
+            state,
+            position,
+            self.ln_weight,
+            self.ln_bias,
+            mini_batch_size=self.mini_batch_size,
+            token_idx=token_idx,
+            eps=self.eps,
+            dual=dual,
+        )
         return self._output(Z, x), state, position
 
     def _use_kernel(self, XQ: Tensor, *tensors: Tensor) -> bool:
@@ -179,69 +186,6 @@ class TTTLayer(nn.Module):
                 )
             return True
         return kernels.kernel_applies(XQ, self.mini_batch_size, tensors)
-
-    def _continue_with_kernels(
-        self, XQ: Tensor, XK: Tensor, XV: Tensor, eta: Tensor, state: State, position: int
-    ) -> tuple[Tensor, State, int]:
-        """`ops.ttt_continue` for TTT-Linear with the kernels: one decoded token updates the state in
-        place; a prompt read from a mini-batch boundary runs its whole mini-batches through the
-        prefill kernel and only the ragged end through the reference."""
-        b, T, token_idx = self.mini_batch_size, XQ.shape[2], self.token_idx()
-        if T == 1:
-            state = tuple(t.contiguous() for t in state)
-            z = kernels.ttt_linear_decode(
-                XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps
-            )
-            return z, state, (position + 1) % b
-        whole = T // b * b if position == 0 else 0  # at a boundary the gradient sums are zero
-        if whole == 0:
-            return ops.ttt_continue(
-                self.kind,
-                XQ,
-                XK,
-                XV,
-                eta,
-                state,
-                position,
-                self.ln_weight,
-                self.ln_bias,
-                mini_batch_size=b,
-                token_idx=token_idx,
-                eps=self.eps,
-            )
-        span = slice(0, whole)
-        Z, W, bias = kernels.ttt_linear_prefill(
-            XQ[:, :, span],
-            XK[:, :, span],
-            XV[:, :, span],
-            eta[:, :, span],
-            state[0],
-            state[1],
-            self.ln_weight,
-            self.ln_bias,
-            b,
-            token_idx,
-            self.eps,
-        )
-        state = (W, bias, *state[2:])
-        if whole == T:
-            return Z, state, 0
-        rest = slice(whole, T)
-        Z_rest, state, position = ops.ttt_continue(
-            self.kind,
-            XQ[:, :, rest],
-            XK[:, :, rest],
-            XV[:, :, rest],
-            eta[:, :, rest],
-            state,
-            0,
-            self.ln_weight,
-            self.ln_bias,
-            mini_batch_size=b,
-            token_idx=token_idx,
-            eps=self.eps,
-        )
-        return torch.cat([Z, Z_rest], dim=2), state, position
 
 
 class TTTLinear(TTTLayer):

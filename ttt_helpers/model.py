@@ -268,6 +268,16 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    def set_ttt_impl(self, impl: str) -> None:
+        """Switch every TTT layer (and the config) to `impl`: "auto", "kernel" or "reference"."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "kernel" and self.config.ttt_layer_type != "linear":
+            raise ValueError("impl='kernel' needs ttt_layer_type='linear': TTT-MLP has no kernel")
+        self.config.ttt_impl = impl
+        for block in self.model.layers:
+            block.ttt.impl = impl
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model brings its own cache, a TTTCache

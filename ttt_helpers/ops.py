@@ -11,6 +11,7 @@ Shapes: B batch, H heads, T tokens, D head dim, b = mini_batch_size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -390,12 +391,15 @@ def ttt_continue(
     mini_batch_size: int = 16,
     token_idx: Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    dual: Callable[..., tuple[Tensor, ...]] | None = None,
 ) -> tuple[Tensor, State, int]:
     """Continue a sequence from any point, also inside a mini-batch (prefill, then decode).
 
     kind: "linear" or "mlp". state = (*params, *grads) as in `ttt_linear_step`; position: how many
     tokens of the current mini-batch were already read (0 at a boundary, where grads are zero).
-    Ragged edges run token by token, whole mini-batches in between in the dual form; the result
+    Ragged edges run token by token, whole mini-batches in between in the dual form (`dual`,
+    default `ttt_linear` or `ttt_mlp`; a kernel with the same signature can stand in); the result
     is the same as one call over the whole sequence. Returns Z: [B, H, T, D], the new state and
     the new position.
     """
@@ -403,7 +407,8 @@ def ttt_continue(
         raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
     if not 0 <= position < mini_batch_size:
         raise ValueError(f"position must be in [0, {mini_batch_size}), got {position}")
-    dual, step = _FORMS[kind]
+    reference_dual, step = _FORMS[kind]
+    dual = reference_dual if dual is None else dual
     if token_idx is None:
         token_idx = default_token_idx(mini_batch_size, dtype=XQ.dtype, device=XQ.device)
     n = len(state) // 2

@@ -10,8 +10,28 @@ position and the graph of the current position is replayed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor, nn
+
+
+def capture_step(step: Callable[[], Tensor], mutated: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Record `step` in a CUDA graph. It runs once first on a side stream (compiling its kernels);
+    the `mutated` tensors it changes in place are then put back, so the recording starts from the
+    same state. Returns the graph and the output tensor that every replay rewrites."""
+    saved = [t.clone() for t in mutated]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t, copy in zip(mutated, saved):
+        t.copy_(copy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    return graph, output
 
 
 class CUDAGraphDecoder:
@@ -49,25 +69,16 @@ class CUDAGraphDecoder:
 
     @torch.no_grad()
     def _capture(self, position: int) -> None:
-        """Warm up (kernel compilation) and capture the step at `position`, leaving the cache as it was."""
+        """Capture the step at `position`, leaving the cache as it was."""
         cache, seen = self.cache, self.cache.seen_tokens
-        saved = [tuple(t.clone() for t in s) for s in cache.states]
-        base = seen - seen % self.mini_batch_size
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            cache.seen_tokens = base + position
-            self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        cache.seen_tokens = base + position
-        with torch.cuda.graph(graph):
-            self.logits[position] = self._forward()
+        at_position = seen - seen % self.mini_batch_size + position
+
+        def step() -> Tensor:
+            cache.seen_tokens = at_position  # the model reads the position from it, and advances it
+            return self._forward()
+
+        self.graphs[position], self.logits[position] = capture_step(step, [t for s in cache.states for t in s])
         cache.seen_tokens = seen
-        for live, copy in zip(cache.states, saved):
-            for t, c in zip(live, copy):
-                t.copy_(c)
-        self.graphs[position] = graph
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .graph_decode import capture_step
 
 State = tuple[Tensor, ...]
 
@@ -339,9 +340,9 @@ class TTTLinearDecoder:
         self.use_graph = state[0].is_cuda if use_graph is None else use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def _step(self, xq: Tensor, xk: Tensor, xv: Tensor, eta: Tensor, out: Tensor | None = None) -> Tensor:
+    def _step(self, xq: Tensor, xk: Tensor, xv: Tensor, eta: Tensor) -> Tensor:
         z = ttt_linear_decode(
-            xq, xk, xv, eta, self.state, self.position, self.ln_weight, self.ln_bias, self.token_idx, self.eps, out=out
+            xq, xk, xv, eta, self.state, self.position, self.ln_weight, self.ln_bias, self.token_idx, self.eps
         )
         self.position.add_(1).remainder_(self.token_idx.shape[0])  # on the device: no host sync
         return z
@@ -359,19 +360,9 @@ class TTTLinearDecoder:
         return self.output
 
     def _capture(self, *example: Tensor) -> None:
-        """Compile the kernel with one warm-up step, undo its effect, then record one step."""
+        """Record one step on copies of the example inputs (see `capture_step`)."""
         self.inputs = tuple(x.clone() for x in example)
-        saved = [t.clone() for t in (*self.state, self.position)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.output = self._step(*self.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((*self.state, self.position), saved):
-            t.copy_(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step(*self.inputs, out=self.output)
+        self.graph, self.output = capture_step(lambda: self._step(*self.inputs), [*self.state, self.position])
 
 
 def ttt_linear_auto(
