@@ -1,4 +1,4 @@
-"""Benchmark the TTT-Linear Triton kernels on one GPU, in one run, and write the results as JSON.
+"""Benchmark the TTT Triton kernels on one GPU, in one run, and write the results as JSON.
 
     python benchmarks/bench_kernels.py            # op level, correctness, decode, roofline
     python benchmarks/bench_kernels.py --model    # plus 125M-model prefill and decode vs a Llama
@@ -73,6 +73,20 @@ def decode_bytes(B: int, H: int, D: int, mini_batch_size: int, elt: int, state_e
     """Read W and grad_W, write grad_W (3 (D^2 + D) per head), write W at the mini-batch's last token
     (1/b of the steps), read x_q, x_k, x_v, eta and write z ((4 D + 1) per head)."""
     return B * H * ((3 + 1 / mini_batch_size) * (D * D + D) * state_elt + (4 * D + 1) * elt)
+
+
+def ttt_mlp_flops(B: int, H: int, T: int, D: int, mini_batch_size: int, F: int) -> int:
+    """Matrix-product FLOPs of the TTT-MLP prefill as the kernel runs it, per token and head
+    16 D F + 4 b (D + F): eight [b, D] x [D, F]-sized products (x_k W1 twice, since the second
+    pass recomputes it, x2 W2, the gradient through W2, x_q W1, h W2 and the two weight updates)
+    and four b x b blocks (x_q x_k^T and h x2^T, each times the gradients)."""
+    return B * H * T * (16 * D * F + 4 * mini_batch_size * (D + F))
+
+
+def ttt_mlp_bytes(B: int, H: int, T: int, D: int, F: int, elt: int, state_elt: int) -> int:
+    """Fewest bytes a TTT-MLP prefill must move from memory: the inputs and Z as in TTT-Linear, and
+    the state W1, b1, W2, b2 read and written once (2 (2 D F + F + D) per head)."""
+    return B * H * (T * (4 * D + 1) * elt + 2 * (2 * D * F + F + D) * state_elt)
 
 
 def roofline(flops: float, nbytes: float, peak_flops: float, peak_bytes: float, ms: float) -> dict:
@@ -206,6 +220,26 @@ def ttt_inputs(
     )
 
 
+def mlp_inputs(
+    B: int, H: int, T: int, D: int, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, device: str = "cuda"
+) -> dict:
+    """Random inputs of ops.ttt_mlp (hidden width F = 4D) at a layer's scales."""
+    args = ttt_inputs(B, H, T, D, dtype, state_dtype, device)
+    del args["W0"], args["b0"]
+    F = 4 * D
+
+    def r(*shape, scale):
+        return (torch.randn(*shape, device=device) * scale).to(state_dtype)
+
+    return {
+        **args,
+        "W1": r(B, H, D, F, scale=D**-0.5),
+        "b1": r(B, H, 1, F, scale=0.1),
+        "W2": r(B, H, F, D, scale=F**-0.5),
+        "b2": r(B, H, 1, D, scale=0.1),
+    }
+
+
 def to64(args: dict) -> dict:
     return {k: v.to(torch.float64) for k, v in args.items()}
 
@@ -285,24 +319,24 @@ def correctness() -> list[dict]:
 
 def precision_variants() -> list[dict]:
     """Time and error of the prefill's tl.dot precision choices for bf16 inputs (the W products,
-    the gradient products): the evidence behind kernels.ttt_linear.PRECISION_16BIT."""
+    the gradient products): the evidence behind kernels.common.PRECISION_16BIT."""
     from ttt_helpers import ops
-    from ttt_helpers.kernels import ttt_linear as kernel_module
+    from ttt_helpers.kernels import common, ttt_linear_prefill
 
-    default, rows = kernel_module.PRECISION_16BIT, []
+    default, rows = common.PRECISION_16BIT, []
     try:
         for variant in (("bf16", "bf16"), ("tf32", "bf16"), ("bf16", "tf32"), ("tf32", "tf32")):
-            kernel_module.PRECISION_16BIT = variant
+            common.PRECISION_16BIT = variant
             row = {"W_products": variant[0], "grad_products": variant[1], "default": variant == default}
             for B, T in ((1, 16384), (16, 8192)):
                 args = ttt_inputs(B, H, T, D, torch.bfloat16)
-                attempt(row, f"ms_B{B}_T{T}", lambda: bench_ms(lambda: kernel_module.ttt_linear_prefill(**args)))
+                attempt(row, f"ms_B{B}_T{T}", lambda: bench_ms(lambda: ttt_linear_prefill(**args)))
                 del args
             for T in (2048, 65536):
 
                 def check():
                     args = ttt_inputs(1, 4, T, D, torch.bfloat16)
-                    Z, W, _ = kernel_module.ttt_linear_prefill(**args)
+                    Z, W, _ = ttt_linear_prefill(**args)
                     Zr, Wr, _ = ops.ttt_linear(**to64(args))
                     return {
                         "Z": rel_err(Z, Zr),
@@ -314,7 +348,7 @@ def precision_variants() -> list[dict]:
             rows.append(row)
             print(f"  {row}", flush=True)
     finally:
-        kernel_module.PRECISION_16BIT = default
+        common.PRECISION_16BIT = default
     return rows
 
 
@@ -471,11 +505,211 @@ def decode(peaks: dict) -> dict:
     return result
 
 
+def mlp_correctness() -> list[dict]:
+    """Relative error of the TTT-MLP kernels against ops.ttt_mlp in float64 (Z and the final state
+    of the prefill; Z of 40 decode steps), on fresh random inputs."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_mlp_decode, ttt_mlp_prefill
+
+    rows = []
+    names = ("Z", "W1_T", "b1_T", "W2_T", "b2_T")
+    for dtype, tol in ((torch.bfloat16, 5e-3), (torch.float32, 1e-5)):
+        for kernel, B, T, d in (
+            ("prefill", 2, 1000, 64),
+            ("prefill", 2, 333, 32),
+            ("prefill", 1, 333, 128),
+            ("prefill", 4, 2048, 64),
+            ("decode", 8, 40, 64),
+        ):
+            row = {"kernel": kernel, "dtype": str(dtype).removeprefix("torch."), "B": B, "H": 4, "T": T, "D": d}
+            row["tolerance"] = tol
+
+            def check():
+                args = mlp_inputs(B, 4, T, d, dtype)
+                refs = ops.ttt_mlp(**to64(args))
+                if kernel == "prefill":
+                    return {name: rel_err(out, ref) for name, out, ref in zip(names, ttt_mlp_prefill(**args), refs)}
+                params = tuple(args[k].clone() for k in ("W1", "b1", "W2", "b2"))
+                state = params + tuple(torch.zeros_like(p) for p in params)
+                token_idx = ops.default_token_idx(MB, device="cuda")
+                Z = [
+                    ttt_mlp_decode(
+                        *(args[k][:, :, t : t + 1] for k in ("XQ", "XK", "XV")),
+                        args["eta"][:, :, t],
+                        state,
+                        t % MB,
+                        args["ln_weight"],
+                        args["ln_bias"],
+                        token_idx,
+                    ).clone()
+                    for t in range(T)
+                ]
+                return {"Z": rel_err(torch.cat(Z, 2), refs[0])}
+
+            errs = attempt(row, "rel_err", check)
+            row["ok"] = bool(errs) and max(errs.values()) < tol
+            rows.append(row)
+            print(f"  mlp {kernel} {row['dtype']:8s} B={B} T={T} D={d}: {errs}", flush=True)
+    return rows
+
+
+def mlp_op_level(peaks: dict) -> list[dict]:
+    """Forward time of one TTT-MLP op (H=12, D=64, F=256, bf16 inputs, float32 state): our
+    prefill kernel against the PyTorch reference ops.ttt_mlp (no peer library has a TTT-MLP op)."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_mlp_prefill
+
+    peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
+    F, rows = 4 * D, []
+    for B, T in OP_CASES:
+        row = {"B": B, "T": T, "H": H, "D": D, "F": F, "dtype": "bfloat16", "state_dtype": "float32"}
+        args = mlp_inputs(B, H, T, D, torch.bfloat16)
+        with torch.no_grad():
+            attempt(row, "ours_ms", lambda: bench_ms(lambda: ttt_mlp_prefill(**args)))
+            if B * T <= REFERENCE_MAX_TOKENS:
+                ref_args = {k: v.bfloat16() for k, v in args.items()}  # the reference wants one dtype
+                attempt(row, "reference_ms", lambda: slow_ms(lambda: ops.ttt_mlp(**ref_args)))
+                del ref_args
+            else:
+                row["reference_ms"] = f"skipped: B*T > {REFERENCE_MAX_TOKENS}"
+        if isinstance(row.get("ours_ms"), float):
+            flops, nbytes = ttt_mlp_flops(B, H, T, D, MB, F), ttt_mlp_bytes(B, H, T, D, F, 2, 4)
+            row["roofline"] = {"ours": roofline(flops, nbytes, peak_flops, peak_bytes, row["ours_ms"])}
+            # what the two passes stream through the L2 cache: W1 and W2 read twice and written once
+            row["state_bytes_streamed_per_minibatch_per_head"] = 3 * 2 * D * F * 4
+        rows.append(row)
+        del args
+        torch.cuda.empty_cache()
+        print(f"  mlp op B={B} T={T}: {row.get('ours_ms')} ms, reference {row.get('reference_ms')}", flush=True)
+    return rows
+
+
+def mlp_decode() -> dict:
+    """Tokens/s of one TTT-MLP layer's decode step at batch 64 (eager launches; the model section
+    replays whole steps from CUDA graphs) against the reference ops.ttt_mlp_step."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_mlp_decode
+
+    B = DECODE_BATCH
+    result = {"B": B, "H": H, "D": D, "F": 4 * D, "input_dtype": "bfloat16", "state_dtype": "float32"}
+    args = mlp_inputs(B, H, MB, D, torch.bfloat16)
+    params = tuple(args[k] for k in ("W1", "b1", "W2", "b2"))
+    state = params + tuple(torch.zeros_like(p) for p in params)
+    tokens = [
+        (*(args[k][:, :, t : t + 1].contiguous() for k in ("XQ", "XK", "XV")), args["eta"][:, :, t].contiguous())
+        for t in range(MB)
+    ]
+    token_idx = ops.default_token_idx(MB, device="cuda")
+    lnw, lnb = args["ln_weight"], args["ln_bias"]
+
+    def eager():
+        for t, tok in enumerate(tokens):
+            ttt_mlp_decode(*tok, state, t, lnw, lnb, token_idx)
+
+    ref_state = state
+    ref_tokens = [tuple(x.float() for x in tok) for tok in tokens]
+
+    def reference():
+        nonlocal ref_state
+        for t, tok in enumerate(ref_tokens):
+            _, ref_state = ops.ttt_mlp_step(*tok, ref_state, t, lnw.float(), lnb.float(), token_idx)
+        ref_state = ops.commit_state(ref_state, token_idx[-1])
+
+    with torch.no_grad():
+        for key, fn in (("eager", eager), ("reference_pytorch", reference)):
+            ms = attempt(result, f"{key}_ms_per_{MB}_steps", lambda fn=fn: bench_ms(fn))
+            if ms is not None:
+                result[key] = {"ms_per_token_step": ms / MB, "tokens_per_s": B / (ms / MB) * 1e3}
+                print(f"  mlp decode {key}: {ms / MB * 1e3:.1f} us/step", flush=True)
+    return result
+
+
+def _decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, graph: bool) -> float:
+    """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
+    graph: through CUDAGraphDecoder, after 16 untimed steps that capture every position's graph."""
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    if graph:
+        decoder = CUDAGraphDecoder(model, cache)
+        for _ in range(16):
+            token = decoder.step(token)[:, -1:].argmax(-1)
+    gc.collect()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        if graph:
+            token = decoder.step(token)[:, -1:].argmax(-1)
+        else:
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    return prompt.shape[0] * steps / (time.perf_counter() - start)
+
+
+def median_of_3(row: dict, name: str, timed) -> None:
+    """row[name + "_tokens_per_s"]: the median of 3 runs of timed() after an untimed warm-up run."""
+    attempt(row, f"{name}_warmup_tokens_per_s", timed)
+    runs = [attempt(row, f"{name}_tokens_per_s", timed) for _ in range(3)]
+    if all(r is not None for r in runs):
+        row[f"{name}_tokens_per_s_runs"] = runs
+        row[f"{name}_tokens_per_s"] = sorted(runs)[1]
+
+
+def mlp_model_level() -> dict:
+    """The 125M preset with TTT-MLP layers, bf16: prefill and decode through the kernels
+    (ttt_impl='kernel'; decode also from CUDA graphs) against the same weights on the reference ops."""
+    from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
+
+    config = TTTConfig(**{**TTT_STANDARD_CONFIGS["125m"], "ttt_layer_type": "mlp"})
+    ttt = TTTForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    result = {
+        "note": "as the TTT-Linear model section; the TTT layers are TTT-MLP (hidden width 4 x 64)",
+        "params_M": sum(p.numel() for p in ttt.parameters()) / 1e6,
+        "prefill": [],
+        "decode": [],
+    }
+    with torch.no_grad():
+        for B, T in ((1, 2048), (1, 8192), (1, 16384), (8, 2048)):
+            row = {"B": B, "T": T}
+            ids = torch.randint(0, config.vocab_size, (B, T), device="cuda")
+            for name, impl, timer in (
+                ("ttt_mlp_kernel", "kernel", bench_ms),
+                ("ttt_mlp_reference", "reference", lambda fn: slow_ms(fn, repeats=1)),
+            ):
+                if impl == "reference" and B * T > 2048:
+                    continue
+                ttt.set_ttt_impl(impl)
+                ms = attempt(row, f"{name}_ms", lambda f=timer: f(lambda: ttt(ids, use_cache=False, logits_to_keep=1)))
+                if ms is not None:
+                    row[f"{name}_tokens_per_s"] = B * T / ms * 1e3
+            result["prefill"].append(row)
+            print(f"  mlp model prefill {row}", flush=True)
+        B, steps = DECODE_BATCH, 64
+        for context in (16, 512, 2048):
+            prompt = torch.randint(0, config.vocab_size, (B, context), device="cuda")
+            row = {"B": B, "context": context, "steps": steps}
+            for name, impl, graph in (
+                ("ttt_mlp_kernel", "kernel", False),
+                ("ttt_mlp_kernel_graph", "kernel", True),
+                ("ttt_mlp_reference", "reference", False),
+            ):
+                if impl == "reference" and context > 16:
+                    continue
+                ttt.set_ttt_impl(impl)
+                median_of_3(row, name, lambda g=graph: _decode_tokens_per_s(ttt, prompt, steps, g))
+            result["decode"].append(row)
+            print(f"  mlp model decode {row}", flush=True)
+            del prompt
+            torch.cuda.empty_cache()
+    return result
+
+
 def model_level() -> dict:
     """125M TTT-Linear model (kernels through TTTConfig.ttt_impl) against a same-size Llama with SDPA, bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ttt_helpers.kernels import CUDAGraphDecoder
     from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
 
     preset = TTT_STANDARD_CONFIGS["125m"]
@@ -544,38 +778,10 @@ def model_level() -> dict:
                 if name == "ttt_reference" and context > 512:
                     continue  # its per-token work does not depend on the context; its prompt prefill is slow
 
-                def run(model=model):
-                    out = model(prompt, use_cache=True, logits_to_keep=1)
-                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                    gc.collect()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(steps):
-                        out = model(token, past_key_values=cache, use_cache=True)
-                        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                    torch.cuda.synchronize()
-                    return B * steps / (time.perf_counter() - start)
+                def timed(model=model, graph=name == "ttt_kernel_graph"):
+                    return _decode_tokens_per_s(model, prompt, steps, graph)
 
-                def run_graph():
-                    out = ttt(prompt, use_cache=True, logits_to_keep=1)
-                    decoder = CUDAGraphDecoder(ttt, out.past_key_values)
-                    token = out.logits[:, -1:].argmax(-1)
-                    for _ in range(16):  # capture the graph of every mini-batch position, untimed
-                        token = decoder.step(token)[:, -1:].argmax(-1)
-                    gc.collect()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(steps):
-                        token = decoder.step(token)[:, -1:].argmax(-1)
-                    torch.cuda.synchronize()
-                    return B * steps / (time.perf_counter() - start)
-
-                timed = run_graph if name == "ttt_kernel_graph" else run
-                attempt(row, f"{name}_warmup_tokens_per_s", timed)
-                runs = [attempt(row, f"{name}_tokens_per_s", timed) for _ in range(3)]
-                if all(r is not None for r in runs):
-                    row[f"{name}_tokens_per_s_runs"] = runs
-                    row[f"{name}_tokens_per_s"] = sorted(runs)[1]  # the median of 3
+                median_of_3(row, name, timed)
             result["decode"].append(row)
             print(f"  model decode {row}", flush=True)
             del prompt
@@ -601,12 +807,12 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     started = time.perf_counter()
-    from ttt_helpers.kernels import ttt_linear as kernel_module
+    from ttt_helpers.kernels import common
 
     results = {
         "provenance": provenance(),
         "fla_note": FLA_NOTE,
-        "kernel_dot_precisions_16bit": dict(zip(("W", "grad"), kernel_module.PRECISION_16BIT)),
+        "kernel_dot_precisions_16bit": dict(zip(("W", "grad"), common.PRECISION_16BIT)),
     }
     out = args.out or results_path("kernels", results["provenance"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -620,6 +826,8 @@ def main(argv: list[str] | None = None) -> None:
         kept = json.loads(out.read_text()) if out.exists() else {}
         results = {**kept, "model_provenance": results["provenance"]}
         attempt(results, "model", model_level)
+        save()
+        attempt(results, "mlp_model", mlp_model_level)
         save()
         print(f"wrote {out} in {results['elapsed_s']:.0f} s", flush=True)
         return
@@ -635,9 +843,12 @@ def main(argv: list[str] | None = None) -> None:
         ("op", lambda: op_level(results["peaks"])),
         ("decode", lambda: decode(results["peaks"])),
         ("precision", precision_variants),
+        ("mlp_correctness", mlp_correctness),
+        ("mlp_op", lambda: mlp_op_level(results["peaks"])),
+        ("mlp_decode", mlp_decode),
     ]
     if args.model:
-        sections.append(("model", model_level))
+        sections += [("model", model_level), ("mlp_model", mlp_model_level)]
     for name, section in sections:
         print(f"== {name}", flush=True)
         attempt(results, name, section)
@@ -654,6 +865,10 @@ def print_summary(results: dict) -> None:
         print(f"{row['B']:3d} {row['T']:6d} {cells}")
     for row in results.get("correctness", []):
         print(f"  check {row['kernel']} {row['dtype']} D={row['D']} T={row['T']}: ok={row['ok']} {row.get('rel_err')}")
+    for row in results.get("mlp_correctness", []):
+        print(f"  check mlp {row['kernel']} {row['dtype']} D={row['D']} T={row['T']}: ok={row['ok']}")
+    for row in results.get("mlp_op", []):
+        print(f"  mlp op B={row['B']} T={row['T']}: ours {row.get('ours_ms')} ms, reference {row.get('reference_ms')}")
     dec = results.get("decode", {})
     for key in ("eager", "cuda_graph", "cuda_graph_inputs_in_place", "reference_pytorch"):
         if key in dec:

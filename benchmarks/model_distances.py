@@ -1,14 +1,16 @@
-"""How far the kernel path of a TTT-Linear model is from its reference path, at every time step.
+"""How far the kernel path of a TTT model is from its reference path, at every time step.
 
     python benchmarks/model_distances.py --train-steps 120
+    python benchmarks/model_distances.py --layer-type mlp --train-steps 40
 
-Trains the byte-level TTT-Linear of `train_gpu.py` briefly (so that its predictions are not
+Trains the byte-level TTT-Linear (or TTT-MLP) of `train_gpu.py` briefly (so that its predictions are not
 near-uniform, as a random model's are), then feeds the same held-out text through the model
 twice, with `ttt_impl="kernel"` and with `ttt_impl="reference"`, in bfloat16 and in float32:
 a prefill of [B=32, T=512], then 512 decode steps of one token per sequence (teacher forced:
 both paths read the same tokens). At every position it records the total variation distance,
 the max-abs probability difference and the percentage of sequences whose argmax differs
-(`ttt_helpers.metrics`). Writes benchmarks/results/model_distances_<gpu>.json.
+(`ttt_helpers.metrics`). Writes benchmarks/results/model_distances_<gpu>.json
+(model_distances_mlp_<gpu>.json for TTT-MLP).
 """
 
 from __future__ import annotations
@@ -73,15 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, default=120, help="training steps before the comparison")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/model_distances_<gpu>.json)")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script: slow)")
+    parser.add_argument("--layer-type", choices=("linear", "mlp"), default="linear", help="the TTT layers' inner model")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("model_distances.py needs a CUDA GPU")
     started = time.perf_counter()
     prov = provenance() if args.device == "cuda" else {"gpu": "cpu"}
-    out = args.out or results_path("model_distances", prov)
+    out = args.out or results_path("model_distances" + ("_mlp" if args.layer_type == "mlp" else ""), prov)
     train_docs, val_docs = corpus()
     config = TrainConfig(
-        model="ttt-linear",
+        model=f"ttt-{args.layer_type}",
         state_passing=True,
         max_steps=args.train_steps,
         eval_after=False,
@@ -97,7 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.stack(rows).to(args.device)
     results = {
         "provenance": prov,
-        "model": {"train_steps": args.train_steps, "shape": {k: COMMON[k] for k in ("hidden_size", "num_layers")}},
+        "model": {
+            "layer_type": args.layer_type,
+            "train_steps": args.train_steps,
+            "shape": {k: COMMON[k] for k in ("hidden_size", "num_layers")},
+        },
         "B": B,
         "prefill": PREFILL,
         "decode": DECODE,

@@ -22,6 +22,8 @@ from ttt_helpers.kernels import (  # noqa: E402
     ttt_linear_auto,
     ttt_linear_decode,
     ttt_linear_prefill,
+    ttt_mlp_decode,
+    ttt_mlp_prefill,
     use_kernels,
 )
 
@@ -267,6 +269,9 @@ def test_benchmark_formulas():
     assert bench.ttt_linear_flops(B, H, T, D, b) == B * H * (T // b) * per_minibatch
     assert bench.ttt_linear_bytes(B, H, T, D, 2, 4) == B * H * (T * (4 * D + 1) * 2 + 2 * (D * D + D) * 4)
     assert bench.sdpa_flops(B, H, T, D) == 2 * B * H * T * T * D
+    F = 4 * D  # TTT-MLP: eight [b, D] x [D, F] products and four b x b blocks per mini-batch
+    assert bench.ttt_mlp_flops(B, H, T, D, b, F) == B * H * (T // b) * (8 * 2 * b * D * F + 2 * b * b * (2 * D + 2 * F))
+    assert bench.ttt_mlp_bytes(B, H, T, D, F, 2, 4) == B * H * (T * (4 * D + 1) * 2 + 2 * (2 * D * F + F + D) * 4)
     line = bench.roofline(flops=2e12, nbytes=1e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)
     assert line["bound"] == "compute"
     assert line["floor_ms"] == pytest.approx(2.0) and line["fraction_of_floor"] == pytest.approx(0.5)
@@ -296,12 +301,15 @@ def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transform
     return TTTForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-def test_model_kernel_path_matches_reference(backbone, rng):
+@pytest.mark.parametrize(
+    "layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "transformer")]
+)
+def test_model_kernel_path_matches_reference(layer_type, backbone, rng):
     """Forced kernels against the reference ops on one model: one forward over T = 37 tokens, and a
     prefill of 21 tokens (one whole mini-batch, then a ragged end) followed by token-by-token decode."""
     ids = torch.randint(0, 64, (2, 37), generator=rng).to(DEVICE)
-    kernel, reference = tiny_model("kernel", backbone=backbone), tiny_model("reference", backbone=backbone)
+    kernel = tiny_model("kernel", layer_type, backbone)
+    reference = tiny_model("reference", layer_type, backbone)
     reference.load_state_dict(kernel.state_dict())
     with torch.no_grad():
         want = reference(ids).logits
@@ -336,8 +344,6 @@ def test_model_dispatch_bad_input():
 
     with pytest.raises(ValueError, match="ttt_impl"):
         TTTConfig(ttt_impl="fast")
-    with pytest.raises(ValueError, match="ttt_impl='kernel' needs ttt_layer_type='linear'"):
-        TTTConfig(ttt_layer_type="mlp", ttt_impl="kernel")
     model = tiny_model("kernel").train()
     ids = torch.randint(0, 64, (1, 16), device=DEVICE)
     with pytest.raises(RuntimeError, match="no backward pass"):
@@ -345,13 +351,13 @@ def test_model_dispatch_bad_input():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("impl", ["kernel", "auto"])
-def test_cuda_graph_decoder_matches_eager_decode(impl, rng):
+@pytest.mark.parametrize("impl,layer_type", [("kernel", "linear"), ("auto", "linear"), ("auto", "mlp")])
+def test_cuda_graph_decoder_matches_eager_decode(impl, layer_type, rng):
     """Graph replay against eager single-token forwards and one full forward, over 39 tokens after a
     prefill of 21 (mini-batch boundaries crossed twice, every position captured)."""
     from ttt_helpers.kernels import CUDAGraphDecoder
 
-    model = tiny_model(impl)
+    model = tiny_model(impl, layer_type)
     ids = torch.randint(0, 64, (3, 60), generator=rng).to(DEVICE)
     with torch.no_grad():
         whole = model(ids).logits
@@ -372,8 +378,8 @@ def test_cuda_graph_decoder_bad_input():
     cache = model.model.new_cache(1)
     with pytest.raises(ValueError, match="ttt_impl='reference'"):
         CUDAGraphDecoder(model, cache)
-    with pytest.raises(ValueError, match="ttt_layer_type='linear'"):
-        CUDAGraphDecoder(tiny_model("auto", layer_type="mlp"), cache)
+    with pytest.raises(ValueError, match="must be a TTTForCausalLM"):
+        CUDAGraphDecoder(torch.nn.Linear(2, 2), cache)
     with pytest.raises(ValueError, match="backbone"):
         CUDAGraphDecoder(tiny_model("auto", backbone="mamba"), cache)
     if DEVICE == "cpu":
@@ -387,5 +393,127 @@ def test_set_ttt_impl_switches_every_layer():
     assert model.config.ttt_impl == "reference" and all(b.ttt.impl == "reference" for b in model.model.layers)
     with pytest.raises(ValueError, match="impl must be one of"):
         model.set_ttt_impl("fast")
-    with pytest.raises(ValueError, match="TTT-MLP has no kernel"):
-        tiny_model("auto", layer_type="mlp").set_ttt_impl("kernel")
+    mlp = tiny_model("auto", layer_type="mlp")
+    mlp.set_ttt_impl("kernel")
+    assert all(b.ttt.impl == "kernel" for b in mlp.model.layers)
+
+
+# ---------------------------------------------------------------- TTT-MLP
+
+
+def make_mlp_inputs(B, H, T, D, dtype, gen, F=None, state_dtype=None):
+    """Random inputs of `ops.ttt_mlp` (hidden width F, 4D by default) at a layer's scales."""
+    F = F or 4 * D
+    args = make_inputs(B, H, T, D, dtype, gen, state_dtype)
+    del args["W0"], args["b0"]
+    state_dtype = state_dtype or dtype
+
+    def r(*shape, scale):
+        return (torch.randn(*shape, generator=gen) * scale).to(state_dtype).to(DEVICE)
+
+    return {**args, "W1": r(B, H, D, F, scale=D**-0.5), "b1": r(B, H, 1, F, scale=0.1),
+            "W2": r(B, H, F, D, scale=F**-0.5), "b2": r(B, H, 1, D, scale=0.1)}  # fmt: skip
+
+
+def mlp_reference(args: dict, mini_batch_size: int = 16):
+    return ops.ttt_mlp(**{k: v.to(F64) for k, v in args.items()}, mini_batch_size=mini_batch_size)
+
+
+def assert_mlp_close(outs, refs, args, tol):
+    """Z and the final state against the reference; the state's change too, so a wrong update
+    cannot hide under the unchanged part of the weights."""
+    assert rel_err(outs[0], refs[0]) < tol
+    for name, out, ref in zip(("W1", "b1", "W2", "b2"), outs[1:], refs[1:]):
+        start = args[name].to(F64)
+        assert (ref - start).norm() > 1e-3 * start.norm(), f"{name} barely moves: the check would be weak"
+        assert rel_err(out, ref) < tol and rel_err(out.double() - start, ref - start) < 20 * tol, name
+
+
+@pytest.mark.parametrize(
+    "B,H,T,D,b,F",
+    [
+        (2, 2, 37, 16, 16, None),  # a partial last mini-batch
+        (1, 2, 21, 32, 8, None),  # b < 16: padded to the 16-row tile
+        (1, 1, 19, 64, 16, 48),  # F a multiple of 16, not of 32: chunks of 16
+        (1, 1, 9, 128, 16, None),  # fewer tokens than one mini-batch
+    ],
+)
+def test_mlp_prefill_fp32_matches_reference(B, H, T, D, b, F, rng):
+    args = make_mlp_inputs(B, H, T, D, torch.float32, rng, F=F)
+    before = {k: v.clone() for k, v in args.items()}
+    outs = ttt_mlp_prefill(**args, mini_batch_size=b)
+    assert_mlp_close(outs, mlp_reference(args, b), args, TOL[torch.float32])
+    assert all(torch.equal(args[k], before[k]) for k in args)  # the caller's state is never written
+
+
+def test_mlp_prefill_bf16_streams_and_takes_layer_layouts(rng):
+    """bf16 inputs as a [B, T, H, D] view, the state expanded over the batch and kept in float32;
+    two calls passing the state equal one call."""
+    B, H, T, D, split = 2, 2, 45, 32, 32
+    args = make_mlp_inputs(B, H, T, D, torch.bfloat16, rng, state_dtype=torch.float32)
+    for name in ("XQ", "XK", "XV"):
+        args[name] = args[name].transpose(1, 2).contiguous().transpose(1, 2)
+    for name in ("W1", "b1", "W2", "b2"):
+        args[name] = args[name][:1].expand(B, -1, -1, -1)
+    refs = mlp_reference(args)
+    outs = ttt_mlp_prefill(**args)
+    assert outs[0].dtype == torch.bfloat16 and outs[0].stride() == args["XQ"].stride()
+    assert all(o.dtype == torch.float32 for o in outs[1:])
+    assert_mlp_close(outs, refs, args, TOL[torch.bfloat16])
+    seq = ("XQ", "XK", "XV", "eta")
+    Z1, *state = ttt_mlp_prefill(**{k: v[:, :, :split] if k in seq else v for k, v in args.items()})
+    second = {k: v[:, :, split:] if k in seq else v for k, v in args.items()}
+    Z2, *state = ttt_mlp_prefill(**{**second, **dict(zip(("W1", "b1", "W2", "b2"), state))})
+    assert_mlp_close((torch.cat([Z1, Z2], 2), *state), refs, args, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_decode_matches_primal_form(dtype, rng):
+    """Token by token across two commits and a partial mini-batch: outputs against the dual form
+    in float64, the state (weights and gradient sums) against `ops.ttt_continue`."""
+    B, H, T, D, b = 2, 2, 11, 16, 4
+    args = make_mlp_inputs(B, H, T, D, dtype, rng, state_dtype=torch.float32)
+    token_idx = ops.default_token_idx(b, device=DEVICE)
+    params = tuple(args[k].clone() for k in ("W1", "b1", "W2", "b2"))
+    state = params + tuple(torch.zeros_like(p) for p in params)
+    outputs = [
+        ttt_mlp_decode(*decode_inputs(args, t), state, t % b, args["ln_weight"], args["ln_bias"], token_idx).clone()
+        for t in range(T)
+    ]
+    assert rel_err(torch.cat(outputs, 2), mlp_reference(args, b)[0]) < TOL[dtype]
+    a64 = {k: v.to(F64) for k, v in args.items()}
+    start = tuple(a64[k] for k in ("W1", "b1", "W2", "b2"))
+    _, state_ref, position = ops.ttt_continue(
+        "mlp",
+        *(a64[k] for k in ("XQ", "XK", "XV", "eta")),
+        start + tuple(torch.zeros_like(p) for p in start),
+        0,
+        a64["ln_weight"],
+        a64["ln_bias"],
+        b,
+        token_idx.to(F64),
+    )
+    assert position == T % b
+    for out, ref in zip(state, state_ref):
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_mlp_bad_inputs_raise_value_errors(rng):
+    args = make_mlp_inputs(1, 2, 20, 16, torch.float32, rng)
+    with pytest.raises(ValueError, match="hidden width F"):
+        ttt_mlp_prefill(**make_mlp_inputs(1, 1, 4, 16, torch.float32, rng, F=40))
+    with pytest.raises(ValueError, match="W2 must have shape"):
+        ttt_mlp_prefill(**{**args, "W2": args["W2"][:, :, :-16]})
+    with pytest.raises(ValueError, match="XV must have dtype"):
+        ttt_mlp_prefill(**{**args, "XV": args["XV"].bfloat16()})
+    params = tuple(args[k] for k in ("W1", "b1", "W2", "b2"))
+    state = params + tuple(torch.zeros_like(p) for p in params)
+    step, ln = decode_inputs(args, 0), (args["ln_weight"], args["ln_bias"])
+    token_idx = ops.default_token_idx(16, device=DEVICE)
+    with pytest.raises(ValueError, match="state must be a tuple"):
+        ttt_mlp_decode(*step, state[:4], 0, *ln, token_idx)
+    with pytest.raises(ValueError, match=r"state\[6\] \(grad_W2\) must be contiguous"):
+        ttt_mlp_decode(*step, (*state[:6], state[6].transpose(-1, -2).contiguous().transpose(-1, -2), state[7]), 0,
+                       *ln, token_idx)  # fmt: skip
+    with pytest.raises(ValueError, match="no backward"):
+        ttt_mlp_prefill(**{**args, "W1": args["W1"].clone().requires_grad_(True)})

@@ -192,9 +192,11 @@ def test_latency_on_a_tiny_model():
     assert result.peak_memory_bytes.min > 10 * 2**20  # a python process with torch holds far more than 10 MiB
 
 
-def test_greedy_decode_matches_generate(rng):
+def test_greedy_decode_matches_generate():
+    """A fixed prompt: the two loops run the same model through different float paths, and a random
+    prompt now and then meets a near-tie between two tokens that they break differently."""
     model = tiny_llama()
-    prompt = torch.randint(64, (2, 6), generator=rng)
+    prompt = torch.randint(64, (2, 6), generator=torch.Generator().manual_seed(0))
     tokens, first, steps = metrics._greedy_decode(model, prompt, 7)
     reference = model.generate(prompt, max_new_tokens=7, min_new_tokens=7, do_sample=False)
     assert torch.equal(tokens, reference[:, 6:])

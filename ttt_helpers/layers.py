@@ -41,10 +41,6 @@ class TTTLayer(nn.Module):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if impl == "kernel" and self.kind != "linear":
-            raise ValueError(
-                f"impl='kernel' needs TTT-Linear: TTT-{self.kind.upper()} has no kernel (use 'auto' or 'reference')"
-            )
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if mini_batch_size < 1:
@@ -120,7 +116,7 @@ class TTTLayer(nn.Module):
         if primal:
             op = self.primal_op
         else:
-            op = kernels.ttt_linear_prefill if self._use_kernel(XQ, XK, XV, eta, *state) else self.op
+            op = self._kernels()[0] if self._use_kernel(XQ, XK, XV, eta, *state) else self.op
         Z, *new_state = op(
             XQ,
             XK,
@@ -149,13 +145,12 @@ class TTTLayer(nn.Module):
         XQ, XK, XV, eta = self._inputs(x)
         token_idx, dual = self.token_idx(), None
         if self._use_kernel(XQ, XK, XV, eta, *state):
+            prefill, decode = self._kernels()
             if XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
                 state = tuple(t.contiguous() for t in state)
-                z = kernels.ttt_linear_decode(
-                    XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps
-                )
+                z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
                 return self._output(z, x), state, (position + 1) % self.mini_batch_size
-            dual = kernels.ttt_linear_prefill  # whole mini-batches of a prompt; ragged edges by reference
+            dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
         Z, state, position = ops.ttt_continue(
             self.kind,
             XQ,
@@ -173,15 +168,21 @@ class TTTLayer(nn.Module):
         )
         return self._output(Z, x), state, position
 
+    def _kernels(self) -> tuple:
+        """The Triton prefill and decode step of this layer's kind."""
+        if self.kind == "linear":
+            return kernels.ttt_linear_prefill, kernels.ttt_linear_decode
+        return kernels.ttt_mlp_prefill, kernels.ttt_mlp_decode
+
     def _use_kernel(self, XQ: Tensor, *tensors: Tensor) -> bool:
         """Whether this call runs the Triton kernels (see `impl`)."""
-        if self.kind != "linear" or self.impl == "reference":
+        if self.impl == "reference":
             return False
         tensors = (XQ, *tensors, self.ln_weight, self.ln_bias, self.token_idx_offset)
         if self.impl == "kernel":
             if kernels.needs_grad(tensors):
                 raise RuntimeError(
-                    "impl='kernel' cannot train: the TTT-Linear kernels have no backward pass; "
+                    "impl='kernel' cannot train: the TTT kernels have no backward pass; "
                     "use impl='auto' (kernels only where no gradient is needed) or 'reference'"
                 )
             return True

@@ -36,8 +36,8 @@ class TTTConfig(PretrainedConfig):
     step; ttt_base_lr: base inner learning rate (default 1.0 for linear, 0.1 for mlp);
     backbone: "transformer" (norm -> TTT -> residual, norm -> SwiGLU -> residual) or "mamba"
     (a causal depthwise convolution before the TTT layer and a GELU output gate); ttt_impl:
-    "auto" runs TTT-Linear through the Triton kernels on CUDA when no gradient is needed and
-    through the reference ops otherwise, "kernel" or "reference" force one path.
+    "auto" runs the TTT layers through the Triton kernels on CUDA when no gradient is needed
+    and through the reference ops otherwise, "kernel" or "reference" force one path.
     """
 
     model_type = "ttt"
@@ -83,8 +83,6 @@ class TTTConfig(PretrainedConfig):
             raise ValueError(f"ttt_layer_type must be 'linear' or 'mlp', got {ttt_layer_type!r}")
         if ttt_impl not in IMPLS:
             raise ValueError(f"ttt_impl must be one of {IMPLS}, got {ttt_impl!r}")
-        if ttt_impl == "kernel" and ttt_layer_type != "linear":
-            raise ValueError("ttt_impl='kernel' needs ttt_layer_type='linear': TTT-MLP has no kernel")
         if backbone not in ("transformer", "mamba"):
             raise ValueError(f"backbone must be 'transformer' or 'mamba', got {backbone!r}")
         if ttt_base_lr is None:
@@ -272,8 +270,6 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         """Switch every TTT layer (and the config) to `impl`: "auto", "kernel" or "reference"."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if impl == "kernel" and self.config.ttt_layer_type != "linear":
-            raise ValueError("impl='kernel' needs ttt_layer_type='linear': TTT-MLP has no kernel")
         self.config.ttt_impl = impl
         for block in self.model.layers:
             block.ttt.impl = impl

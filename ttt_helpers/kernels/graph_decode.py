@@ -1,4 +1,4 @@
-"""Whole-model decode steps of a TTT-Linear `TTTForCausalLM`, replayed from CUDA graphs.
+"""Whole-model decode steps of a `TTTForCausalLM`, replayed from CUDA graphs.
 
 A decode step of the model launches a few hundred small kernels; at batch 64 on a large GPU
 launching them from Python takes longer than running them. Capturing the step once and
@@ -38,15 +38,15 @@ class CUDAGraphDecoder:
     """Decode one token per sequence at a time, from CUDA graphs. Greedy or teacher-forced:
     `step(tokens)` returns the logits, the caller picks the next tokens.
 
-    model: a `TTTForCausalLM` with TTT-Linear layers and the Transformer backbone, on CUDA, in
+    model: a `TTTForCausalLM` (TTT-Linear or TTT-MLP layers) with the Transformer backbone, on CUDA, in
     eval mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
     (`model(prompt, use_cache=True).past_key_values`), updated in place by every step.
     """
 
     def __init__(self, model: nn.Module, cache) -> None:
+        if getattr(getattr(model, "config", None), "model_type", None) != "ttt":
+            raise ValueError(f"model must be a TTTForCausalLM, got {type(model).__name__}")
         config = model.config
-        if getattr(config, "model_type", None) != "ttt" or config.ttt_layer_type != "linear":
-            raise ValueError("model must be a TTTForCausalLM with ttt_layer_type='linear' (TTT-MLP has no kernel)")
         if config.backbone != "transformer":
             raise ValueError(f"backbone must be 'transformer' for graph decoding, got {config.backbone!r}")
         if config.ttt_impl == "reference":

@@ -11,52 +11,26 @@ Triton is imported at the first kernel launch, so this module loads without it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
 from .. import ops
+from .common import (
+    check_common,
+    check_decode_state,
+    check_prefill,
+    check_tensors,
+    decode_output,
+    decode_position,
+    kernel_applies,
+    mini_batch_block,
+    num_warps,
+    precisions,
+    same_strides,
+)
 from .graph_decode import capture_step
 
 State = tuple[Tensor, ...]
-
-HEAD_DIMS = (16, 32, 64, 128)
-MAX_MINI_BATCH = 64
-INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PRECISION_16BIT = ("tf32", "bf16")  # tl.dot precisions (W products, gradient products), 16-bit inputs
-
-
-def triton_available() -> bool:
-    """True when triton can be imported (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def use_kernels(tensor: Tensor) -> bool:
-    """True when `tensor` is on a CUDA device and triton is importable: the kernels can run."""
-    return tensor.is_cuda and triton_available()
-
-
-def needs_grad(tensors: tuple[object, ...]) -> bool:
-    """True when autograd would track an op on `tensors`: the kernels have no backward pass."""
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
-def kernel_applies(XQ: Tensor, mini_batch_size: int, tensors: tuple[object, ...]) -> bool:
-    """The automatic choice: the kernel runs for CUDA inputs of a supported shape and dtype when
-    triton is importable and no gradient is needed; the reference op everywhere else."""
-    supported = (
-        XQ.dim() == 4
-        and XQ.dtype in INPUT_DTYPES
-        and XQ.shape[-1] in HEAD_DIMS
-        and 1 <= mini_batch_size <= MAX_MINI_BATCH
-    )
-    return supported and use_kernels(XQ) and not needs_grad(tensors)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _programs():
@@ -64,68 +38,6 @@ def _programs():
     from . import triton_ttt_linear
 
     return triton_ttt_linear
-
-
-def _precisions(dtype: torch.dtype) -> tuple[str, str, str]:
-    """tl.dot precisions of xq xk^T, of the products with the state W, of those with the gradients.
-
-    float32 inputs: full float32 products. 16-bit inputs: xq xk^T in their own type (exact), the
-    W products in tf32 and the gradient products in bf16 (PRECISION_16BIT). Rounding W to bf16
-    lets the error of Z grow with T (past 5e-3 at T = 64k on an H100), tf32 keeps it near the
-    output's own bf16 rounding for 10 to 15% more time (benchmarks/README.md). The interpreter's
-    tl.dot mishandles 16-bit operands (triton 3.9), so it computes everything in float32.
-    """
-    if dtype == torch.float32 or _interpreting():
-        return "ieee", "ieee", "ieee"
-    return ("bf16" if dtype == torch.bfloat16 else "fp16"), *PRECISION_16BIT
-
-
-def _num_warps(D: int) -> int:
-    return {16: 2, 32: 2, 64: 4, 128: 8}[D]
-
-
-def _check_device(tensor: Tensor, name: str) -> None:
-    if not (tensor.is_cuda or (tensor.device.type == "cpu" and _interpreting())):
-        raise ValueError(
-            f"{name} must be on a CUDA device (or on the CPU with TRITON_INTERPRET=1 set before triton "
-            f"is imported), got {tensor.device}"
-        )
-    if not triton_available():
-        raise ValueError("the Triton kernels need the triton package: pip install triton")
-
-
-def _check_tensors(expected: dict[str, tuple[object, tuple[int, ...]]], device: torch.device) -> None:
-    """Each entry name: (tensor, shape) must be a floating tensor of that shape on `device`."""
-    for name, (tensor, shape) in expected.items():
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
-            got = f"shape {list(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must have shape {list(shape)}, got {got}")
-        if tensor.dtype not in INPUT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
-        if tensor.device != device:
-            raise ValueError(f"{name} must be on device {device} like XQ, got {tensor.device}")
-
-
-def _same_strides(XQ: Tensor, XK: Tensor, XV: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One set of strides serves the three: copy only if they disagree."""
-    if XQ.stride(-1) != 1 or XK.stride() != XQ.stride() or XV.stride() != XQ.stride():
-        return XQ.contiguous(), XK.contiguous(), XV.contiguous()
-    return XQ, XK, XV
-
-
-def _check_common(XQ: Tensor, mini_batch_size: int, name: str = "XQ") -> None:
-    """Checks shared by both kernels: XQ's rank, dtype, head dim and device; the mini-batch size."""
-    if not isinstance(XQ, Tensor) or XQ.dim() != 4:
-        got = list(XQ.shape) if isinstance(XQ, Tensor) else type(XQ).__name__
-        raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {got}")
-    if XQ.dtype not in INPUT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {XQ.dtype}")
-    if XQ.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim D = {name}.shape[-1] must be one of {HEAD_DIMS}, got {XQ.shape[-1]}")
-    b = mini_batch_size
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_MINI_BATCH:
-        raise ValueError(f"mini_batch_size must be an int in [1, {MAX_MINI_BATCH}], got {mini_batch_size!r}")
-    _check_device(XQ, name)
 
 
 def ttt_linear_prefill(
@@ -150,13 +62,13 @@ def ttt_linear_prefill(
     Returns Z: [B, H, T, D] in XQ's dtype and layout, W_T: [B, H, D, D] and b_T: [B, H, 1, D]
     in W0's and b0's dtypes.
     """
-    _check_common(XQ, mini_batch_size)
+    check_common(XQ, mini_batch_size)
     B, H, T, D = XQ.shape
     if T == 0:
         raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
     if token_idx is None:
         token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
-    _check_tensors(
+    check_tensors(
         {
             "XK": (XK, (B, H, T, D)),
             "XV": (XV, (B, H, T, D)),
@@ -169,18 +81,12 @@ def ttt_linear_prefill(
         },
         XQ.device,
     )
-    for name, x in (("XK", XK), ("XV", XV)):
-        if x.dtype != XQ.dtype:
-            raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, got {x.dtype}")
-    inputs = (XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        raise ValueError("the Triton kernel has no backward: call it under torch.no_grad() or use ops.ttt_linear")
-    XQ, XK, XV = _same_strides(XQ, XK, XV)
+    check_prefill(XQ, XK, XV, (XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx))
+    XQ, XK, XV = same_strides(XQ, XK, XV)
     Z = torch.empty_like(XQ)  # keeps a dense XQ's layout: a [B, T, H, D] view stays one
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
-    block = max(16, 1 << (mini_batch_size - 1).bit_length())
-    qk_precision, w_precision, grad_precision = _precisions(XQ.dtype)
+    qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     _programs().ttt_linear_prefill_kernel[(B * H,)](
         XQ,
         XK,
@@ -206,11 +112,11 @@ def ttt_linear_prefill(
         b0.stride(3),
         D=D,
         MB=mini_batch_size,
-        BLOCK_MB=block,
+        BLOCK_MB=mini_batch_block(mini_batch_size),
         QK_PRECISION=qk_precision,
         W_PRECISION=w_precision,
         GRAD_PRECISION=grad_precision,
-        num_warps=_num_warps(D),
+        num_warps=num_warps(D),
     )
     return Z, W_T, b_T
 
@@ -240,14 +146,14 @@ def ttt_linear_decode(
     when given).
     """
     b = token_idx.shape[0] if isinstance(token_idx, Tensor) and token_idx.dim() == 1 else 0
-    _check_common(xq, max(b, 1), "xq")
+    check_common(xq, max(b, 1), "xq")
     B, H, one, D = xq.shape
     if one != 1:
         raise ValueError(f"xq must hold one token [B, H, 1, D], got {list(xq.shape)}")
     if not isinstance(state, tuple) or len(state) != 4:
         raise ValueError(f"state must be a tuple (W, b, grad_W, grad_b), got {type(state).__name__}")
     W, bias, grad_W, grad_b = state
-    _check_tensors(
+    check_tensors(
         {
             "xk": (xk, (B, H, 1, D)),
             "xv": (xv, (B, H, 1, D)),
@@ -262,25 +168,10 @@ def ttt_linear_decode(
         },
         xq.device,
     )
-    for i, (name, t) in enumerate(zip(("W", "b", "grad_W", "grad_b"), state)):
-        if not t.is_contiguous():
-            raise ValueError(f"state[{i}] ({name}) must be contiguous to be updated in place; pass {name}.contiguous()")
-    if isinstance(position, Tensor):
-        if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64) or position.device != xq.device:
-            raise ValueError(
-                f"position must be an int or a one-element int tensor on {xq.device}, "
-                f"got {position.dtype} {list(position.shape)} on {position.device}"
-            )
-        pos_ptr, pos_value = position, 0
-    elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < b:
-        pos_ptr, pos_value = token_idx, position  # the pointer is unused when the value is given
-    else:
-        raise ValueError(f"position must be in [0, {b}), got {position!r}")
-    xq, xk, xv = _same_strides(xq, xk, xv)
-    if out is None:
-        out = torch.empty((B, H, 1, D), dtype=xq.dtype, device=xq.device)
-    elif tuple(out.shape) != (B, H, 1, D) or not out.is_contiguous() or out.device != xq.device:
-        raise ValueError(f"out must be a contiguous tensor [B, H, 1, D] = {[B, H, 1, D]} on {xq.device}")
+    check_decode_state(state, ("W", "b", "grad_W", "grad_b"))
+    pos_ptr, pos_value, pos_from_ptr = decode_position(position, b, token_idx, xq.device)
+    xq, xk, xv = same_strides(xq, xk, xv)
+    out = decode_output(out, (B, H, 1, D), xq)
     _programs().ttt_linear_decode_kernel[(B * H,)](
         xq,
         xk,
@@ -305,8 +196,8 @@ def ttt_linear_decode(
         D=D,
         MB=b,
         ROWS=min(D, 32),
-        POS_FROM_PTR=isinstance(position, Tensor),
-        num_warps=_num_warps(D),
+        POS_FROM_PTR=pos_from_ptr,
+        num_warps=num_warps(D),
     )
     return out
 
