@@ -139,24 +139,26 @@ def test_decode_matches_primal_form(dtype, rng):
     Z_ref, _, _ = reference(args, b)
     assert rel_err(torch.cat(outputs, 2), Z_ref) < TOL[dtype]
 
+    assert_state_matches_continue("linear", args, ("W0", "b0"), state, b, token_idx, TOL[dtype])
+
+
+def assert_state_matches_continue(kind, args, names, state, b, token_idx, tol):
+    """A decoded state (params and gradient sums) against `ops.ttt_continue` over all of args' tokens."""
     a64 = {k: v.to(F64) for k, v in args.items()}
-    start = (a64["W0"], a64["b0"], torch.zeros_like(a64["W0"]), torch.zeros_like(a64["b0"]))
+    params = tuple(a64[k] for k in names)
     _, state_ref, position = ops.ttt_continue(
-        "linear",
-        a64["XQ"],
-        a64["XK"],
-        a64["XV"],
-        a64["eta"],
-        start,
+        kind,
+        *(a64[k] for k in ("XQ", "XK", "XV", "eta")),
+        params + tuple(torch.zeros_like(p) for p in params),
         0,
         a64["ln_weight"],
         a64["ln_bias"],
         b,
         token_idx.to(F64),
     )
-    assert position == T % b
-    for out, ref in zip(state, state_ref):
-        assert rel_err(out, ref) < TOL[dtype]
+    assert position == args["XQ"].shape[2] % b
+    for out, ref in zip(state, state_ref, strict=True):
+        assert rel_err(out, ref) < tol
 
 
 def test_decoder_matches_step_by_step_reference(rng):
@@ -481,21 +483,7 @@ def test_mlp_decode_matches_primal_form(dtype, rng):
         for t in range(T)
     ]
     assert rel_err(torch.cat(outputs, 2), mlp_reference(args, b)[0]) < TOL[dtype]
-    a64 = {k: v.to(F64) for k, v in args.items()}
-    start = tuple(a64[k] for k in ("W1", "b1", "W2", "b2"))
-    _, state_ref, position = ops.ttt_continue(
-        "mlp",
-        *(a64[k] for k in ("XQ", "XK", "XV", "eta")),
-        start + tuple(torch.zeros_like(p) for p in start),
-        0,
-        a64["ln_weight"],
-        a64["ln_bias"],
-        b,
-        token_idx.to(F64),
-    )
-    assert position == T % b
-    for out, ref in zip(state, state_ref):
-        assert rel_err(out, ref) < TOL[dtype]
+    assert_state_matches_continue("mlp", args, ("W1", "b1", "W2", "b2"), state, b, token_idx, TOL[dtype])
 
 
 def test_mlp_bad_inputs_raise_value_errors(rng):
