@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .. import ops
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_MINI_BATCH = 64
@@ -118,41 +121,109 @@ def check_common(XQ: Tensor, mini_batch_size: int, name: str = "XQ") -> None:
     check_device(XQ, name)
 
 
-def check_prefill(XQ: Tensor, XK: Tensor, XV: Tensor, inputs: tuple[Tensor, ...]) -> None:
-    """A prefill's last checks: XK and XV in XQ's dtype, and no gradient asked of a forward-only kernel."""
+def prepare_prefill(
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    params: dict[str, Tensor],
+    param_shapes: Callable[[int, int, int], tuple[tuple[int, ...], ...]],
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int,
+    token_idx: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Check a prefill's arguments, each error naming the argument.
+
+    params: the initial state by name; param_shapes(B, H, D): their expected shapes. Returns
+    XQ, XK, XV with one set of strides, token_idx (default 1/(1..b) filled in) and Z, an empty
+    output in XQ's dtype and layout (a [B, T, H, D] view stays one).
+    """
+    check_common(XQ, mini_batch_size)
+    B, H, T, D = XQ.shape
+    if T == 0:
+        raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
+    if token_idx is None:
+        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
+    check_tensors(
+        {
+            "XK": (XK, (B, H, T, D)),
+            "XV": (XV, (B, H, T, D)),
+            "eta": (eta, (B, H, T)),
+            **{name: (p, shape) for (name, p), shape in zip(params.items(), param_shapes(B, H, D))},
+            "ln_weight": (ln_weight, (H, D)),
+            "ln_bias": (ln_bias, (H, D)),
+            "token_idx": (token_idx, (mini_batch_size,)),
+        },
+        XQ.device,
+    )
     for name, x in (("XK", XK), ("XV", XV)):
         if x.dtype != XQ.dtype:
             raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, got {x.dtype}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if needs_grad((XQ, XK, XV, eta, *params.values(), ln_weight, ln_bias, token_idx)):
         raise ValueError("the Triton kernel has no backward: call it under torch.no_grad() or use the ops reference")
+    XQ, XK, XV = same_strides(XQ, XK, XV)
+    return XQ, XK, XV, token_idx, torch.empty_like(XQ)
 
 
-def check_decode_state(state: tuple[Tensor, ...], names: tuple[str, ...]) -> None:
-    """A decode state is updated in place: every tensor of it must be contiguous."""
+def prepare_decode(
+    xq: Tensor,
+    xk: Tensor,
+    xv: Tensor,
+    eta: Tensor,
+    state: tuple[Tensor, ...],
+    names: tuple[str, ...],
+    state_shapes: Callable[[int, int, int], tuple[tuple[int, ...], ...]],
+    position: int | Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    token_idx: Tensor,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, tuple[Tensor, int, bool]]:
+    """Check a decode step's arguments, each error naming the argument.
+
+    state: the tensors `names`, updated in place (so contiguous); state_shapes(B, H, D): their
+    expected shapes. Returns xq, xk, xv with one set of strides, the output buffer (`out` when
+    given), the mini-batch size and the position as (pointer, value, from_pointer): a device
+    tensor is read in the kernel (no host sync, so a CUDA graph can replay the step), an int is
+    passed by value.
+    """
+    b = token_idx.shape[0] if isinstance(token_idx, Tensor) and token_idx.dim() == 1 else 0
+    check_common(xq, max(b, 1), "xq")
+    B, H, one, D = xq.shape
+    if one != 1:
+        raise ValueError(f"xq must hold one token [B, H, 1, D], got {list(xq.shape)}")
+    if not isinstance(state, tuple) or len(state) != len(names):
+        raise ValueError(f"state must be a tuple ({', '.join(names)}), got {type(state).__name__}")
+    check_tensors(
+        {
+            "xk": (xk, (B, H, 1, D)),
+            "xv": (xv, (B, H, 1, D)),
+            "eta": (eta, (B, H)),
+            **{f"state[{i}] ({n})": (t, s) for i, (n, t, s) in enumerate(zip(names, state, state_shapes(B, H, D)))},
+            "ln_weight": (ln_weight, (H, D)),
+            "ln_bias": (ln_bias, (H, D)),
+            "token_idx": (token_idx, (b,)),
+        },
+        xq.device,
+    )
     for i, (name, t) in enumerate(zip(names, state)):
         if not t.is_contiguous():
             raise ValueError(f"state[{i}] ({name}) must be contiguous to be updated in place; pass {name}.contiguous()")
-
-
-def decode_position(position: int | Tensor, mini_batch_size: int, token_idx: Tensor, device: torch.device):
-    """(pointer, value, from_pointer) for a decode kernel: a device tensor is read in the kernel (no
-    host sync, so a CUDA graph can replay the step), an int is passed by value."""
     if isinstance(position, Tensor):
-        if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64) or position.device != device:
+        if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64) or position.device != xq.device:
             raise ValueError(
-                f"position must be an int or a one-element int tensor on {device}, "
+                f"position must be an int or a one-element int tensor on {xq.device}, "
                 f"got {position.dtype} {list(position.shape)} on {position.device}"
             )
-        return position, 0, True
-    if isinstance(position, int) and not isinstance(position, bool) and 0 <= position < mini_batch_size:
-        return token_idx, position, False  # the pointer is unused when the value is given
-    raise ValueError(f"position must be in [0, {mini_batch_size}), got {position!r}")
-
-
-def decode_output(out: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """The output buffer of a decode step: `out` when given (checked), else a new tensor."""
+        pos = (position, 0, True)
+    elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < b:
+        pos = (token_idx, position, False)  # the pointer is unused when the value is given
+    else:
+        raise ValueError(f"position must be in [0, {b}), got {position!r}")
+    xq, xk, xv = same_strides(xq, xk, xv)
     if out is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    if tuple(out.shape) != shape or not out.is_contiguous() or out.device != like.device:
-        raise ValueError(f"out must be a contiguous tensor [B, H, 1, D] = {list(shape)} on {like.device}")
-    return out
+        out = torch.empty((B, H, 1, D), dtype=xq.dtype, device=xq.device)
+    elif tuple(out.shape) != (B, H, 1, D) or not out.is_contiguous() or out.device != xq.device:
+        raise ValueError(f"out must be a contiguous tensor [B, H, 1, D] = {[B, H, 1, D]} on {xq.device}")
+    return xq, xk, xv, out, b, pos

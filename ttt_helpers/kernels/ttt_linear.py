@@ -15,19 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .common import (
-    check_common,
-    check_decode_state,
-    check_prefill,
-    check_tensors,
-    decode_output,
-    decode_position,
-    kernel_applies,
-    mini_batch_block,
-    num_warps,
-    precisions,
-    same_strides,
-)
+from .common import kernel_applies, mini_batch_block, num_warps, precisions, prepare_decode, prepare_prefill
 from .graph_decode import capture_step
 
 State = tuple[Tensor, ...]
@@ -38,6 +26,11 @@ def _programs():
     from . import triton_ttt_linear
 
     return triton_ttt_linear
+
+
+def _state_shapes(B: int, H: int, D: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of W and b."""
+    return (B, H, D, D), (B, H, 1, D)
 
 
 def ttt_linear_prefill(
@@ -62,28 +55,10 @@ def ttt_linear_prefill(
     Returns Z: [B, H, T, D] in XQ's dtype and layout, W_T: [B, H, D, D] and b_T: [B, H, 1, D]
     in W0's and b0's dtypes.
     """
-    check_common(XQ, mini_batch_size)
-    B, H, T, D = XQ.shape
-    if T == 0:
-        raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
-    if token_idx is None:
-        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
-    check_tensors(
-        {
-            "XK": (XK, (B, H, T, D)),
-            "XV": (XV, (B, H, T, D)),
-            "eta": (eta, (B, H, T)),
-            "W0": (W0, (B, H, D, D)),
-            "b0": (b0, (B, H, 1, D)),
-            "ln_weight": (ln_weight, (H, D)),
-            "ln_bias": (ln_bias, (H, D)),
-            "token_idx": (token_idx, (mini_batch_size,)),
-        },
-        XQ.device,
+    XQ, XK, XV, token_idx, Z = prepare_prefill(
+        XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx
     )
-    check_prefill(XQ, XK, XV, (XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx))
-    XQ, XK, XV = same_strides(XQ, XK, XV)
-    Z = torch.empty_like(XQ)  # keeps a dense XQ's layout: a [B, T, H, D] view stays one
+    B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
@@ -145,33 +120,13 @@ def ttt_linear_decode(
     then not checked); token_idx: [mini_batch_size]. Returns z: [B, H, 1, D] (written into `out`
     when given).
     """
-    b = token_idx.shape[0] if isinstance(token_idx, Tensor) and token_idx.dim() == 1 else 0
-    check_common(xq, max(b, 1), "xq")
-    B, H, one, D = xq.shape
-    if one != 1:
-        raise ValueError(f"xq must hold one token [B, H, 1, D], got {list(xq.shape)}")
-    if not isinstance(state, tuple) or len(state) != 4:
-        raise ValueError(f"state must be a tuple (W, b, grad_W, grad_b), got {type(state).__name__}")
+    names = ("W", "b", "grad_W", "grad_b")
+    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr) = prepare_decode(
+        xq, xk, xv, eta, state, names, lambda B, H, D: _state_shapes(B, H, D) * 2,
+        position, ln_weight, ln_bias, token_idx, out,
+    )  # fmt: skip
+    B, H, _, D = xq.shape
     W, bias, grad_W, grad_b = state
-    check_tensors(
-        {
-            "xk": (xk, (B, H, 1, D)),
-            "xv": (xv, (B, H, 1, D)),
-            "eta": (eta, (B, H)),
-            "state[0] (W)": (W, (B, H, D, D)),
-            "state[1] (b)": (bias, (B, H, 1, D)),
-            "state[2] (grad_W)": (grad_W, (B, H, D, D)),
-            "state[3] (grad_b)": (grad_b, (B, H, 1, D)),
-            "ln_weight": (ln_weight, (H, D)),
-            "ln_bias": (ln_bias, (H, D)),
-            "token_idx": (token_idx, (b,)),
-        },
-        xq.device,
-    )
-    check_decode_state(state, ("W", "b", "grad_W", "grad_b"))
-    pos_ptr, pos_value, pos_from_ptr = decode_position(position, b, token_idx, xq.device)
-    xq, xk, xv = same_strides(xq, xk, xv)
-    out = decode_output(out, (B, H, 1, D), xq)
     _programs().ttt_linear_decode_kernel[(B * H,)](
         xq,
         xk,

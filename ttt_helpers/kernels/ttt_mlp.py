@@ -14,19 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
-from .common import (
-    check_common,
-    check_decode_state,
-    check_prefill,
-    check_tensors,
-    decode_output,
-    decode_position,
-    mini_batch_block,
-    num_warps,
-    precisions,
-    same_strides,
-)
+from .common import mini_batch_block, num_warps, precisions, prepare_decode, prepare_prefill
 
 State = tuple[Tensor, ...]
 STATE_NAMES = ("W1", "b1", "W2", "b2")
@@ -46,6 +34,11 @@ def _hidden_width(W1: object, D: int) -> int:
     if F % 16:
         raise ValueError(f"the hidden width F = W1.shape[-1] must be a multiple of 16, got {F}")
     return F
+
+
+def _state_shapes(B: int, H: int, D: int, F: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of W1, b1, W2, b2."""
+    return (B, H, D, F), (B, H, 1, F), (B, H, F, D), (B, H, 1, D)
 
 
 def _chunk(F: int) -> int:
@@ -76,31 +69,18 @@ def ttt_mlp_prefill(
     Returns Z: [B, H, T, D] in XQ's dtype and layout, and the final W1, b1, W2, b2 in the dtypes
     of the initial ones.
     """
-    check_common(XQ, mini_batch_size)
+    params = dict(zip(STATE_NAMES, (W1, b1, W2, b2)))
+    XQ, XK, XV, token_idx, Z = prepare_prefill(
+        XQ, XK, XV, eta, params, lambda B, H, D: _state_shapes(B, H, D, _hidden_width(W1, D)),
+        ln_weight, ln_bias, mini_batch_size, token_idx,
+    )  # fmt: skip
     B, H, T, D = XQ.shape
-    if T == 0:
-        raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
-    F = _hidden_width(W1, D)
-    if token_idx is None:
-        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
-    shapes = ((B, H, D, F), (B, H, 1, F), (B, H, F, D), (B, H, 1, D))
-    check_tensors(
-        {
-            "XK": (XK, (B, H, T, D)),
-            "XV": (XV, (B, H, T, D)),
-            "eta": (eta, (B, H, T)),
-            **{name: (p, shape) for name, p, shape in zip(STATE_NAMES, (W1, b1, W2, b2), shapes)},
-            "ln_weight": (ln_weight, (H, D)),
-            "ln_bias": (ln_bias, (H, D)),
-            "token_idx": (token_idx, (mini_batch_size,)),
-        },
-        XQ.device,
-    )
-    check_prefill(XQ, XK, XV, (XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, token_idx))
-    XQ, XK, XV = same_strides(XQ, XK, XV)
-    Z = torch.empty_like(XQ)
+    F = W1.shape[-1]
     # the kernel updates the state in place: float32 copies, never the caller's tensors
-    state = [torch.empty(s, dtype=torch.float32, device=XQ.device).copy_(p) for s, p in zip(shapes, (W1, b1, W2, b2))]
+    state = [
+        torch.empty(s, dtype=torch.float32, device=XQ.device).copy_(p)
+        for s, p in zip(_state_shapes(B, H, D, F), (W1, b1, W2, b2))
+    ]
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     _programs().ttt_mlp_prefill_kernel[(B * H,)](
         XQ,
@@ -153,34 +133,13 @@ def ttt_mlp_decode(
     the gradient sums, contiguous; position and token_idx as in `ttt_linear_decode`.
     Returns z: [B, H, 1, D] (written into `out` when given).
     """
-    b = token_idx.shape[0] if isinstance(token_idx, Tensor) and token_idx.dim() == 1 else 0
-    check_common(xq, max(b, 1), "xq")
-    B, H, one, D = xq.shape
-    if one != 1:
-        raise ValueError(f"xq must hold one token [B, H, 1, D], got {list(xq.shape)}")
-    if not isinstance(state, tuple) or len(state) != 8:
-        raise ValueError(
-            f"state must be a tuple (W1, b1, W2, b2, grad_W1, grad_b1, grad_W2, grad_b2), got {state!r:.80}"
-        )
-    F = _hidden_width(state[0], D)
     names = STATE_NAMES + tuple(f"grad_{n}" for n in STATE_NAMES)
-    shapes = ((B, H, D, F), (B, H, 1, F), (B, H, F, D), (B, H, 1, D)) * 2
-    check_tensors(
-        {
-            "xk": (xk, (B, H, 1, D)),
-            "xv": (xv, (B, H, 1, D)),
-            "eta": (eta, (B, H)),
-            **{f"state[{i}] ({n})": (t, s) for i, (n, t, s) in enumerate(zip(names, state, shapes))},
-            "ln_weight": (ln_weight, (H, D)),
-            "ln_bias": (ln_bias, (H, D)),
-            "token_idx": (token_idx, (b,)),
-        },
-        xq.device,
-    )
-    check_decode_state(state, names)
-    pos_ptr, pos_value, pos_from_ptr = decode_position(position, b, token_idx, xq.device)
-    xq, xk, xv = same_strides(xq, xk, xv)
-    out = decode_output(out, (B, H, 1, D), xq)
+    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr) = prepare_decode(
+        xq, xk, xv, eta, state, names, lambda B, H, D: _state_shapes(B, H, D, _hidden_width(state[0], D)) * 2,
+        position, ln_weight, ln_bias, token_idx, out,
+    )  # fmt: skip
+    B, H, _, D = xq.shape
+    F = state[0].shape[-1]
     _programs().ttt_mlp_decode_kernel[(B * H,)](
         xq,
         xk,
