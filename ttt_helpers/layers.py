@@ -21,24 +21,27 @@ class TTTLayer(nn.Module):
     """Shared machinery of `TTTLinear` and `TTTMLP`; subclasses define the inner model.
 
     hidden_size C = num_heads * head_dim D. `base_lr` scales the sigmoid gate of the inner
-    learning rate: eta = base_lr * sigmoid(gate(x)) / D per token and head.
+    learning rate: eta = base_lr * sigmoid(gate(x)) / D per token and head (None: the kind's
+    `default_base_lr`, 1.0 for TTT-Linear and 0.1 for TTT-MLP).
     """
 
     kind = ""
     op = staticmethod(ops.ttt_linear)
     primal_op = staticmethod(ops.ttt_linear_primal)
+    default_base_lr = 1.0
 
     def __init__(
         self,
         hidden_size: int,
         num_heads: int,
         mini_batch_size: int = 16,
-        base_lr: float = 1.0,
+        base_lr: float | None = None,
         eps: float = 1e-6,
         use_gate: bool = False,
         impl: str = "auto",
     ) -> None:
         super().__init__()
+        base_lr = self.default_base_lr if base_lr is None else base_lr
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if num_heads < 1 or hidden_size % num_heads:
@@ -66,6 +69,11 @@ class TTTLayer(nn.Module):
                 continue
             nn.init.normal_(proj.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
+        self.init_inner_model(num_heads, self.head_dim)
+
+    def init_inner_model(self, H: int, D: int) -> None:
+        """Create the learned initial state of the inner model as parameters."""
+        raise NotImplementedError
 
     def initial_params(self) -> State:
         """The learned initial state, without a batch dimension."""
@@ -196,18 +204,7 @@ class TTTLinear(TTTLayer):
     op = staticmethod(ops.ttt_linear)
     primal_op = staticmethod(ops.ttt_linear_primal)
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        mini_batch_size: int = 16,
-        base_lr: float = 1.0,
-        eps: float = 1e-6,
-        use_gate: bool = False,
-        impl: str = "auto",
-    ) -> None:
-        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate, impl)
-        H, D = num_heads, self.head_dim
+    def init_inner_model(self, H: int, D: int) -> None:
         self.W0 = nn.Parameter(torch.randn(H, D, D) * 0.02)
         self.b0 = nn.Parameter(torch.zeros(H, 1, D))
 
@@ -221,19 +218,9 @@ class TTTMLP(TTTLayer):
     kind = "mlp"
     op = staticmethod(ops.ttt_mlp)
     primal_op = staticmethod(ops.ttt_mlp_primal)
+    default_base_lr = 0.1
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        mini_batch_size: int = 16,
-        base_lr: float = 0.1,
-        eps: float = 1e-6,
-        use_gate: bool = False,
-        impl: str = "auto",
-    ) -> None:
-        super().__init__(hidden_size, num_heads, mini_batch_size, base_lr, eps, use_gate, impl)
-        H, D = num_heads, self.head_dim
+    def init_inner_model(self, H: int, D: int) -> None:
         self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * 0.02)
         self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D))
         self.W2 = nn.Parameter(torch.randn(H, 4 * D, D) * 0.02)

@@ -20,6 +20,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .layers import IMPLS, TTTMLP, TTTLayer, TTTLinear
 
+LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
+
 # The paper's model sizes (Sun et al. 2024, Table of configurations); vocabulary as in its Llama tokenizer.
 TTT_STANDARD_CONFIGS: dict[str, dict] = {
     "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
@@ -79,14 +81,14 @@ class TTTConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
             )
-        if ttt_layer_type not in ("linear", "mlp"):
+        if ttt_layer_type not in LAYERS:
             raise ValueError(f"ttt_layer_type must be 'linear' or 'mlp', got {ttt_layer_type!r}")
         if ttt_impl not in IMPLS:
             raise ValueError(f"ttt_impl must be one of {IMPLS}, got {ttt_impl!r}")
         if backbone not in ("transformer", "mamba"):
             raise ValueError(f"backbone must be 'transformer' or 'mamba', got {backbone!r}")
         if ttt_base_lr is None:
-            ttt_base_lr = 1.0 if ttt_layer_type == "linear" else 0.1
+            ttt_base_lr = LAYERS[ttt_layer_type].default_base_lr
         if ttt_base_lr <= 0:
             raise ValueError(f"ttt_base_lr must be > 0, got {ttt_base_lr}")
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
@@ -168,7 +170,7 @@ class TTTBlock(nn.Module):
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
         C, mamba = config.hidden_size, config.backbone == "mamba"
-        layer_cls = TTTLinear if config.ttt_layer_type == "linear" else TTTMLP
+        layer_cls = LAYERS[config.ttt_layer_type]
         self.seq_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
         self.conv = CausalConv(C, config.conv_kernel) if mamba else None
         self.ttt = layer_cls(
