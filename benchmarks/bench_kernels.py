@@ -30,6 +30,7 @@ H, D, MB = 12, 64, 16  # heads, head dim and mini-batch size of the 125M model's
 OP_CASES = [(8, 2048), (2, 8192), (1, 16384), (16, 8192)]  # (B, T)
 REFERENCE_MAX_TOKENS = 32768  # the PyTorch reference op loops over mini-batches: skip it past B * T of this
 DECODE_BATCH = 64
+MLP_PARAMS = ("W1", "b1", "W2", "b2")  # the TTT-MLP state's keys in mlp_inputs
 FLA_NOTE = (
     "fla's chunk_ttt_linear / fused_chunk_ttt_linear take [B, T, H, D] inputs, scale queries by 1/sqrt(D), "
     "weight row i of each mini-batch by its query's eta[i] (the paper and ops.ttt_linear weight column s by "
@@ -240,6 +241,20 @@ def mlp_inputs(
     }
 
 
+def decode_tokens(args: dict, steps: int) -> list[tuple[torch.Tensor, ...]]:
+    """(xq, xk, xv, eta) of each of the first `steps` tokens of `args`, contiguous, as a decoder gets them."""
+    return [
+        (*(args[k][:, :, t : t + 1].contiguous() for k in ("XQ", "XK", "XV")), args["eta"][:, :, t].contiguous())
+        for t in range(steps)
+    ]
+
+
+def decode_state(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A decode step's state at a mini-batch boundary: copies of the params and zero gradient sums."""
+    copies = tuple(p.clone() for p in params)
+    return copies + tuple(torch.zeros_like(p) for p in copies)
+
+
 def to64(args: dict) -> dict:
     return {k: v.to(torch.float64) for k, v in args.items()}
 
@@ -288,26 +303,14 @@ def correctness() -> list[dict]:
 
         def check_decode():
             args = ttt_inputs(8, 4, 40, 64, dtype)
-            W0, b0 = args["W0"], args["b0"]
             decoder = TTTLinearDecoder(
-                (W0.clone(), b0.clone(), torch.zeros_like(W0), torch.zeros_like(b0)),
+                decode_state((args["W0"], args["b0"])),
                 0,
                 args["ln_weight"],
                 args["ln_bias"],
                 ops.default_token_idx(MB, device="cuda"),
             )
-            Z = torch.cat(
-                [
-                    decoder.step(
-                        args["XQ"][:, :, t : t + 1],
-                        args["XK"][:, :, t : t + 1],
-                        args["XV"][:, :, t : t + 1],
-                        args["eta"][:, :, t],
-                    ).clone()
-                    for t in range(40)
-                ],
-                dim=2,
-            )
+            Z = torch.cat([decoder.step(*tok).clone() for tok in decode_tokens(args, 40)], dim=2)
             return {"Z": rel_err(Z, ops.ttt_linear(**to64(args))[0])}
 
         errs = attempt(row, "rel_err", check_decode)
@@ -443,29 +446,16 @@ def decode(peaks: dict) -> dict:
         "steps_per_timed_call": steps,
     }
     args = ttt_inputs(B, H, steps, D, torch.bfloat16)
-    tokens = [
-        (
-            args["XQ"][:, :, t : t + 1].contiguous(),
-            args["XK"][:, :, t : t + 1].contiguous(),
-            args["XV"][:, :, t : t + 1].contiguous(),
-            args["eta"][:, :, t].contiguous(),
-        )
-        for t in range(steps)
-    ]
+    tokens = decode_tokens(args, steps)
     token_idx = ops.default_token_idx(MB, device="cuda")
     lnw, lnb = args["ln_weight"], args["ln_bias"]
-
-    def fresh_state():
-        W0, b0 = args["W0"], args["b0"]
-        return (W0.clone(), b0.clone(), torch.zeros_like(W0), torch.zeros_like(b0))
-
-    state = fresh_state()
+    state = decode_state((args["W0"], args["b0"]))
 
     def eager():
         for t, tok in enumerate(tokens):
             ttt_linear_decode(*tok, state, t, lnw, lnb, token_idx)
 
-    graphed = TTTLinearDecoder(fresh_state(), 0, lnw, lnb, token_idx)
+    graphed = TTTLinearDecoder(decode_state((args["W0"], args["b0"])), 0, lnw, lnb, token_idx)
 
     def graph_copy_inputs():
         for tok in tokens:
@@ -475,7 +465,7 @@ def decode(peaks: dict) -> dict:
         for _ in tokens:
             graphed.step(*graphed.inputs)
 
-    ref_state = tuple(t.float() for t in fresh_state())
+    ref_state = tuple(t.float() for t in decode_state((args["W0"], args["b0"])))
     ref_tokens = [tuple(x.float() for x in tok) for tok in tokens]
 
     def reference():
@@ -529,20 +519,11 @@ def mlp_correctness() -> list[dict]:
                 refs = ops.ttt_mlp(**to64(args))
                 if kernel == "prefill":
                     return {name: rel_err(out, ref) for name, out, ref in zip(names, ttt_mlp_prefill(**args), refs)}
-                params = tuple(args[k].clone() for k in ("W1", "b1", "W2", "b2"))
-                state = params + tuple(torch.zeros_like(p) for p in params)
+                state = decode_state(tuple(args[k] for k in MLP_PARAMS))
                 token_idx = ops.default_token_idx(MB, device="cuda")
                 Z = [
-                    ttt_mlp_decode(
-                        *(args[k][:, :, t : t + 1] for k in ("XQ", "XK", "XV")),
-                        args["eta"][:, :, t],
-                        state,
-                        t % MB,
-                        args["ln_weight"],
-                        args["ln_bias"],
-                        token_idx,
-                    ).clone()
-                    for t in range(T)
+                    ttt_mlp_decode(*tok, state, t % MB, args["ln_weight"], args["ln_bias"], token_idx).clone()
+                    for t, tok in enumerate(decode_tokens(args, T))
                 ]
                 return {"Z": rel_err(torch.cat(Z, 2), refs[0])}
 
@@ -593,12 +574,8 @@ def mlp_decode() -> dict:
     B = DECODE_BATCH
     result = {"B": B, "H": H, "D": D, "F": 4 * D, "input_dtype": "bfloat16", "state_dtype": "float32"}
     args = mlp_inputs(B, H, MB, D, torch.bfloat16)
-    params = tuple(args[k] for k in ("W1", "b1", "W2", "b2"))
-    state = params + tuple(torch.zeros_like(p) for p in params)
-    tokens = [
-        (*(args[k][:, :, t : t + 1].contiguous() for k in ("XQ", "XK", "XV")), args["eta"][:, :, t].contiguous())
-        for t in range(MB)
-    ]
+    state = decode_state(tuple(args[k] for k in MLP_PARAMS))
+    tokens = decode_tokens(args, MB)
     token_idx = ops.default_token_idx(MB, device="cuda")
     lnw, lnb = args["ln_weight"], args["ln_bias"]
 

@@ -20,7 +20,19 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import attempt, bench_ms, mlp_inputs, provenance, rel_err, results_path, to64, ttt_inputs  # noqa: E402
+from bench_kernels import (  # noqa: E402
+    MLP_PARAMS,
+    attempt,
+    bench_ms,
+    decode_state,
+    decode_tokens,
+    mlp_inputs,
+    provenance,
+    rel_err,
+    results_path,
+    to64,
+    ttt_inputs,
+)
 
 H, D, MB = 12, 64, 16
 
@@ -44,69 +56,54 @@ def with_launch(module, name: str, **overrides):
     return lambda: setattr(module, "_programs", real)
 
 
+def sweep_prefill(prefill, settings: list[dict], cases: dict, check: dict, Z_ref, label: str) -> list[dict]:
+    """Time `prefill` (a kernels wrapper) at each (B, T) of `cases` and measure its error on `check`
+    against Z_ref, once per launch setting: a dict of launch keywords for its kernel."""
+    module = sys.modules[prefill.__module__]
+    kernel = f"{prefill.__name__}_kernel"
+    rows = []
+    for setting in settings:
+        row = dict(setting)
+        undo = with_launch(module, kernel, **setting)
+        try:
+            for (B, T), args in cases.items():
+                attempt(row, f"ms_B{B}_T{T}", lambda args=args: bench_ms(lambda: prefill(**args)))
+            B, H_, T, _ = check["XQ"].shape
+            attempt(row, f"rel_err_Z_B{B}_H{H_}_T{T}", lambda: rel_err(prefill(**check)[0], Z_ref))
+        finally:
+            undo()
+        rows.append(row)
+        print(f"  {label} {row}", flush=True)
+    return rows
+
+
 def sweep_linear_prefill() -> list[dict]:
     from ttt_helpers import ops
-    from ttt_helpers.kernels import ttt_linear as module
+    from ttt_helpers.kernels import ttt_linear_prefill
 
-    rows = []
-    cases = [(8, 2048), (2, 8192), (1, 16384)]
-    inputs = {case: ttt_inputs(case[0], H, case[1], D, torch.bfloat16) for case in cases}
+    cases = {(B, T): ttt_inputs(B, H, T, D, torch.bfloat16) for B, T in ((8, 2048), (2, 8192), (1, 16384))}
     check = ttt_inputs(1, 4, 4096, D, torch.bfloat16)
+    settings = [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3, 4)]
     Z_ref = ops.ttt_linear(**to64(check))[0]
-    for warps in (4, 8):
-        for stages in (1, 2, 3, 4):
-            row = {"num_warps": warps, "num_stages": stages}
-            undo = with_launch(module, "ttt_linear_prefill_kernel", num_warps=warps, num_stages=stages)
-            try:
-                for B, T in cases:
-                    attempt(
-                        row,
-                        f"ms_B{B}_T{T}",
-                        lambda B=B, T=T: bench_ms(lambda: module.ttt_linear_prefill(**inputs[(B, T)])),
-                    )
-                attempt(row, "rel_err_Z_B1_H4_T4096", lambda: rel_err(module.ttt_linear_prefill(**check)[0], Z_ref))
-            finally:
-                undo()
-            rows.append(row)
-            print(f"  linear prefill {row}", flush=True)
-    return rows
+    return sweep_prefill(ttt_linear_prefill, settings, cases, check, Z_ref, "linear prefill")
 
 
 def sweep_mlp() -> dict:
     from ttt_helpers import ops
     from ttt_helpers.kernels import ttt_mlp as module
 
-    prefill, decode = [], []
-    cases = [(8, 2048), (2, 8192)]
-    inputs = {case: mlp_inputs(case[0], H, case[1], D, torch.bfloat16) for case in cases}
+    cases = {(B, T): mlp_inputs(B, H, T, D, torch.bfloat16) for B, T in ((8, 2048), (2, 8192))}
     check = mlp_inputs(1, 4, 2048, D, torch.bfloat16)
+    settings = [{"FB": fb, "num_warps": w} for fb in (16, 32, 64) for w in (4, 8)]
     Z_ref = ops.ttt_mlp(**to64(check))[0]
-    for fb in (16, 32, 64):
-        for warps in (4, 8):
-            row = {"FB": fb, "num_warps": warps}
-            undo = with_launch(module, "ttt_mlp_prefill_kernel", FB=fb, num_warps=warps)
-            try:
-                for B, T in cases:
-                    attempt(
-                        row,
-                        f"ms_B{B}_T{T}",
-                        lambda B=B, T=T: bench_ms(lambda: module.ttt_mlp_prefill(**inputs[(B, T)])),
-                    )
-                attempt(row, "rel_err_Z_B1_H4_T2048", lambda: rel_err(module.ttt_mlp_prefill(**check)[0], Z_ref))
-            finally:
-                undo()
-            prefill.append(row)
-            print(f"  mlp prefill {row}", flush=True)
-    inputs.clear()
+    prefill = sweep_prefill(module.ttt_mlp_prefill, settings, cases, check, Z_ref, "mlp prefill")
+    cases.clear()
+    decode = []
     B = 64
     args = mlp_inputs(B, H, MB, D, torch.bfloat16)
-    params = tuple(args[k] for k in ("W1", "b1", "W2", "b2"))
-    state = params + tuple(torch.zeros_like(p) for p in params)
+    state = decode_state(tuple(args[k] for k in MLP_PARAMS))
     token_idx = ops.default_token_idx(MB, device="cuda")
-    tokens = [
-        (*(args[k][:, :, t : t + 1].contiguous() for k in ("XQ", "XK", "XV")), args["eta"][:, :, t].contiguous())
-        for t in range(MB)
-    ]
+    tokens = decode_tokens(args, MB)
     for fb in (16, 32, 64):
         for warps in (2, 4, 8):
             row = {"FB": fb, "num_warps": warps, "B": B}
