@@ -226,11 +226,14 @@ def test_rows_of_different_lengths_train(tiny, tok, rng):
 
 
 def test_greedy_answer_is_the_argmax_continuation(tiny, tok, rng):
+    """By hand: append the argmax token, up to 5 times, stopping after the model's end-of-sequence id."""
     prompt = random_text(rng, 7)
     ids = encode_bytes(prompt)[None]
     for _ in range(5):
         next_id = logits(tiny, ids)[0, -1].argmax()
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        if next_id == tiny.generation_config.eos_token_id:
+            break
     assert greedy_answer(tiny, tok, prompt, max_new_tokens=5) == decode_bytes(ids[0, 7:])
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_answer(tiny, tok, prompt, max_new_tokens=0)
