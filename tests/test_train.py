@@ -296,9 +296,17 @@ def _ddp_worker(rank: int, port: int, out: str, docs: list[torch.Tensor]) -> Non
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
     )
     torch.set_num_threads(1)
-    config = T.TrainConfig(**{**TINY, "out_dir": out, "max_steps": 4, "checkpoint_every": 4})
+    # gloo on the CPU, also where a GPU is present (two processes, which need not have a GPU each)
+    config = T.TrainConfig(**{**TINY, "out_dir": out, "max_steps": 4, "checkpoint_every": 4, "device": "cpu"})
     result = T.train(config, train_docs=docs)
     torch.save({"params": result.model.state_dict(), "losses": result.losses}, Path(out) / f"worker-{rank}.pt")
+
+
+def test_a_process_without_its_gpu_is_a_clear_error(tmp_path, rng, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one past the last GPU
+    with pytest.raises(ValueError, match=r"device: cuda:\d+ \(LOCAL_RANK=\d+\) does not exist"):
+        T.train(tiny_config(tmp_path, max_steps=1, device="cuda"), train_docs=random_docs(rng))
+    assert not (tmp_path / "run").exists()  # nothing written before the check
 
 
 def test_two_processes_over_gloo_keep_identical_parameters(tmp_path, rng):

@@ -511,6 +511,11 @@ def _init_distributed(config: TrainConfig) -> tuple[torch.device, bool]:
         device = torch.device(config.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {device} (LOCAL_RANK={local_rank}) does not exist, this machine has "
+            f"{torch.cuda.device_count()} CUDA GPU(s); start at most one process per GPU or pass device='cpu'"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
