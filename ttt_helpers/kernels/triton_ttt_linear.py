@@ -65,6 +65,33 @@ def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
 
 
 @triton.jit
+def _residual_ln(x, z, gamma, beta, D: tl.constexpr, eps):
+    """The layer's output x + LN(z) per row, in float32. x, z: [n, D]; gamma, beta: [D]."""
+    z_hat, _ = _normalize(z, D, eps)
+    return x.to(tl.float32) + z_hat * gamma[None, :] + beta[None, :]
+
+
+@triton.jit
+def _position(POS, pos_value, POS_FROM_PTR: tl.constexpr):
+    """A decode step's position in its mini-batch: read from POS[0] (a device tensor) or passed by value."""
+    if POS_FROM_PTR:
+        return tl.load(POS)
+    else:
+        return pos_value
+
+
+@triton.jit
+def _store_state(P, G, offs, p_eff, g, commit):
+    """A decode step's write of one state tensor P and its gradient sum G at offs: at the
+    mini-batch's last position (commit) the updated P and an empty sum, otherwise the sum."""
+    if commit:
+        tl.store(P + offs, p_eff.to(P.dtype.element_ty))
+        tl.store(G + offs, tl.full(g.shape, 0.0, G.dtype.element_ty))
+    else:
+        tl.store(G + offs, g.to(G.dtype.element_ty))
+
+
+@triton.jit
 def ttt_linear_prefill_kernel(
     XQ,
     XK,
@@ -150,8 +177,7 @@ def ttt_linear_prefill_kernel(
         e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
         attn = _dot(xq, tl.trans(xk), QK_PRECISION)
         z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
-        z_hat, _ = _normalize(z, D, eps)
-        out = xq.to(tl.float32) + z_hat * gamma[None, :] + beta[None, :]
+        out = _residual_ln(xq, z, gamma, beta, D, eps)
         tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
         # commit with the last valid row of e: token_idx[n - 1] * eta[s] for s < n
@@ -207,10 +233,7 @@ def ttt_linear_decode_kernel(
     rows = tl.arange(0, ROWS)
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
     s_base = pid.to(tl.int64) * D * D
-    if POS_FROM_PTR:
-        pos = tl.load(POS)
-    else:
-        pos = pos_value
+    pos = _position(POS, pos_value, POS_FROM_PTR)
     scale = tl.load(TOKEN_IDX + pos).to(tl.float32)
     eta = tl.load(ETA + bi * se_b + hi * se_h).to(tl.float32)
     gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)
@@ -243,16 +266,8 @@ def ttt_linear_decode_kernel(
         gw += eta * xk_r[:, None] * g[None, :]
         w_eff = w - scale * gw
         z += _sum(xq_r[:, None] * w_eff, axis=0)
-        if commit:  # the next mini-batch starts from w_eff with empty gradient sums
-            tl.store(W + offs, w_eff.to(W.dtype.element_ty))
-            tl.store(GW + offs, tl.full(gw.shape, 0.0, GW.dtype.element_ty))
-        else:
-            tl.store(GW + offs, gw.to(GW.dtype.element_ty))
-    if commit:
-        tl.store(Bv + pid * D + cols, b_eff.to(Bv.dtype.element_ty))
-        tl.store(GB + pid * D + cols, tl.full(grad_b.shape, 0.0, GB.dtype.element_ty))
-    else:
-        tl.store(GB + pid * D + cols, grad_b.to(GB.dtype.element_ty))
+        _store_state(W, GW, offs, w_eff, gw, commit)  # a commit starts the next mini-batch from w_eff
+    _store_state(Bv, GB, pid * D + cols, b_eff, grad_b, commit)
 
-    z_hat = _sum(_normalize(z[None, :], D, eps)[0], axis=0)
-    tl.store(Z + pid * D + cols, (xq + z_hat * gamma + beta).to(Z.dtype.element_ty))
+    out = _sum(_residual_ln(xq[None, :], z[None, :], gamma, beta, D, eps), axis=0)
+    tl.store(Z + pid * D + cols, out.to(Z.dtype.element_ty))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_ttt_linear import _dot, _ln_l2_grad, _normalize, _sum
+from .triton_ttt_linear import _dot, _ln_l2_grad, _position, _residual_ln, _store_state, _sum
 
 _K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), a constexpr: the only globals a kernel may read
 
@@ -146,8 +146,7 @@ def ttt_mlp_prefill_kernel(
         tl.debug_barrier()  # the next mini-batch reads the updated weights
         z2q -= _dot(e * (hx2 + 1.0), grad_z2, GRAD_PRECISION)
         b2 -= _sum(weighted2, axis=0)
-        z_hat, _ = _normalize(z2q, D, eps)
-        out = xq.to(tl.float32) + z_hat * gamma[None, :] + beta[None, :]
+        out = _residual_ln(xq, z2q, gamma, beta, D, eps)
         tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
     tl.store(B2 + pid * D + cols, b2)
@@ -202,10 +201,7 @@ def ttt_mlp_decode_kernel(
     w1_offs = pid.to(tl.int64) * D * F + cols[:, None] * F + fcols[None, :]  # chunk f0: + f0
     w2_offs = pid.to(tl.int64) * F * D + fcols[:, None] * D + cols[None, :]  # chunk f0: + f0 * D
     b1_offs = pid.to(tl.int64) * F + fcols
-    if POS_FROM_PTR:
-        pos = tl.load(POS)
-    else:
-        pos = pos_value
+    pos = _position(POS, pos_value, POS_FROM_PTR)
     scale = tl.load(TOKEN_IDX + pos).to(tl.float32)
     eta = tl.load(ETA + bi * se_b + hi * se_h).to(tl.float32)
     gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)
@@ -247,22 +243,11 @@ def ttt_mlp_decode_kernel(
         w2_eff = w2 - scale * gw2
         h = _gelu(_sum(xq[:, None] * w1_eff, axis=0) + b1_eff)
         f += _sum(h[:, None] * w2_eff, axis=0)
-        if commit:  # the next mini-batch starts from the updated weights with empty sums
-            tl.store(W1 + w1_offs + f0, w1_eff.to(W1.dtype.element_ty))
-            tl.store(B1 + b1_offs + f0, b1_eff.to(B1.dtype.element_ty))
-            tl.store(W2 + w2_offs + f0 * D, w2_eff.to(W2.dtype.element_ty))
-            tl.store(GW1 + w1_offs + f0, tl.full(gw1.shape, 0.0, GW1.dtype.element_ty))
-            tl.store(GB1 + b1_offs + f0, tl.full(gb1.shape, 0.0, GB1.dtype.element_ty))
-            tl.store(GW2 + w2_offs + f0 * D, tl.full(gw2.shape, 0.0, GW2.dtype.element_ty))
-        else:
-            tl.store(GW1 + w1_offs + f0, gw1.to(GW1.dtype.element_ty))
-            tl.store(GB1 + b1_offs + f0, gb1.to(GB1.dtype.element_ty))
-            tl.store(GW2 + w2_offs + f0 * D, gw2.to(GW2.dtype.element_ty))
-    if commit:
-        tl.store(B2 + pid * D + cols, b2_eff.to(B2.dtype.element_ty))
-        tl.store(GB2 + pid * D + cols, tl.full(grad_b2.shape, 0.0, GB2.dtype.element_ty))
-    else:
-        tl.store(GB2 + pid * D + cols, grad_b2.to(GB2.dtype.element_ty))
+        # a commit starts the next mini-batch from the updated weights with empty sums
+        _store_state(W1, GW1, w1_offs + f0, w1_eff, gw1, commit)
+        _store_state(B1, GB1, b1_offs + f0, b1_eff, gb1, commit)
+        _store_state(W2, GW2, w2_offs + f0 * D, w2_eff, gw2, commit)
+    _store_state(B2, GB2, pid * D + cols, b2_eff, grad_b2, commit)
 
-    z_hat = _sum(_normalize(f[None, :], D, eps)[0], axis=0)
-    tl.store(Z + pid * D + cols, (xq + z_hat * gamma + beta).to(Z.dtype.element_ty))
+    out = _sum(_residual_ln(xq[None, :], f[None, :], gamma, beta, D, eps), axis=0)
+    tl.store(Z + pid * D + cols, out.to(Z.dtype.element_ty))
