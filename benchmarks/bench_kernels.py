@@ -255,6 +255,23 @@ def decode_state(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return copies + tuple(torch.zeros_like(p) for p in copies)
 
 
+def reference_decode(step, tokens: list, state: tuple, lnw: torch.Tensor, lnb: torch.Tensor, token_idx: torch.Tensor):
+    """A function that decodes `tokens` (one mini-batch) with the PyTorch reference `step`
+    (ops.ttt_linear_step or ops.ttt_mlp_step), then commits; float32, the state carried across calls."""
+    from ttt_helpers import ops
+
+    tokens = [tuple(x.float() for x in tok) for tok in tokens]
+    carried = [tuple(t.float() for t in state)]
+
+    def run() -> None:
+        state = carried[0]
+        for t, tok in enumerate(tokens):
+            _, state = step(*tok, state, t, lnw.float(), lnb.float(), token_idx)
+        carried[0] = ops.commit_state(state, token_idx[-1])
+
+    return run
+
+
 def to64(args: dict) -> dict:
     return {k: v.to(torch.float64) for k, v in args.items()}
 
@@ -465,14 +482,9 @@ def decode(peaks: dict) -> dict:
         for _ in tokens:
             graphed.step(*graphed.inputs)
 
-    ref_state = tuple(t.float() for t in decode_state((args["W0"], args["b0"])))
-    ref_tokens = [tuple(x.float() for x in tok) for tok in tokens]
-
-    def reference():
-        nonlocal ref_state
-        for t, tok in enumerate(ref_tokens):
-            _, ref_state = ops.ttt_linear_step(*tok, ref_state, t, lnw.float(), lnb.float(), token_idx)
-        ref_state = ops.commit_state(ref_state, token_idx[-1])
+    reference = reference_decode(
+        ops.ttt_linear_step, tokens, decode_state((args["W0"], args["b0"])), lnw, lnb, token_idx
+    )
 
     peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
     flops, nbytes = decode_flops(B, H, D), decode_bytes(B, H, D, MB, 2, 4)
@@ -583,14 +595,7 @@ def mlp_decode() -> dict:
         for t, tok in enumerate(tokens):
             ttt_mlp_decode(*tok, state, t, lnw, lnb, token_idx)
 
-    ref_state = state
-    ref_tokens = [tuple(x.float() for x in tok) for tok in tokens]
-
-    def reference():
-        nonlocal ref_state
-        for t, tok in enumerate(ref_tokens):
-            _, ref_state = ops.ttt_mlp_step(*tok, ref_state, t, lnw.float(), lnb.float(), token_idx)
-        ref_state = ops.commit_state(ref_state, token_idx[-1])
+    reference = reference_decode(ops.ttt_mlp_step, tokens, state, lnw, lnb, token_idx)
 
     with torch.no_grad():
         for key, fn in (("eager", eager), ("reference_pytorch", reference)):
