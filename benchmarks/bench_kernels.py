@@ -609,10 +609,11 @@ def mlp_decode() -> dict:
 def _decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, graph: bool) -> float:
     """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
     graph: through CUDAGraphDecoder, after 16 untimed steps that capture every position's graph."""
+    from ttt_helpers.compat import output_cache
     from ttt_helpers.kernels import CUDAGraphDecoder
 
     out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     if graph:
         decoder = CUDAGraphDecoder(model, cache)
         for _ in range(16):
@@ -624,8 +625,8 @@ def _decode_tokens_per_s(model, prompt: torch.Tensor, steps: int, graph: bool) -
         if graph:
             token = decoder.step(token)[:, -1:].argmax(-1)
         else:
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, cache=cache, use_cache=True)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     return prompt.shape[0] * steps / (time.perf_counter() - start)
 

@@ -31,6 +31,7 @@ from bench_kernels import provenance, results_path  # noqa: E402
 from train_gpu import COMMON, corpus  # noqa: E402
 
 from ttt_helpers import metrics  # noqa: E402
+from ttt_helpers.compat import output_cache  # noqa: E402
 from ttt_helpers.train import TrainConfig, train  # noqa: E402
 
 B, PREFILL, DECODE = 32, 512, 512
@@ -41,9 +42,9 @@ def logits_by_step(model: torch.nn.Module, ids: torch.Tensor, impl: str) -> torc
     """Prefill ids[:, :PREFILL], then decode the rest token by token. -> [B, T, V] float32 logits"""
     model.set_ttt_impl(impl)
     out = model(ids[:, :PREFILL], use_cache=True)
-    cache, pieces = out.past_key_values, [out.logits.float()]
+    cache, pieces = output_cache(out), [out.logits.float()]
     for t in range(PREFILL, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         pieces.append(out.logits.float())
     return torch.cat(pieces, dim=1)
 

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
 
 from ttt_helpers import ops  # noqa: E402
+from ttt_helpers.compat import output_cache  # noqa: E402
 from ttt_helpers.kernels import (  # noqa: E402
     TTTLinearDecoder,
     ttt_linear_auto,
@@ -317,9 +318,9 @@ def test_model_kernel_path_matches_reference(layer_type, backbone, rng):
         want = reference(ids).logits
         assert (kernel(ids).logits - want).abs().max().item() < 1e-4
         out = kernel(ids[:, :21], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
+        pieces, cache = [out.logits], output_cache(out)
         for t in range(21, 37):
-            out = kernel(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = kernel(ids[:, t : t + 1], cache=cache, use_cache=True)
             pieces.append(out.logits)
     assert (torch.cat(pieces, dim=1) - want).abs().max().item() < 1e-4
 
@@ -363,10 +364,10 @@ def test_cuda_graph_decoder_matches_eager_decode(impl, layer_type, rng):
     ids = torch.randint(0, 64, (3, 60), generator=rng).to(DEVICE)
     with torch.no_grad():
         whole = model(ids).logits
-        eager_cache = model(ids[:, :21], use_cache=True).past_key_values
-        decoder = CUDAGraphDecoder(model, model(ids[:, :21], use_cache=True).past_key_values)
+        eager_cache = output_cache(model(ids[:, :21], use_cache=True))
+        decoder = CUDAGraphDecoder(model, output_cache(model(ids[:, :21], use_cache=True)))
         for t in range(21, 60):
-            eager = model(ids[:, t : t + 1], past_key_values=eager_cache, use_cache=True).logits
+            eager = model(ids[:, t : t + 1], cache=eager_cache, use_cache=True).logits
             graph = decoder.step(ids[:, t : t + 1])
             assert (graph - eager).abs().max().item() < 1e-5, f"token {t}"
             assert (graph[:, 0] - whole[:, t]).abs().max().item() < 1e-4, f"token {t}"

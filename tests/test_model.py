@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ttt_helpers.compat import CACHE_KEY, cache_kwargs, output_cache
 from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -41,10 +42,10 @@ def test_prefill_then_decode_equals_one_forward(layer_type, backbone, T, k, rng)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :k], use_cache=True)
-        cache, pieces = out.past_key_values, [out.logits]
+        cache, pieces = output_cache(out), [out.logits]
         size = cache.nbytes()
         for t in range(k, T):
-            pieces.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            pieces.append(model(ids[:, t : t + 1], **cache_kwargs(cache)).logits)
     assert cache.seen_tokens == T and cache.nbytes() == size  # the state does not grow
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-4
 
@@ -93,7 +94,7 @@ def test_labels_give_the_shifted_cross_entropy(rng):
 def test_cache_detach_cuts_the_graph(rng):
     model = tiny_model(rng).train()
     ids = torch.randint(0, 97, (1, 16), generator=rng)
-    cache = model(ids, use_cache=True).past_key_values
+    cache = output_cache(model(ids, use_cache=True))
     assert isinstance(cache, TTTCache) and cache.states[0][0].requires_grad
     detached = cache.detach()
     assert not detached.states[0][0].requires_grad and detached.seen_tokens == 16
@@ -121,3 +122,90 @@ def test_padding_is_refused(rng):
 def test_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TTTConfig(**{**TINY, **kwargs})
+
+
+def count_tokens_read(model: TTTForCausalLM) -> list[int]:
+    """A list that records the number of tokens of every forward through `model`."""
+    reads: list[int] = []
+    model.model.register_forward_pre_hook(lambda module, args: reads.append(args[0].shape[1]))
+    return reads
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_generate_reads_each_token_once(layer_type, rng):
+    """generate() reuses the TTTCache: after the prompt, every forward reads only the new token."""
+    model = tiny_model(rng, ttt_layer_type=layer_type, eos_token_id=None)
+    reads = count_tokens_read(model)
+    prompt = torch.randint(1, 97, (2, 37), generator=rng)  # no 0: generate would infer it is padding
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 43)
+    assert reads == [37, 1, 1, 1, 1, 1]  # the last token is returned, never read
+
+
+def test_generate_continues_a_cache_it_is_given(rng):
+    model = tiny_model(rng, eos_token_id=None)
+    prompt = torch.randint(1, 97, (1, 20), generator=rng)
+    with torch.no_grad():
+        cache = output_cache(model(prompt[:, :12], use_cache=True))
+    reads = count_tokens_read(model)
+    out = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, **cache_kwargs(cache))
+    assert reads == [8, 1, 1] and cache.seen_tokens == 22
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0))
+
+
+def test_forward_takes_the_cache_under_either_name(rng):
+    model = tiny_model(rng)
+    ids = torch.randint(0, 97, (1, 9), generator=rng)
+    with torch.no_grad():
+        out = model(ids[:, :5], use_cache=True)
+        assert CACHE_KEY in out and isinstance(output_cache(out), TTTCache)
+        a = model(ids[:, 5:], cache=output_cache(out).detach()).logits
+        b = model(ids[:, 5:], past_key_values=output_cache(out).detach()).logits
+        assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, 5:], cache=output_cache(out), past_key_values=output_cache(out))
+
+
+def test_padded_batches_are_refused_by_generate_and_pipeline(rng):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    model = tiny_model(rng)
+    ids = torch.randint(3, 97, (2, 6), generator=rng)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1 is left-padded
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w1"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", padding_side="left")
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    assert generator("w5 w6 w7", max_new_tokens=2, do_sample=False)  # one row: no padding, fine
+    with pytest.raises(ValueError, match="attention_mask"):
+        generator(["w5 w6 w7 w8", "w9"], batch_size=2, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize(
+    "make_cache,error,match",
+    [
+        (lambda m: m.model.new_cache(1), ValueError, "rows"),  # a 1-row cache for a 2-row input
+        (lambda m: m.model.new_cache(3), ValueError, "rows"),
+        (lambda m: __import__("transformers").DynamicCache(), TypeError, "TTTCache"),
+        (lambda m: TTTCache(m.model.new_cache(2).states[:1], [None]), ValueError, "layers"),
+    ],
+)
+def test_a_wrong_cache_is_refused(make_cache, error, match, rng):
+    model = tiny_model(rng)
+    cache = make_cache(model)
+    with pytest.raises(error, match=match):
+        model(torch.randint(0, 97, (2, 3), generator=rng), **cache_kwargs(cache))
+
+
+def test_empty_or_non_integer_input_is_refused(rng):
+    model = tiny_model(rng)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match="input_ids"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(3, dtype=torch.long))

@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ttt_helpers import train as T
+from ttt_helpers.compat import output_cache
 from ttt_helpers.data import decode_bytes, encode_bytes
 from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
@@ -84,8 +85,8 @@ def test_state_passing_equals_one_long_forward(rng, kind, backbone):
         for _ in range(12):
             batch = stream.next_batch()
             cache = T.carry_state(model, cache, batch.reset)
-            out = model(input_ids=batch.inputs, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values.detach()
+            out = model(input_ids=batch.inputs, cache=cache, use_cache=True)
+            cache = output_cache(out).detach()
             for r in range(3):
                 rows[r].append((batch.inputs[r], out.logits[r], bool(batch.reset[r])))
         switches = 0
@@ -352,7 +353,7 @@ def test_chat_keeps_the_state_between_turns(capsys):
     assert decode_bytes(ids[p1.numel() : p1.numel() + 7]) == first
     # the persisted state is the state after reading the whole conversation at once
     with torch.no_grad():
-        once = forward(input_ids=ids[None], use_cache=True).past_key_values
+        once = output_cache(forward(input_ids=ids[None], use_cache=True))
     for a, b in zip(chat.cache.states, once.states):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ttt_helpers.compat import CACHE_KEY, cache_kwargs, output_cache
 from ttt_helpers.transplant import (
     TTTAsAttention,
     imitate,
@@ -59,9 +60,9 @@ def test_transplant_swaps_and_restores(llama, rng):
 def test_decoding_with_a_kv_cache_is_refused(llama):
     transplant(llama, {0: ttt_from_attention(llama.model.layers[0].self_attn)})
     with torch.no_grad():
-        cache = llama(torch.randint(0, 64, (1, 5)), use_cache=True).past_key_values
-        with pytest.raises(ValueError, match="past_key_values"):
-            llama(torch.randint(0, 64, (1, 1)), past_key_values=cache)
+        cache = output_cache(llama(torch.randint(0, 64, (1, 5)), use_cache=True))
+        with pytest.raises(ValueError, match=CACHE_KEY):
+            llama(torch.randint(0, 64, (1, 1)), **cache_kwargs(cache))
 
 
 def test_record_match_scale_and_imitate(llama, rng):

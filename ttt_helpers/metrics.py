@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compat import cache_kwargs, output_cache
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -331,14 +333,14 @@ def _greedy_decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> tuple[T
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     first = time.perf_counter() - t0
-    cache, tokens, steps = out.past_key_values, [token], []
+    cache, tokens, steps = output_cache(out), [token], []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **cache_kwargs(cache))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         steps.append(time.perf_counter() - t0)
-        cache = out.past_key_values
+        cache = output_cache(out)
         tokens.append(token)
     return torch.cat(tokens, dim=1), first, steps
 

@@ -10,6 +10,7 @@ presets in `TTT_STANDARD_CONFIGS`. The model is registered with `AutoConfig` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .compat import cache_kwargs, take_cache
 from .layers import IMPLS, TTTMLP, TTTLayer, TTTLinear
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
@@ -118,6 +120,16 @@ class TTTCache:
     states: list[tuple[Tensor, ...]]
     conv_states: list[Tensor | None]
     seen_tokens: int = 0
+    # What generate() asks of a cache it is given: not a static KV cache to compile (the CUDA-graph
+    # decoder of `kernels` captures decoding instead), every layer a recurrent state, its length.
+    is_compileable: ClassVar[bool] = False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self.states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
 
     def detach(self) -> TTTCache:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
@@ -242,6 +254,19 @@ class TTTModel(TTTPreTrainedModel):
             [block.ttt.initial_stream_state(batch_size) for block in self.layers], [None] * len(self.layers)
         )
 
+    def check_cache(self, cache: object, batch_size: int) -> None:
+        """Raise unless `cache` is a TTTCache of this model for `batch_size` rows."""
+        if not isinstance(cache, TTTCache):
+            raise TypeError(
+                f"cache must be a TTTCache (model.model.new_cache(batch_size), or the one a forward returned), "
+                f"got {type(cache).__name__}"
+            )
+        if len(cache.states) != len(self.layers):
+            raise ValueError(f"cache has states for {len(cache.states)} layers, the model has {len(self.layers)}")
+        rows = cache.states[0][0].shape[0]
+        if rows != batch_size:
+            raise ValueError(f"cache holds {rows} rows, the input has {batch_size}: a cache continues one batch")
+
     def forward(self, inputs_embeds: Tensor, cache: TTTCache | None) -> Tensor:
         x = inputs_embeds
         for i, block in enumerate(self.layers):
@@ -261,6 +286,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         self.model = TTTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.tie_weights()  # post_init of some 5.x releases (5.0) leaves a model built on the meta device untied
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -284,42 +310,66 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values: TTTCache | None = None,
+        cache: TTTCache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: TTTCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids: [B, T] -> logits [B, T, V]; labels: [B, T] (shifted inside, -100 ignored).
 
-        With `past_key_values` (a TTTCache) the tokens continue that sequence and the cache is
-        updated in place; `use_cache=True` without one starts a new cache. Padding is not
+        With `cache` (a TTTCache; `past_key_values` is its name before transformers 5.24, and either
+        is accepted) the tokens continue that sequence and the cache is updated in place;
+        `use_cache=True` without one starts a new cache. The output carries the cache under the
+        installed transformers' name (`compat.output_cache` reads it on any release). Padding is not
         supported: every token, padded or not, would train the state.
         """
+        cache = take_cache({"cache": cache, "past_key_values": past_key_values})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self._embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.dim() != 3 or x.shape[1] == 0:
+            name = "input_ids" if inputs_embeds is None else "inputs_embeds"
+            raise ValueError(f"{name} must hold at least one token per row, got shape {list(x.shape)}")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask must be all ones: a TTT state cannot skip padded tokens")
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if past_key_values is None and use_cache:
-            past_key_values = self.model.new_cache(x.shape[0])
-        hidden = self.model(x, past_key_values)
+        if cache is None and use_cache:
+            cache = self.model.new_cache(x.shape[0])
+        elif cache is not None:
+            self.model.check_cache(cache, x.shape[0])
+        hidden = self.model(x, cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(cache))
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor [B, T], got {_describe(input_ids)}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
+        return self.model.embed_tokens(input_ids)
 
     def prepare_inputs_for_generation(
-        self, input_ids: Tensor, past_key_values: TTTCache | None = None, use_cache: bool = True, **kwargs
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = True, **kwargs
     ) -> dict:
-        """Feed only the tokens the cache has not read yet."""
-        if past_key_values is not None:
-            input_ids = input_ids[:, past_key_values.seen_tokens :]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "use_cache": use_cache}
+        """Feed only the tokens the cache has not read yet; the mask goes through, so padding is refused."""
+        cache = take_cache(kwargs)
+        if cache is not None:
+            input_ids = input_ids[:, cache.seen_tokens :]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs | cache_kwargs(cache)
+
+
+def _describe(x: object) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
 
 
 AutoConfig.register(TTTConfig.model_type, TTTConfig)

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from transformers.utils import logging as hf_logging
 
 from . import data, metrics
+from .compat import cache_kwargs, output_cache
 from .model import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -423,9 +424,9 @@ def segment_loss(model: nn.Module, batch: Batch, cache: TTTCache | None) -> tupl
     if cache is None:
         out = model(input_ids=batch.inputs, use_cache=False)
     else:
-        out = model(input_ids=batch.inputs, past_key_values=cache, use_cache=True)
+        out = model(input_ids=batch.inputs, use_cache=True, **cache_kwargs(cache))
     loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch.targets.flatten())
-    return loss, (out.past_key_values if cache is not None else None)
+    return loss, (output_cache(out) if cache is not None else None)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -927,7 +928,7 @@ def stream_generate(
     inputs = ids[None].to(device)
     try:
         for _ in range(max_new_tokens):
-            logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0, -1].float()
+            logits = model(input_ids=inputs, use_cache=True, **cache_kwargs(cache)).logits[0, -1].float()
             if temperature == 0:
                 token = int(logits.argmax())
             else:
@@ -939,7 +940,7 @@ def stream_generate(
             if piece:
                 yield piece
             inputs = torch.tensor([[token]], device=device)
-        model(input_ids=inputs, past_key_values=cache, use_cache=True)  # read the last token too
+        model(input_ids=inputs, use_cache=True, **cache_kwargs(cache))  # read the last token too
         tail = detok.flush()
         if tail:
             yield tail

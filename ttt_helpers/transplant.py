@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .compat import CACHE_KEY, take_cache
 from .layers import TTTLinear
 
 
@@ -28,16 +29,17 @@ class TTTAsAttention(nn.Module):
         super().__init__()
         self.ttt, self.layer_idx = ttt, layer_idx
 
-    def forward(self, hidden_states: Tensor, *args, past_key_values=None, **kwargs) -> tuple[Tensor, None]:
-        if past_key_values is not None:
-            if past_key_values.get_seq_length(self.layer_idx) > 0:
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> tuple[Tensor, None]:
+        cache = take_cache(kwargs)  # `cache` from transformers 5.24 on, `past_key_values` before
+        if cache is not None:
+            if cache.get_seq_length(self.layer_idx) > 0:
                 raise ValueError(
-                    "past_key_values: a transplanted TTT layer cannot continue a cached sequence; "
+                    f"{CACHE_KEY}: a transplanted TTT layer cannot continue a cached sequence; "
                     "decode with use_cache=False"
                 )
             B, T, _ = hidden_states.shape
             marker = hidden_states.new_zeros(B, 1, T, 1)
-            past_key_values.update(marker, marker, self.layer_idx)
+            cache.update(marker, marker, self.layer_idx)
         y, _ = self.ttt(hidden_states)
         return y, None
 

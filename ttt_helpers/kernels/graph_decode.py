@@ -40,7 +40,7 @@ class CUDAGraphDecoder:
 
     model: a `TTTForCausalLM` (TTT-Linear or TTT-MLP layers) with the Transformer backbone, on CUDA, in
     eval mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
-    (`model(prompt, use_cache=True).past_key_values`), updated in place by every step.
+    (`compat.output_cache(model(prompt, use_cache=True))`), updated in place by every step.
     """
 
     def __init__(self, model: nn.Module, cache) -> None:
@@ -65,7 +65,7 @@ class CUDAGraphDecoder:
         self.logits: dict[int, Tensor] = {}
 
     def _forward(self) -> Tensor:
-        return self.model(self.tokens, past_key_values=self.cache, use_cache=True).logits  # [B, 1, V]
+        return self.model(self.tokens, cache=self.cache, use_cache=True).logits  # [B, 1, V]
 
     @torch.no_grad()
     def _capture(self, position: int) -> None:
