@@ -217,12 +217,16 @@ def test_auto_dispatch(rng):
     assert torch.equal(ttt_linear_auto(**args, impl="reference")[0], Z_ref)
     assert torch.equal(Z_auto, Z_kernel if DEVICE == "cuda" else Z_ref)
     assert rel_err(Z_kernel, Z_ref.to(F64)) < TOL[torch.float32]
-    # a gradient is needed: auto takes the differentiable reference, a forced kernel refuses
+    # a gradient is needed: auto takes the training kernels on CUDA (the reference elsewhere), and
+    # a forced kernel trains through them too; both gradients match the reference's
     args["W0"].requires_grad_(True)
-    ttt_linear_auto(**args)[0].sum().backward()
-    assert args["W0"].grad is not None
+    (grad_ref,) = torch.autograd.grad(ops.ttt_linear(**args)[0].sum(), args["W0"])
+    (grad_auto,) = torch.autograd.grad(ttt_linear_auto(**args)[0].sum(), args["W0"])
+    (grad_kernel,) = torch.autograd.grad(ttt_linear_auto(**args, impl="kernel")[0].sum(), args["W0"])
+    assert rel_err(grad_auto, grad_ref.to(F64)) < TOL[torch.float32]
+    assert rel_err(grad_kernel, grad_ref.to(F64)) < TOL[torch.float32]
     with pytest.raises(ValueError, match="no backward"):
-        ttt_linear_auto(**args, impl="kernel")
+        ttt_linear_prefill(**args)
     with pytest.raises(ValueError, match="impl"):
         ttt_linear_auto(**args, impl="fast")
 

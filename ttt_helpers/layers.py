@@ -194,7 +194,7 @@ class TTTLayer(nn.Module):
                     "use impl='auto' (kernels only where no gradient is needed) or 'reference'"
                 )
             return True
-        return kernels.kernel_applies(XQ, self.mini_batch_size, tensors)
+        return kernels.kernel_applies(XQ, self.mini_batch_size) and not kernels.needs_grad(tensors)
 
 
 class TTTLinear(TTTLayer):

@@ -20,7 +20,14 @@ does it for one TTT-Linear op.
 
 from .common import HEAD_DIMS, MAX_MINI_BATCH, kernel_applies, needs_grad, triton_available, use_kernels
 from .graph_decode import CUDAGraphDecoder
-from .ttt_linear import TTTLinearDecoder, ttt_linear_auto, ttt_linear_decode, ttt_linear_prefill
+from .ttt_linear import (
+    TTTLinearDecoder,
+    TTTLinearFunction,
+    ttt_linear_auto,
+    ttt_linear_decode,
+    ttt_linear_prefill,
+    ttt_linear_train,
+)
 from .ttt_mlp import ttt_mlp_decode, ttt_mlp_prefill
 
 __all__ = [
@@ -28,12 +35,14 @@ __all__ = [
     "HEAD_DIMS",
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",
+    "TTTLinearFunction",
     "kernel_applies",
     "needs_grad",
     "triton_available",
     "ttt_linear_auto",
     "ttt_linear_decode",
     "ttt_linear_prefill",
+    "ttt_linear_train",
     "ttt_mlp_decode",
     "ttt_mlp_prefill",
     "use_kernels",
