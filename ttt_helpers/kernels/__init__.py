@@ -28,7 +28,7 @@ from .ttt_linear import (
     ttt_linear_prefill,
     ttt_linear_train,
 )
-from .ttt_mlp import ttt_mlp_decode, ttt_mlp_prefill
+from .ttt_mlp import TTTMLPFunction, ttt_mlp_decode, ttt_mlp_prefill, ttt_mlp_train
 
 __all__ = [
     "CUDAGraphDecoder",
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",
     "TTTLinearFunction",
+    "TTTMLPFunction",
     "kernel_applies",
     "needs_grad",
     "triton_available",
@@ -45,5 +46,6 @@ __all__ = [
     "ttt_linear_train",
     "ttt_mlp_decode",
     "ttt_mlp_prefill",
+    "ttt_mlp_train",
     "use_kernels",
 ]

@@ -72,6 +72,15 @@ def precisions(dtype: torch.dtype) -> tuple[str, str, str]:
     return ("bf16" if dtype == torch.bfloat16 else "fp16"), *PRECISION_16BIT
 
 
+def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    """The kernels' state and arithmetic dtype (their ACC) for inputs of `dtype`, as a torch and a
+    triton dtype: float64 for float64 inputs, float32 for all others. Imports triton: call it at
+    a launch, not at import (TRITON_INTERPRET must be set first)."""
+    import triton.language as tl
+
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
 def num_warps(D: int) -> int:
     """Warps per program for head dim D."""
     return {16: 2, 32: 2, 64: 4, 128: 8}[D]

@@ -14,14 +14,8 @@ recognises it and sums with numpy; our `_add` stands in if a triton version lack
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-
-def accumulator(dtype: torch.dtype) -> tl.dtype:
-    """The programs' ACC: float64 for float64 inputs, float32 for every other input dtype."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import ops
 from .common import (
     TRAIN_DTYPES,
+    accumulator,
     kernel_applies,
     mini_batch_block,
     needs_grad,
@@ -93,13 +94,12 @@ def _launch_prefill(
     B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
-    programs = _programs()
-    acc = torch.float64 if XQ.dtype == torch.float64 else torch.float32
+    acc, acc_tl = accumulator(XQ.dtype)
     NC = -(-T // mini_batch_size)
     W_start = torch.empty((B, H, NC, D, D), dtype=acc, device=XQ.device) if save_states else W_T
     b_start = torch.empty((B, H, NC, D), dtype=acc, device=XQ.device) if save_states else b_T
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-    programs.ttt_linear_prefill_kernel[(B * H,)](
+    _programs().ttt_linear_prefill_kernel[(B * H,)](
         XQ,
         XK,
         XV,
@@ -131,7 +131,7 @@ def _launch_prefill(
         W_PRECISION=w_precision,
         GRAD_PRECISION=grad_precision,
         SAVE_STATES=save_states,
-        ACC=programs.accumulator(acc),
+        ACC=acc_tl,
         num_warps=num_warps(D),
     )
     return (Z, W_T, b_T, W_start, b_start) if save_states else (Z, W_T, b_T, None, None)
@@ -172,7 +172,7 @@ class TTTLinearFunction(torch.autograd.Function):
         XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, W_start, b_start = ctx.saved_tensors
         B, H, T, D = XQ.shape
         b = ctx.mini_batch_size
-        acc = W_start.dtype
+        acc, acc_tl = accumulator(XQ.dtype)
         dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
         dW = torch.empty((B, H, D, D), dtype=acc, device=XQ.device).copy_(dW_T)  # becomes the gradient of W0
         db = torch.empty((B, H, D), dtype=acc, device=XQ.device).copy_(db_T.view(B, H, D))
@@ -181,9 +181,8 @@ class TTTLinearFunction(torch.autograd.Function):
         block = mini_batch_block(b)
         dln_w, dln_b = (torch.empty((B, H, D), dtype=acc, device=XQ.device) for _ in range(2))
         dtoken_idx = torch.empty((B, H, block), dtype=acc, device=XQ.device)
-        programs = _programs()
         qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-        programs.ttt_linear_backward_kernel[(B * H,)](
+        _programs().ttt_linear_backward_kernel[(B * H,)](
             XQ,
             XK,
             XV,
@@ -216,7 +215,7 @@ class TTTLinearFunction(torch.autograd.Function):
             QK_PRECISION=qk_precision,
             W_PRECISION=w_precision,
             GRAD_PRECISION=grad_precision,
-            ACC=programs.accumulator(acc),
+            ACC=acc_tl,
             num_warps=num_warps(D),
         )
         W_dtype, b_dtype = ctx.state_dtypes
