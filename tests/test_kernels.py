@@ -218,12 +218,16 @@ def test_auto_dispatch(rng):
     assert torch.equal(ttt_linear_auto(**args, impl="reference")[0], Z_ref)
     assert torch.equal(Z_auto, Z_kernel if DEVICE == "cuda" else Z_ref)
     assert rel_err(Z_kernel, Z_ref.to(F64)) < TOL[torch.float32]
-    # a gradient is needed: auto takes the differentiable reference, a forced kernel refuses
+    # a gradient is needed: auto takes the training kernels on CUDA (the reference elsewhere), and
+    # a forced kernel trains through them too; both gradients match the reference's
     args["W0"].requires_grad_(True)
-    ttt_linear_auto(**args)[0].sum().backward()
-    assert args["W0"].grad is not None
+    (grad_ref,) = torch.autograd.grad(ops.ttt_linear(**args)[0].sum(), args["W0"])
+    (grad_auto,) = torch.autograd.grad(ttt_linear_auto(**args)[0].sum(), args["W0"])
+    (grad_kernel,) = torch.autograd.grad(ttt_linear_auto(**args, impl="kernel")[0].sum(), args["W0"])
+    assert rel_err(grad_auto, grad_ref.to(F64)) < TOL[torch.float32]
+    assert rel_err(grad_kernel, grad_ref.to(F64)) < TOL[torch.float32]
     with pytest.raises(ValueError, match="no backward"):
-        ttt_linear_auto(**args, impl="kernel")
+        ttt_linear_prefill(**args)
     with pytest.raises(ValueError, match="impl"):
         ttt_linear_auto(**args, impl="fast")
 
@@ -326,20 +330,23 @@ def test_model_kernel_path_matches_reference(layer_type, backbone, rng):
 
 
 def test_model_dispatch_choices(monkeypatch):
-    """'auto' runs the kernel only on CUDA without gradients; the reference op never calls it."""
+    """'auto' runs the kernels only on CUDA: the prefill without gradients, the training kernels
+    with them; the reference op never calls either."""
     from ttt_helpers import kernels
 
     calls = []
-    real = kernels.ttt_linear_prefill
-    monkeypatch.setattr(kernels, "ttt_linear_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("ttt_linear_prefill", "ttt_linear_train"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     ids = torch.randint(0, 64, (1, 32), device=DEVICE)
     with torch.no_grad():
         tiny_model("reference")(ids)
         assert calls == []
         tiny_model("auto")(ids)
-        assert len(calls) == (2 if DEVICE == "cuda" else 0)
-    tiny_model("auto").train()(ids, labels=ids).loss.backward()  # training takes the reference path
-    assert len(calls) == (2 if DEVICE == "cuda" else 0)
+        assert calls == (["ttt_linear_prefill"] * 2 if DEVICE == "cuda" else [])
+    calls.clear()
+    tiny_model("auto").train()(ids, labels=ids).loss.backward()
+    assert calls == (["ttt_linear_train"] * 2 if DEVICE == "cuda" else [])
 
 
 def test_model_dispatch_bad_input():
@@ -347,10 +354,6 @@ def test_model_dispatch_bad_input():
 
     with pytest.raises(ValueError, match="ttt_impl"):
         TTTConfig(ttt_impl="fast")
-    model = tiny_model("kernel").train()
-    ids = torch.randint(0, 64, (1, 16), device=DEVICE)
-    with pytest.raises(RuntimeError, match="no backward pass"):
-        model(ids, labels=ids)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -123,8 +123,11 @@ class TTTLayer(nn.Module):
             state = self.initial_state(x.shape[0])
         if primal:
             op = self.primal_op
+        elif self._use_kernel(XQ):
+            prefill, _, train = self._kernels()
+            op = train if self._needs_grad(XQ, XK, XV, eta, *state) else prefill
         else:
-            op = self._kernels()[0] if self._use_kernel(XQ, XK, XV, eta, *state) else self.op
+            op = self.op
         Z, *new_state = op(
             XQ,
             XK,
@@ -152,13 +155,16 @@ class TTTLayer(nn.Module):
         """
         XQ, XK, XV, eta = self._inputs(x)
         token_idx, dual = self.token_idx(), None
-        if self._use_kernel(XQ, XK, XV, eta, *state):
-            prefill, decode = self._kernels()
-            if XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
+        if self._use_kernel(XQ):
+            prefill, decode, train = self._kernels()
+            if self._needs_grad(XQ, XK, XV, eta, *state):
+                dual = train  # whole mini-batches through the training kernels; ragged edges by reference
+            elif XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
                 state = tuple(t.contiguous() for t in state)
                 z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
                 return self._output(z, x), state, (position + 1) % self.mini_batch_size
-            dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
+            else:
+                dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
         Z, state, position = ops.ttt_continue(
             self.kind,
             XQ,
@@ -177,24 +183,21 @@ class TTTLayer(nn.Module):
         return self._output(Z, x), state, position
 
     def _kernels(self) -> tuple:
-        """The Triton prefill and decode step of this layer's kind."""
+        """The Triton prefill, decode step and training op (forward and backward) of this layer's kind."""
         if self.kind == "linear":
-            return kernels.ttt_linear_prefill, kernels.ttt_linear_decode
-        return kernels.ttt_mlp_prefill, kernels.ttt_mlp_decode
+            return kernels.ttt_linear_prefill, kernels.ttt_linear_decode, kernels.ttt_linear_train
+        return kernels.ttt_mlp_prefill, kernels.ttt_mlp_decode, kernels.ttt_mlp_train
 
-    def _use_kernel(self, XQ: Tensor, *tensors: Tensor) -> bool:
-        """Whether this call runs the Triton kernels (see `impl`)."""
+    def _use_kernel(self, XQ: Tensor) -> bool:
+        """Whether this call runs the Triton kernels (see `impl`): "auto" on CUDA for supported
+        shapes, with gradients (the training kernels) or without (prefill and decode)."""
         if self.impl == "reference":
             return False
-        tensors = (XQ, *tensors, self.ln_weight, self.ln_bias, self.token_idx_offset)
-        if self.impl == "kernel":
-            if kernels.needs_grad(tensors):
-                raise RuntimeError(
-                    "impl='kernel' cannot train: the TTT kernels have no backward pass; "
-                    "use impl='auto' (kernels only where no gradient is needed) or 'reference'"
-                )
-            return True
-        return kernels.kernel_applies(XQ, self.mini_batch_size, tensors)
+        return self.impl == "kernel" or kernels.kernel_applies(XQ, self.mini_batch_size)
+
+    def _needs_grad(self, *tensors: Tensor) -> bool:
+        """Whether autograd tracks this call: then the kernels that run are the training ones."""
+        return kernels.needs_grad((*tensors, self.ln_weight, self.ln_bias, self.token_idx_offset))
 
 
 class TTTLinear(TTTLayer):

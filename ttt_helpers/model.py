@@ -40,8 +40,8 @@ class TTTConfig(PretrainedConfig):
     step; ttt_base_lr: base inner learning rate (default 1.0 for linear, 0.1 for mlp);
     backbone: "transformer" (norm -> TTT -> residual, norm -> SwiGLU -> residual) or "mamba"
     (a causal depthwise convolution before the TTT layer and a GELU output gate); ttt_impl:
-    "auto" runs the TTT layers through the Triton kernels on CUDA when no gradient is needed
-    and through the reference ops otherwise, "kernel" or "reference" force one path.
+    "auto" runs the TTT layers through the Triton kernels on CUDA (the training kernels when a
+    gradient is needed) and through the reference ops otherwise, "kernel" or "reference" force one path.
     """
 
     model_type = "ttt"

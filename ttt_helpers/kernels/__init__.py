@@ -20,21 +20,32 @@ does it for one TTT-Linear op.
 
 from .common import HEAD_DIMS, MAX_MINI_BATCH, kernel_applies, needs_grad, triton_available, use_kernels
 from .graph_decode import CUDAGraphDecoder
-from .ttt_linear import TTTLinearDecoder, ttt_linear_auto, ttt_linear_decode, ttt_linear_prefill
-from .ttt_mlp import ttt_mlp_decode, ttt_mlp_prefill
+from .ttt_linear import (
+    TTTLinearDecoder,
+    TTTLinearFunction,
+    ttt_linear_auto,
+    ttt_linear_decode,
+    ttt_linear_prefill,
+    ttt_linear_train,
+)
+from .ttt_mlp import TTTMLPFunction, ttt_mlp_decode, ttt_mlp_prefill, ttt_mlp_train
 
 __all__ = [
     "CUDAGraphDecoder",
     "HEAD_DIMS",
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",
+    "TTTLinearFunction",
+    "TTTMLPFunction",
     "kernel_applies",
     "needs_grad",
     "triton_available",
     "ttt_linear_auto",
     "ttt_linear_decode",
     "ttt_linear_prefill",
+    "ttt_linear_train",
     "ttt_mlp_decode",
     "ttt_mlp_prefill",
+    "ttt_mlp_train",
     "use_kernels",
 ]

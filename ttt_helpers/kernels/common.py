@@ -18,6 +18,7 @@ from .. import ops
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_MINI_BATCH = 64
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRAIN_DTYPES = (*INPUT_DTYPES, torch.float64)  # the training path also runs in float64 (exact checks)
 PRECISION_16BIT = ("tf32", "bf16")  # tl.dot precisions (W products, gradient products), 16-bit inputs
 
 
@@ -32,20 +33,21 @@ def use_kernels(tensor: Tensor) -> bool:
 
 
 def needs_grad(tensors: tuple[object, ...]) -> bool:
-    """True when autograd would track an op on `tensors`: the kernels have no backward pass."""
+    """True when autograd would track an op on `tensors`: the training kernels must run, not the prefill."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def kernel_applies(XQ: Tensor, mini_batch_size: int, tensors: tuple[object, ...]) -> bool:
-    """The automatic choice: the kernel runs for CUDA inputs of a supported shape and dtype when
-    triton is importable and no gradient is needed; the reference op everywhere else."""
+def kernel_applies(XQ: Tensor, mini_batch_size: int) -> bool:
+    """The automatic choice: a kernel runs for CUDA inputs of a supported shape and dtype when
+    triton is importable (the prefill without gradients, the training kernels with them); the
+    reference op everywhere else."""
     supported = (
         XQ.dim() == 4
         and XQ.dtype in INPUT_DTYPES
         and XQ.shape[-1] in HEAD_DIMS
         and 1 <= mini_batch_size <= MAX_MINI_BATCH
     )
-    return supported and use_kernels(XQ) and not needs_grad(tensors)
+    return supported and use_kernels(XQ)
 
 
 def interpreting() -> bool:
@@ -61,10 +63,22 @@ def precisions(dtype: torch.dtype) -> tuple[str, str, str]:
     lets the error of Z grow with T (past 5e-3 at T = 64k on an H100), tf32 keeps it near the
     output's own bf16 rounding for 10 to 15% more time (benchmarks/README.md). The interpreter's
     tl.dot mishandles 16-bit operands (triton 3.9), so it computes everything in float32.
+    float64 inputs (the training kernels' exact checks) multiply in float64.
     """
+    if dtype == torch.float64:
+        return "fp64", "fp64", "fp64"
     if dtype == torch.float32 or interpreting():
         return "ieee", "ieee", "ieee"
     return ("bf16" if dtype == torch.bfloat16 else "fp16"), *PRECISION_16BIT
+
+
+def accumulator(dtype: torch.dtype) -> tuple[torch.dtype, object]:
+    """The kernels' state and arithmetic dtype (their ACC) for inputs of `dtype`, as a torch and a
+    triton dtype: float64 for float64 inputs, float32 for all others. Imports triton: call it at
+    a launch, not at import (TRITON_INTERPRET must be set first)."""
+    import triton.language as tl
+
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 def num_warps(D: int) -> int:
@@ -87,14 +101,23 @@ def check_device(tensor: Tensor, name: str) -> None:
         raise ValueError("the Triton kernels need the triton package: pip install triton")
 
 
-def check_tensors(expected: dict[str, tuple[object, tuple[int, ...]]], device: torch.device) -> None:
-    """Each entry name: (tensor, shape) must be a floating tensor of that shape on `device`."""
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def check_tensors(
+    expected: dict[str, tuple[object, tuple[int, ...]]],
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...] = INPUT_DTYPES,
+) -> None:
+    """Each entry name: (tensor, shape) must be a tensor of that shape and one of `dtypes` on `device`."""
     for name, (tensor, shape) in expected.items():
         if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
             got = f"shape {list(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
             raise ValueError(f"{name} must have shape {list(shape)}, got {got}")
-        if tensor.dtype not in INPUT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+        if tensor.dtype not in dtypes:
+            raise ValueError(f"{name} must be {_dtype_names(dtypes)}, got {tensor.dtype}")
         if tensor.device != device:
             raise ValueError(f"{name} must be on device {device} like XQ, got {tensor.device}")
 
@@ -106,13 +129,15 @@ def same_strides(XQ: Tensor, XK: Tensor, XV: Tensor) -> tuple[Tensor, Tensor, Te
     return XQ, XK, XV
 
 
-def check_common(XQ: Tensor, mini_batch_size: int, name: str = "XQ") -> None:
-    """Checks shared by all kernels: XQ's rank, dtype, head dim and device; the mini-batch size."""
+def check_common(
+    XQ: Tensor, mini_batch_size: int, name: str = "XQ", dtypes: tuple[torch.dtype, ...] = INPUT_DTYPES
+) -> None:
+    """Checks shared by all kernels: XQ's rank, dtype (one of `dtypes`), head dim and device; the mini-batch size."""
     if not isinstance(XQ, Tensor) or XQ.dim() != 4:
         got = list(XQ.shape) if isinstance(XQ, Tensor) else type(XQ).__name__
         raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {got}")
-    if XQ.dtype not in INPUT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {XQ.dtype}")
+    if XQ.dtype not in dtypes:
+        raise ValueError(f"{name} must be {_dtype_names(dtypes)}, got {XQ.dtype}")
     if XQ.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim D = {name}.shape[-1] must be one of {HEAD_DIMS}, got {XQ.shape[-1]}")
     b = mini_batch_size
@@ -132,14 +157,16 @@ def prepare_prefill(
     ln_bias: Tensor,
     mini_batch_size: int,
     token_idx: Tensor | None,
+    dtypes: tuple[torch.dtype, ...] = INPUT_DTYPES,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Check a prefill's arguments, each error naming the argument.
 
-    params: the initial state by name; param_shapes(B, H, D): their expected shapes. Returns
+    params: the initial state by name; param_shapes(B, H, D): their expected shapes; dtypes: those
+    every tensor may have (TRAIN_DTYPES for the training kernels, which run in float64 too). Returns
     XQ, XK, XV with one set of strides, token_idx (default 1/(1..b) filled in) and Z, an empty
     output in XQ's dtype and layout (a [B, T, H, D] view stays one).
     """
-    check_common(XQ, mini_batch_size)
+    check_common(XQ, mini_batch_size, dtypes=dtypes)
     B, H, T, D = XQ.shape
     if T == 0:
         raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
@@ -156,12 +183,16 @@ def prepare_prefill(
             "token_idx": (token_idx, (mini_batch_size,)),
         },
         XQ.device,
+        dtypes,
     )
     for name, x in (("XK", XK), ("XV", XV)):
         if x.dtype != XQ.dtype:
             raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, got {x.dtype}")
     if needs_grad((XQ, XK, XV, eta, *params.values(), ln_weight, ln_bias, token_idx)):
-        raise ValueError("the Triton kernel has no backward: call it under torch.no_grad() or use the ops reference")
+        raise ValueError(
+            "the Triton prefill has no backward: call it under torch.no_grad(), or train through "
+            "kernels.ttt_linear_train / ttt_mlp_train"
+        )
     XQ, XK, XV = same_strides(XQ, XK, XV)
     return XQ, XK, XV, token_idx, torch.empty_like(XQ)
 

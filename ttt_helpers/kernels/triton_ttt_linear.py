@@ -2,7 +2,8 @@
 
 It imports triton at the top, so `ttt_linear.py` loads it lazily: on a machine without triton
 the rest of the package still imports, and a test can set `TRITON_INTERPRET=1` first.
-Every program keeps its state and arithmetic in float32 whatever the input dtype.
+Every program keeps its state and arithmetic in float32 whatever the input dtype (ACC, which the
+training path sets to float64 for float64 inputs: the exact checks of the backward).
 
 Sums go through the builtin tl.reduce rather than tl.sum: tl.sum is itself a @triton.jit
 function, which the interpreter cannot call when triton was imported before TRITON_INTERPRET
@@ -21,8 +22,11 @@ import triton.language as tl
 def _dot(a, b, PRECISION: tl.constexpr):
     """a @ b with a float32 result. PRECISION "bf16" / "fp16" rounds the operands to that type for
     the tensor cores; "tf32" keeps 10 mantissa bits of float32 operands (tensor cores too); "ieee"
-    multiplies in full float32 (no tensor cores: what the float32 path needs for 1e-5)."""
-    if PRECISION == "bf16":
+    multiplies in full float32 (no tensor cores: what the float32 path needs for 1e-5); "fp64"
+    multiplies in float64 with a float64 result."""
+    if PRECISION == "fp64":
+        return tl.dot(a.to(tl.float64), b.to(tl.float64))
+    elif PRECISION == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif PRECISION == "fp16":
         return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
@@ -66,9 +70,40 @@ def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
 
 @triton.jit
 def _residual_ln(x, z, gamma, beta, D: tl.constexpr, eps):
-    """The layer's output x + LN(z) per row, in float32. x, z: [n, D]; gamma, beta: [D]."""
+    """The layer's output x + LN(z) per row, in z's dtype. x, z: [n, D]; gamma, beta: [D]."""
     z_hat, _ = _normalize(z, D, eps)
-    return x.to(tl.float32) + z_hat * gamma[None, :] + beta[None, :]
+    return x.to(z.dtype) + z_hat * gamma[None, :] + beta[None, :]
+
+
+@triton.jit
+def _normalize_bwd(dz_hat, z_hat, rstd, D: tl.constexpr):
+    """Backward of z_hat = _normalize(z): dz from dz_hat, both [n, D] (1/std depends on z too)."""
+    mean = _sum(dz_hat, axis=1) / D
+    mean_z = _sum(dz_hat * z_hat, axis=1) / D
+    return (dz_hat - mean[:, None] - z_hat * mean_z[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _ln_l2_grad_bwd(dgrad, grad, z, target, gamma, beta, D: tl.constexpr, eps):
+    """Backward of grad = _ln_l2_grad(z, target, gamma, beta), given dgrad; rows of [n, D].
+
+    Returns dz, dtarget: [n, D] and dgamma, dbeta: [D] summed over the rows. Why: with
+    g_hat = (gamma z_hat + beta - target) gamma, c1 = mean(g_hat), c2 = mean(g_hat z_hat),
+    grad = rstd (g_hat - c1 - z_hat c2). With q = rstd dgrad, the adjoint of g_hat is
+    q - mean(q) - z_hat mean(q z_hat) (the c1, c2 paths); z_hat enters directly through -z_hat c2
+    and c2, and through g_hat by gamma^2; the outer rstd adds -rstd z_hat mean(dgrad grad) to dz.
+    """
+    z_hat, rstd = _normalize(z, D, eps)
+    g_hat = (gamma[None, :] * z_hat + beta[None, :] - target) * gamma[None, :]
+    c2 = _sum(g_hat * z_hat, axis=1) / D
+    q = dgrad * rstd[:, None]
+    qz = _sum(q * z_hat, axis=1) / D
+    dg_hat = q - (_sum(q, axis=1) / D)[:, None] - z_hat * qz[:, None]
+    dz_hat = dg_hat * (gamma * gamma)[None, :] - c2[:, None] * q - qz[:, None] * g_hat
+    through_rstd = (_sum(dgrad * grad, axis=1) / D * rstd)[:, None] * z_hat
+    dz = _normalize_bwd(dz_hat, z_hat, rstd, D) - through_rstd
+    dgamma = _sum(dg_hat * (2.0 * gamma[None, :] * z_hat + beta[None, :] - target), axis=0)
+    return dz, -dg_hat * gamma[None, :], dgamma, _sum(dg_hat * gamma[None, :], axis=0)
 
 
 @triton.jit
@@ -105,6 +140,8 @@ def ttt_linear_prefill_kernel(
     Z,
     W_OUT,
     B_OUT,  # outputs
+    W_START,
+    B_START,  # outputs when SAVE_STATES: the state at the start of every mini-batch
     T,
     H,
     eps,
@@ -130,6 +167,8 @@ def ttt_linear_prefill_kernel(
     QK_PRECISION: tl.constexpr,
     W_PRECISION: tl.constexpr,
     GRAD_PRECISION: tl.constexpr,
+    SAVE_STATES: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """TTT-Linear over a whole sequence for one (batch, head): program id = batch * H + head.
 
@@ -140,6 +179,9 @@ def ttt_linear_prefill_kernel(
     The D x D state stays in registers from the first mini-batch to the last. tl.dot precisions:
     QK_PRECISION of xq xk^T (inputs only: exact in their own 16-bit type), W_PRECISION of the
     products with the state W, GRAD_PRECISION of those with the float32 gradients.
+    SAVE_STATES (the training forward): W_START [B, H, NC, D, D] and B_START [B, H, NC, D],
+    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches.
+    ACC: the dtype of the state and arithmetic (float32; float64 for float64 inputs).
     """
     pid = tl.program_id(0)
     bi = pid // H
@@ -147,16 +189,17 @@ def ttt_linear_prefill_kernel(
     rows = tl.arange(0, BLOCK_MB)  # position inside a mini-batch
     cols = tl.arange(0, D)
 
-    W = tl.load(W0 + bi * sw_b + hi * sw_h + cols[:, None] * sw_r + cols[None, :] * sw_c).to(tl.float32)
-    bias = tl.load(B0 + bi * sb_b + hi * sb_h + cols * sb_d).to(tl.float32)
-    gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)
-    beta = tl.load(LN_B + hi * D + cols).to(tl.float32)
-    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(tl.float32)
+    W = tl.load(W0 + bi * sw_b + hi * sw_h + cols[:, None] * sw_r + cols[None, :] * sw_c).to(ACC)
+    bias = tl.load(B0 + bi * sb_b + hi * sb_h + cols * sb_d).to(ACC)
+    gamma = tl.load(LN_W + hi * D + cols).to(ACC)
+    beta = tl.load(LN_B + hi * D + cols).to(ACC)
+    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
     causal = rows[None, :] <= rows[:, None]  # e[i, s] is nonzero only for s <= i
 
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
     z_base = bi.to(tl.int64) * sz_b + hi * sz_h
     e_base = bi.to(tl.int64) * se_b + hi * se_h
+    NC = tl.cdiv(T, MB)
     for start in range(0, T, MB):
         n = tl.minimum(T - start, MB)  # tokens in this mini-batch: the last one may be short
         valid = rows < n
@@ -164,13 +207,17 @@ def ttt_linear_prefill_kernel(
         offs = x_base + t[:, None] * sx_t + cols[None, :]
         xq = tl.load(XQ + offs, mask=valid[:, None], other=0.0)
         xk = tl.load(XK + offs, mask=valid[:, None], other=0.0)
-        xv = tl.load(XV + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        xv = tl.load(XV + offs, mask=valid[:, None], other=0.0).to(ACC)
         # eta = 0 past the end also zeroes those tokens' columns of e: they move no state
-        eta = tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(tl.float32)
+        eta = tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(ACC)
+        if SAVE_STATES:
+            chunk = pid.to(tl.int64) * NC + start // MB
+            tl.store(W_START + chunk * D * D + cols[:, None] * D + cols[None, :], W)
+            tl.store(B_START + chunk * D + cols, bias)
 
         # the inner model's gradient at every token, all taken at the mini-batch's start state
         z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
-        grad = _ln_l2_grad(z1, xv - xk.to(tl.float32), gamma, beta, D, eps)
+        grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
 
         # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
         # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
@@ -181,7 +228,7 @@ def ttt_linear_prefill_kernel(
         tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
         # commit with the last valid row of e: token_idx[n - 1] * eta[s] for s < n
-        e_last = tl.load(TOKEN_IDX + n - 1).to(tl.float32) * eta
+        e_last = tl.load(TOKEN_IDX + n - 1).to(ACC) * eta
         weighted = e_last[:, None] * grad
         W -= _dot(tl.trans(xk), weighted, GRAD_PRECISION)
         bias -= _sum(weighted, axis=0)
@@ -189,6 +236,155 @@ def ttt_linear_prefill_kernel(
     out_base = pid.to(tl.int64) * D * D
     tl.store(W_OUT + out_base + cols[:, None] * D + cols[None, :], W.to(W_OUT.dtype.element_ty))
     tl.store(B_OUT + pid * D + cols, bias.to(B_OUT.dtype.element_ty))
+
+
+@triton.jit
+def ttt_linear_backward_kernel(
+    XQ,
+    XK,
+    XV,
+    ETA,
+    W_START,
+    B_START,
+    LN_W,
+    LN_B,
+    TOKEN_IDX,
+    DZ,  # inputs: the forward's, its saved states, the gradient of Z
+    DW,
+    DB,  # in: the gradient of the final state; out: that of the initial state
+    DXQ,
+    DXK,
+    DXV,
+    DETA,
+    DLN_W,
+    DLN_B,
+    DTOKEN_IDX,  # outputs
+    T,
+    H,
+    eps,
+    sx_b,
+    sx_h,
+    sx_t,  # strides of XQ, XK, XV (last dim contiguous)
+    sd_b,
+    sd_h,
+    sd_t,  # strides of DZ
+    sg_b,
+    sg_h,
+    sg_t,  # strides of DXQ, DXK, DXV
+    se_b,
+    se_h,
+    se_t,  # strides of eta
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    BLOCK_MB: tl.constexpr,
+    QK_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Backward of ttt_linear_prefill_kernel for one (batch, head), mini-batches in reverse.
+
+    W_START [B, H, NC, D, D], B_START [B, H, NC, D]: the start states the forward saved (ACC).
+    DW [B, H, D, D], DB [B, H, D] (ACC, contiguous) carry the adjoint of the state: they come in
+    holding the gradient of the final state and leave holding that of W0, b0. DXQ, DXK, DXV:
+    [B, H, T, D]; DETA [B, H, T] contiguous; DLN_W, DLN_B [B * H, D] and DTOKEN_IDX
+    [B * H, BLOCK_MB] receive this program's share, summed over the batch by the caller.
+
+    Per mini-batch, from its start state (W, b) the forward's quantities are recomputed: z1 = xk W + b,
+    grad = LN-L2-grad(z1), M = e * (xq xk^T + 1), z = xq W + b - M grad, out = xq + LN(z), and the
+    commit W' = W - xk^T (e_last grad), b' = b - e_last grad. Given dout and (dW', db'):
+    - dz from LN's backward; dxq = dout + dz W^T + (dM * e) xk with dM = -dz grad^T;
+    - grad gets -M^T dz from z and e_last du from the commit, du = -(xk dW' + db');
+    - dz1 from the backward of the closed-form gradient; xk collects all three paths;
+    - dW = dW' + xq^T dz + xk^T dz1 and db likewise: the adjoint passed to the previous mini-batch;
+    - e[i, s] = token_idx[i] eta[s] gives d eta and d token_idx from de = dM * (xq xk^T + 1)
+      and d e_last = sum over D of du * grad.
+    Padded rows (past T) have eta = 0 and dout = 0, so every term they could add is zero.
+    """
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rows = tl.arange(0, BLOCK_MB)
+    cols = tl.arange(0, D)
+    state_offs = pid.to(tl.int64) * D * D + cols[:, None] * D + cols[None, :]
+    dW = tl.load(DW + state_offs).to(ACC)
+    db = tl.load(DB + pid * D + cols).to(ACC)
+    gamma = tl.load(LN_W + hi * D + cols).to(ACC)
+    beta = tl.load(LN_B + hi * D + cols).to(ACC)
+    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
+    causal = rows[None, :] <= rows[:, None]
+    dgamma = tl.zeros([D], dtype=ACC)
+    dbeta = tl.zeros([D], dtype=ACC)
+    dtoken_idx = tl.zeros([BLOCK_MB], dtype=ACC)
+
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    d_base = bi.to(tl.int64) * sd_b + hi * sd_h
+    g_base = bi.to(tl.int64) * sg_b + hi * sg_h
+    e_base = bi.to(tl.int64) * se_b + hi * se_h
+    NC = tl.cdiv(T, MB)
+    for step in range(0, NC):
+        c = NC - 1 - step
+        start = c * MB
+        n = tl.minimum(T - start, MB)
+        valid = rows < n
+        t = (start + rows).to(tl.int64)
+        offs = x_base + t[:, None] * sx_t + cols[None, :]
+        xq = tl.load(XQ + offs, mask=valid[:, None], other=0.0)
+        xk = tl.load(XK + offs, mask=valid[:, None], other=0.0)
+        target = tl.load(XV + offs, mask=valid[:, None], other=0.0).to(ACC) - xk.to(ACC)
+        eta = tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(ACC)
+        dout = tl.load(DZ + d_base + t[:, None] * sd_t + cols[None, :], mask=valid[:, None], other=0.0).to(ACC)
+        chunk = pid.to(tl.int64) * NC + c
+        W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
+        bias = tl.load(B_START + chunk * D + cols)
+
+        # recompute the forward of this mini-batch from its start state
+        z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
+        grad = _ln_l2_grad(z1, target, gamma, beta, D, eps)
+        e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
+        attn1 = _dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
+        M = e * attn1
+        z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(M, grad, GRAD_PRECISION)
+        z_hat, rstd = _normalize(z, D, eps)
+
+        # out = xq + LN(z)
+        dgamma += _sum(dout * z_hat, axis=0)
+        dbeta += _sum(dout, axis=0)
+        dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
+        # z = xq W + b - M grad, M = e * (xq xk^T + 1)
+        dM = -_dot(dz, tl.trans(grad), GRAD_PRECISION)
+        de = tl.where(causal, dM * attn1, 0.0)
+        dxq = dout + _dot(dz, tl.trans(W), W_PRECISION) + _dot(dM * e, xk, GRAD_PRECISION)
+        dxk = _dot(tl.trans(dM * e), xq, GRAD_PRECISION)
+        # the commit: W' = W - xk^T u, b' = b - sum_s u_s with u = e_last grad
+        tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
+        e_last = tau_last * eta
+        du = -(_dot(xk, dW, GRAD_PRECISION) + db[None, :])
+        dxk -= _dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
+        dgrad = e_last[:, None] * du - _dot(tl.trans(M), dz, GRAD_PRECISION)
+        de_last = _sum(du * grad, axis=1)
+        # grad = LN-L2-grad(z1, xv - xk), z1 = xk W + b
+        dz1, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad, grad, z1, target, gamma, beta, D, eps)
+        dgamma += dgamma_g
+        dbeta += dbeta_g
+        dxk += _dot(dz1, tl.trans(W), W_PRECISION) - dtarget
+        dW += _dot(tl.trans(xq), dz, GRAD_PRECISION) + _dot(tl.trans(xk), dz1, GRAD_PRECISION)
+        db += _sum(dz, axis=0) + _sum(dz1, axis=0)
+        # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
+        deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
+        dtoken_idx += _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
+
+        goffs = g_base + t[:, None] * sg_t + cols[None, :]
+        tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
+        tl.store(DXK + goffs, dxk.to(DXK.dtype.element_ty), mask=valid[:, None])
+        tl.store(DXV + goffs, dtarget.to(DXV.dtype.element_ty), mask=valid[:, None])
+        tl.store(DETA + pid.to(tl.int64) * T + t, deta.to(DETA.dtype.element_ty), mask=valid)
+
+    tl.store(DW + state_offs, dW)
+    tl.store(DB + pid * D + cols, db)
+    tl.store(DLN_W + pid * D + cols, dgamma)
+    tl.store(DLN_B + pid * D + cols, dbeta)
+    tl.store(DTOKEN_IDX + pid * BLOCK_MB + rows, dtoken_idx)
 
 
 @triton.jit(do_not_specialize=["pos_value"])  # one compiled program for every position

@@ -1,11 +1,13 @@
-"""TTT-Linear as Triton kernels: the prefill (mini-batch dual form, one fused program per head)
-and the decode step (primal form), checked against `ttt_helpers.ops`, their reference.
+"""TTT-Linear as Triton kernels: the prefill (mini-batch dual form, one fused program per head),
+its backward for training, and the decode step (primal form), checked against `ttt_helpers.ops`,
+their reference.
 
 Supported: head dims 16, 32, 64, 128; mini_batch_size 1 to 64 (padded inside to a power of two
 >= 16, the smallest tile `tl.dot` takes); XQ, XK, XV in float16, bfloat16 or float32; any T.
 The state and all arithmetic are float32 inside; outputs keep the dtype of what they replace:
 Z that of XQ, the final state that of W0 and b0 (pass a float32 W0 with bfloat16 inputs to
-keep a float32 state across calls). The kernels run forward only (no autograd).
+keep a float32 state across calls). `ttt_linear_prefill` runs forward only; `ttt_linear_train`
+is the same op under autograd, its backward a second kernel (float64 inputs work there too).
 Triton is imported at the first kernel launch, so this module loads without it.
 """
 
@@ -15,7 +17,17 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .common import kernel_applies, mini_batch_block, num_warps, precisions, prepare_decode, prepare_prefill
+from .common import (
+    TRAIN_DTYPES,
+    accumulator,
+    kernel_applies,
+    mini_batch_block,
+    needs_grad,
+    num_warps,
+    precisions,
+    prepare_decode,
+    prepare_prefill,
+)
 from .graph_decode import capture_step
 
 State = tuple[Tensor, ...]
@@ -58,9 +70,34 @@ def ttt_linear_prefill(
     XQ, XK, XV, token_idx, Z = prepare_prefill(
         XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx
     )
+    return _launch_prefill(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z)[:3]
+
+
+def _launch_prefill(
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    W0: Tensor,
+    b0: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int,
+    token_idx: Tensor,
+    eps: float,
+    Z: Tensor,
+    *,
+    save_states: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Run the prefill kernel on checked arguments, writing Z. Returns Z, W_T, b_T and, when
+    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]."""
     B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
+    acc, acc_tl = accumulator(XQ.dtype)
+    NC = -(-T // mini_batch_size)
+    W_start = torch.empty((B, H, NC, D, D), dtype=acc, device=XQ.device) if save_states else W_T
+    b_start = torch.empty((B, H, NC, D), dtype=acc, device=XQ.device) if save_states else b_T
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     _programs().ttt_linear_prefill_kernel[(B * H,)](
         XQ,
@@ -75,6 +112,8 @@ def ttt_linear_prefill(
         Z,
         W_T,
         b_T,
+        W_start,
+        b_start,
         T,
         H,
         eps,
@@ -91,9 +130,132 @@ def ttt_linear_prefill(
         QK_PRECISION=qk_precision,
         W_PRECISION=w_precision,
         GRAD_PRECISION=grad_precision,
+        SAVE_STATES=save_states,
+        ACC=acc_tl,
         num_warps=num_warps(D),
     )
-    return Z, W_T, b_T
+    return (Z, W_T, b_T, W_start, b_start) if save_states else (Z, W_T, b_T, None, None)
+
+
+class TTTLinearFunction(torch.autograd.Function):
+    """`ops.ttt_linear` under autograd: forward and backward are Triton kernels.
+
+    The forward is the prefill kernel, which also saves the state at the start of every
+    mini-batch: W in [B, H, NC, D, D] and b in [B, H, NC, D] float32 (float64 for float64
+    inputs), NC = ceil(T / mini_batch_size). That is 4 (D^2 + D) / b bytes per token and head,
+    1040 B at D = 64, b = 16: 2.7 times the bf16 XQ, XK, XV it also keeps. Why every start
+    state: the backward needs each one, and rebuilding them from every k-th would run the forward
+    of k - 1 mini-batches again per k, a second forward in all, to save memory that is small next
+    to what a model's training step holds anyway. Everything else inside a mini-batch (z1, the
+    gradient, the dual form's products, LN statistics) is recomputed from its start state.
+
+    The backward kernel walks the mini-batches in reverse, one program per (batch, head),
+    carrying the adjoint of the state (dW, db) in registers; it starts from the gradient that
+    arrives on the final state (zero when W_T, b_T are not used).
+    """
+
+    @staticmethod
+    def forward(ctx, XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps):
+        XQ, XK, XV, token_idx, Z = prepare_prefill(
+            XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx,
+            TRAIN_DTYPES,
+        )  # fmt: skip
+        Z, W_T, b_T, W_start, b_start = _launch_prefill(
+            XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z, save_states=True
+        )
+        ctx.save_for_backward(XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, W_start, b_start)
+        ctx.mini_batch_size, ctx.eps, ctx.state_dtypes = mini_batch_size, eps, (W0.dtype, b0.dtype)
+        return Z, W_T, b_T
+
+    @staticmethod
+    def backward(ctx, dZ, dW_T, db_T):
+        XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, W_start, b_start = ctx.saved_tensors
+        B, H, T, D = XQ.shape
+        b = ctx.mini_batch_size
+        acc, acc_tl = accumulator(XQ.dtype)
+        dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
+        dW = torch.empty((B, H, D, D), dtype=acc, device=XQ.device).copy_(dW_T)  # becomes the gradient of W0
+        db = torch.empty((B, H, D), dtype=acc, device=XQ.device).copy_(db_T.view(B, H, D))
+        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=x.device) for x in (XQ, XK, XV))
+        deta = torch.empty((B, H, T), dtype=eta.dtype, device=eta.device)
+        block = mini_batch_block(b)
+        dln_w, dln_b = (torch.empty((B, H, D), dtype=acc, device=XQ.device) for _ in range(2))
+        dtoken_idx = torch.empty((B, H, block), dtype=acc, device=XQ.device)
+        qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
+        _programs().ttt_linear_backward_kernel[(B * H,)](
+            XQ,
+            XK,
+            XV,
+            eta,
+            W_start,
+            b_start,
+            ln_weight.contiguous(),
+            ln_bias.contiguous(),
+            token_idx.contiguous(),
+            dZ,
+            dW,
+            db,
+            dXQ,
+            dXK,
+            dXV,
+            deta,
+            dln_w,
+            dln_b,
+            dtoken_idx,
+            T,
+            H,
+            ctx.eps,
+            *XQ.stride()[:3],
+            *dZ.stride()[:3],
+            *dXQ.stride()[:3],
+            *eta.stride(),
+            D=D,
+            MB=b,
+            BLOCK_MB=block,
+            QK_PRECISION=qk_precision,
+            W_PRECISION=w_precision,
+            GRAD_PRECISION=grad_precision,
+            ACC=acc_tl,
+            num_warps=num_warps(D),
+        )
+        W_dtype, b_dtype = ctx.state_dtypes
+        return (
+            dXQ,
+            dXK,
+            dXV,
+            deta,
+            dW.to(W_dtype),
+            db.view(B, H, 1, D).to(b_dtype),
+            dln_w.sum(0).to(ln_weight.dtype),
+            dln_b.sum(0).to(ln_bias.dtype),
+            dtoken_idx.sum((0, 1))[:b].to(token_idx.dtype),
+            None,
+            None,
+        )
+
+
+def ttt_linear_train(
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    W0: Tensor,
+    b0: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int = 16,
+    token_idx: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`ops.ttt_linear` with a Triton forward and backward (`TTTLinearFunction`): what training runs.
+
+    Arguments and results as in `ttt_linear_prefill`; dtypes float16, bfloat16, float32 or
+    float64. Gradients reach XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias and token_idx, and a
+    gradient on the returned final state flows back (a streamed segment whose state is used later).
+    """
+    if token_idx is None:
+        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
+    return TTTLinearFunction.apply(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps)
 
 
 def ttt_linear_decode(
@@ -226,15 +388,19 @@ def ttt_linear_auto(
     *,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`ops.ttt_linear` through the kernel where it can run, else the reference; same arguments.
+    """`ops.ttt_linear` through the kernels where they can run, else the reference; same arguments.
 
-    impl: "auto" picks the kernel for CUDA tensors when triton is importable, the shape is
-    supported and no gradient is needed; "kernel" and "reference" force one path.
+    impl: "auto" picks the kernels for CUDA tensors when triton is importable and the shape is
+    supported; "kernel" and "reference" force one path. The kernel path is the prefill when no
+    gradient is needed and `ttt_linear_train` when one is.
     """
     if impl not in ("auto", "kernel", "reference"):
         raise ValueError(f"impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
     if impl == "auto":
-        tensors = (XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx)
-        impl = "kernel" if kernel_applies(XQ, mini_batch_size, tensors) else "reference"
-    op = ttt_linear_prefill if impl == "kernel" else ops.ttt_linear
+        impl = "kernel" if kernel_applies(XQ, mini_batch_size) else "reference"
+    if impl == "kernel":
+        grads = needs_grad((XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx))
+        op = ttt_linear_train if grads else ttt_linear_prefill
+    else:
+        op = ops.ttt_linear
     return op(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps)

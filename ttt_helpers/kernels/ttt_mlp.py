@@ -1,12 +1,14 @@
-"""TTT-MLP as Triton kernels: the prefill (mini-batch dual form, one program per head) and the
-decode step (primal form), checked against `ops.ttt_mlp` and `ops.ttt_mlp_step`.
+"""TTT-MLP as Triton kernels: the prefill (mini-batch dual form, one program per head), its
+backward for training, and the decode step (primal form), checked against `ops.ttt_mlp` and
+`ops.ttt_mlp_step`.
 
 The state per head, W1 [D, F], b1 [F], W2 [F, D], b2 [D] (F = 4D in the layers), is 8 D^2
 floats with the decode step's gradient sums: too large for registers (triton_ttt_mlp.py), so the
 kernels keep it in float32 in global memory and stream it through in chunks of the hidden width.
 Supported: head dims 16, 32, 64, 128; F a multiple of 16; mini_batch_size 1 to 64; inputs in
-float16, bfloat16 or float32; any T. Outputs keep the dtype of what they replace, as in
-`ttt_linear`. Forward only (no autograd).
+float16, bfloat16 or float32 (float64 too in `ttt_mlp_train`); any T. Outputs keep the dtype of
+what they replace, as in `ttt_linear`. `ttt_mlp_prefill` runs forward only, `ttt_mlp_train` under
+autograd.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import mini_batch_block, num_warps, precisions, prepare_decode, prepare_prefill
+from .. import ops
+from .common import (
+    INPUT_DTYPES,
+    TRAIN_DTYPES,
+    accumulator,
+    mini_batch_block,
+    num_warps,
+    precisions,
+    prepare_decode,
+    prepare_prefill,
+)
 
 State = tuple[Tensor, ...]
 STATE_NAMES = ("W1", "b1", "W2", "b2")
@@ -69,18 +81,48 @@ def ttt_mlp_prefill(
     Returns Z: [B, H, T, D] in XQ's dtype and layout, and the final W1, b1, W2, b2 in the dtypes
     of the initial ones.
     """
+    XQ, XK, XV, token_idx, Z = _prepare(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, token_idx)
+    state = _launch_prefill(XQ, XK, XV, eta, (W1, b1, W2, b2), ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z)
+    return Z, *(s.to(p.dtype) for s, p in zip(state, (W1, b1, W2, b2)))
+
+
+def _prepare(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, token_idx, dtypes=INPUT_DTYPES):
+    """`prepare_prefill` with TTT-MLP's state (dtypes: TRAIN_DTYPES for the training path)."""
     params = dict(zip(STATE_NAMES, (W1, b1, W2, b2)))
-    XQ, XK, XV, token_idx, Z = prepare_prefill(
+    return prepare_prefill(
         XQ, XK, XV, eta, params, lambda B, H, D: _state_shapes(B, H, D, _hidden_width(W1, D)),
-        ln_weight, ln_bias, mini_batch_size, token_idx,
+        ln_weight, ln_bias, mini_batch_size, token_idx, dtypes,
     )  # fmt: skip
+
+
+def _launch_prefill(
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    params: State,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int,
+    token_idx: Tensor,
+    eps: float,
+    Z: Tensor,
+    *,
+    save_states: bool = False,
+) -> State:
+    """Run the prefill kernel on checked arguments, writing Z. Returns the final W1, b1, W2, b2 in
+    the kernel's dtype (float32; float64 for float64 inputs) or, when save_states, every state:
+    [B, H, NC + 1, ...] each, slot c the start of mini-batch c and slot NC the final state."""
     B, H, T, D = XQ.shape
-    F = W1.shape[-1]
-    # the kernel updates the state in place: float32 copies, never the caller's tensors
-    state = [
-        torch.empty(s, dtype=torch.float32, device=XQ.device).copy_(p)
-        for s, p in zip(_state_shapes(B, H, D, F), (W1, b1, W2, b2))
-    ]
+    F = params[0].shape[-1]
+    acc, acc_tl = accumulator(XQ.dtype)
+    slots = (-(-T // mini_batch_size) + 1,) if save_states else ()
+    # the kernel updates the state in place: copies, never the caller's tensors
+    state = []
+    for shape, p in zip(_state_shapes(B, H, D, F), params):
+        buffer = torch.empty((B, H, *slots, *shape[2:]), dtype=acc, device=XQ.device)
+        (buffer[:, :, 0] if save_states else buffer).copy_(p)
+        state.append(buffer)
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     _programs().ttt_mlp_prefill_kernel[(B * H,)](
         XQ,
@@ -106,9 +148,133 @@ def ttt_mlp_prefill(
         QK_PRECISION=qk_precision,
         W_PRECISION=w_precision,
         GRAD_PRECISION=grad_precision,
+        SAVE_STATES=save_states,
+        ACC=acc_tl,
         num_warps=num_warps(D),
     )
-    return Z, *(s.to(p.dtype) for s, p in zip(state, (W1, b1, W2, b2)))
+    return tuple(state)
+
+
+class TTTMLPFunction(torch.autograd.Function):
+    """`ops.ttt_mlp` under autograd: forward and backward are Triton kernels.
+
+    The forward saves the state at the start of every mini-batch (it writes mini-batch c's update
+    into slot c + 1 instead of over slot c, so saving costs no extra pass): W1, b1, W2, b2 as
+    [B, H, NC + 1, ...] in float32 (float64 for float64 inputs). That is 4 (2 D F + F + D) / b
+    bytes per token and head, 8.3 KB at D = 64, F = 256, b = 16: 21 times the bf16 XQ, XK, XV.
+    Why every start state all the same: the backward needs each, and rebuilding them from every
+    k-th would rerun the forward, the most expensive part of a step's recomputation; the memory
+    is what to trade first where it runs short (B = 8, T = 2048, H = 12: 1.6 GB per layer).
+
+    The backward kernel walks the mini-batches in reverse, one program per (batch, head), with the
+    adjoint of the state in global memory (float32, streamed in chunks like the state).
+    """
+
+    @staticmethod
+    def forward(ctx, XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, token_idx, mini_batch_size, eps):
+        XQ, XK, XV, token_idx, Z = _prepare(
+            XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, token_idx, TRAIN_DTYPES
+        )
+        params = (W1, b1, W2, b2)
+        states = _launch_prefill(
+            XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z, save_states=True
+        )
+        ctx.save_for_backward(XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, *states)
+        ctx.mini_batch_size, ctx.eps, ctx.state_dtypes = mini_batch_size, eps, tuple(p.dtype for p in params)
+        return Z, *(s[:, :, -1].to(p.dtype) for s, p in zip(states, params))
+
+    @staticmethod
+    def backward(ctx, dZ, *d_final):
+        XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, *states = ctx.saved_tensors
+        B, H, T, D = XQ.shape
+        F = states[0].shape[-1]
+        b = ctx.mini_batch_size
+        acc, acc_tl = accumulator(XQ.dtype)
+        dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
+        # the adjoint of the state, updated in place into the gradient of the initial state
+        adjoint = [
+            torch.empty(shape, dtype=acc, device=XQ.device).copy_(d)
+            for shape, d in zip(_state_shapes(B, H, D, F), d_final)
+        ]
+        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=x.device) for x in (XQ, XK, XV))
+        deta = torch.empty((B, H, T), dtype=eta.dtype, device=eta.device)
+        block = mini_batch_block(b)
+        dln_w, dln_b = (torch.empty((B, H, D), dtype=acc, device=XQ.device) for _ in range(2))
+        dtoken_idx = torch.empty((B, H, block), dtype=acc, device=XQ.device)
+        qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
+        _programs().ttt_mlp_backward_kernel[(B * H,)](
+            XQ,
+            XK,
+            XV,
+            eta,
+            *states,
+            ln_weight.contiguous(),
+            ln_bias.contiguous(),
+            token_idx.contiguous(),
+            dZ,
+            *adjoint,
+            dXQ,
+            dXK,
+            dXV,
+            deta,
+            dln_w,
+            dln_b,
+            dtoken_idx,
+            T,
+            H,
+            ctx.eps,
+            *XQ.stride()[:3],
+            *dZ.stride()[:3],
+            *dXQ.stride()[:3],
+            *eta.stride(),
+            D=D,
+            F=F,
+            FB=_chunk(F),
+            MB=b,
+            BLOCK_MB=block,
+            QK_PRECISION=qk_precision,
+            W_PRECISION=w_precision,
+            GRAD_PRECISION=grad_precision,
+            ACC=acc_tl,
+            num_warps=num_warps(D),
+        )
+        return (
+            dXQ,
+            dXK,
+            dXV,
+            deta,
+            *(a.to(dtype) for a, dtype in zip(adjoint, ctx.state_dtypes)),
+            dln_w.sum(0).to(ln_weight.dtype),
+            dln_b.sum(0).to(ln_bias.dtype),
+            dtoken_idx.sum((0, 1))[:b].to(token_idx.dtype),
+            None,
+            None,
+        )
+
+
+def ttt_mlp_train(
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    W1: Tensor,
+    b1: Tensor,
+    W2: Tensor,
+    b2: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int = 16,
+    token_idx: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`ops.ttt_mlp` with a Triton forward and backward (`TTTMLPFunction`): what training runs.
+
+    Arguments and results as in `ttt_mlp_prefill`; dtypes float16, bfloat16, float32 or float64.
+    Gradients reach every tensor argument, and a gradient on the returned final state flows back.
+    """
+    if token_idx is None:
+        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
+    return TTTMLPFunction.apply(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, token_idx, mini_batch_size, eps)
 
 
 def ttt_mlp_decode(

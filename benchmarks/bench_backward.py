@@ -1,0 +1,360 @@
+"""Benchmark training through the TTT Triton kernels (forward + backward) on one GPU, as JSON.
+
+    python3 benchmarks/bench_backward.py --out benchmarks/results/backward_h200.json
+    python3 benchmarks/bench_backward.py --dry-run    # tiny shapes; on a machine without CUDA the
+                                                      # kernels run in Triton's interpreter
+
+Sections, each saved as soon as it ends (a case that fails records its error, the run goes on):
+gradients of the training kernels against the float64 reference (float32 and bfloat16); the
+forward + backward time of one TTT-Linear op against fla's chunk_ttt_linear, causal SDPA and the
+reference under autograd; the same for TTT-MLP against its reference; and training tokens/s
+(forward, backward, AdamW step, bf16 autocast) of the 125M preset with TTT-Linear, TTT-MLP and a
+same-size Llama with SDPA, with peak memory. About 5 minutes on an H100 or H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as bench  # noqa: E402  (puts the checkout on sys.path too)
+
+OP_CASES = [(8, 2048), (32, 512), (2, 8192), (16, 8192)]  # (B, T) at H = 12, D = 64, bf16
+MODEL_CASES = [(8, 2048), (32, 512)]  # (B, T) of the 125M training steps
+REFERENCE_MAX_TOKENS = 16384  # the reference under autograd takes seconds per step past B * T of this
+CHECK_CASES = [(2, 4, 333, 32), (2, 4, 333, 64), (1, 4, 200, 128)]  # (B, H, T, D), partial last mini-batch
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+DRY = {"op_cases": [(1, 40)], "model_cases": [(1, 32)], "check_cases": [(1, 2, 37, 16)], "H": 2, "D": 16}
+
+
+class Runner:
+    """Timing and error capture on a GPU (bench_kernels' helpers), or their CPU stand-ins in a dry run."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.cuda = device, device == "cuda"
+
+    def fast_ms(self, fn) -> float:
+        """Median ms of a fast fn: triton.testing.do_bench on a GPU, one timed call on the CPU."""
+        return bench.bench_ms(fn, warmup=25, rep=100) if self.cuda else self.slow_ms(fn, repeats=1)
+
+    def slow_ms(self, fn, repeats: int = 3) -> float:
+        if self.cuda:
+            return bench.slow_ms(fn, repeats)
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    def attempt(self, record: dict, key: str, fn):
+        if self.cuda:
+            return bench.attempt(record, key, fn)
+        try:  # bench.attempt synchronises CUDA, which a CPU-only torch cannot
+            record[key] = fn()
+        except Exception as exc:
+            record.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+            print(f"  {key} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return record.get(key)
+
+
+def leaves(args: dict) -> dict:
+    """Copies of the op's arguments that autograd tracks."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+
+
+def fwd_bwd(op, args: dict, **kw):
+    """A function that runs op forward and backward (a random gradient on every output, so the
+    final state's adjoint is exercised as in a streamed segment); returns the gradients."""
+    inputs = leaves(args)
+    with torch.no_grad():
+        shapes = [o.shape for o in op(**inputs, **kw)]
+    cotangents = [torch.randn(s, device=args["XQ"].device) for s in shapes]
+
+    def run():
+        outs = op(**inputs, **kw)
+        return torch.autograd.grad(outs, list(inputs.values()), [c.to(o.dtype) for c, o in zip(cotangents, outs)])
+
+    return run, inputs, cotangents
+
+
+def saved_state_bytes(kind: str, B: int, H: int, T: int, D: int, b: int) -> int:
+    """The float32 start states the training forward keeps for the backward (TTTLinearFunction,
+    TTTMLPFunction): NC mini-batches' W, b; NC + 1 of W1, b1, W2, b2 for TTT-MLP."""
+    NC = -(-T // b)
+    if kind == "linear":
+        return B * H * NC * (D * D + D) * 4
+    F = 4 * D
+    return B * H * (NC + 1) * (2 * D * F + F + D) * 4
+
+
+# ---------------------------------------------------------------- sections
+
+
+def gradients(run: Runner, cases: list) -> list[dict]:
+    """Every gradient of both training kernels against autograd through the float64 reference,
+    on fresh random inputs, float32 and bfloat16 (state, LN and token_idx float32 as in a layer)."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_linear_train, ttt_mlp_train
+
+    rows = []
+    dtypes = (torch.float32, torch.bfloat16) if run.cuda else (torch.float32,)
+    for kind, train, reference, make in (
+        ("linear", ttt_linear_train, ops.ttt_linear, bench.ttt_inputs),
+        ("mlp", ttt_mlp_train, ops.ttt_mlp, bench.mlp_inputs),
+    ):
+        for dtype in dtypes:
+            for B, H, T, D in cases:
+                name = str(dtype).removeprefix("torch.")
+                row = {"kind": kind, "dtype": name, "B": B, "H": H, "T": T, "D": D, "tolerance": TOL[name]}
+
+                def check():
+                    args = make(B, H, T, D, dtype, device=run.device)
+                    args["token_idx"] = ops.default_token_idx(bench.MB, device=run.device)
+                    fn, inputs, cot = fwd_bwd(train, args)
+                    got = fn()
+                    ref_inputs = leaves(bench.to64(args))
+                    outs = reference(**ref_inputs)
+                    want = torch.autograd.grad(outs, list(ref_inputs.values()), [c.double() for c in cot])
+                    return {k: bench.rel_err(g, w) for k, g, w in zip(inputs, got, want)}
+
+                errs = run.attempt(row, "rel_err", check)
+                row["ok"] = bool(errs) and max(errs.values()) < row["tolerance"]
+                rows.append(row)
+                worst = max(errs.values()) if errs else None
+                print(f"  {kind} {name} B={B} H={H} T={T} D={D}: worst {worst} ok={row['ok']}", flush=True)
+    return rows
+
+
+def op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
+    """Forward + backward of one TTT-Linear op, bf16 inputs and a float32 state: ours, fla's
+    chunk_ttt_linear, causal SDPA on the same B, H, T, D, the reference under autograd."""
+    import torch.nn.functional as F
+
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_linear_train
+
+    try:
+        from fla.ops.ttt import chunk_ttt_linear
+    except ImportError as exc:
+        chunk_ttt_linear, fla_missing = None, f"not installed ({exc})"
+
+    rows = []
+    for B, T in cases:
+        row = {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16", "state_dtype": "float32", "mini_batch_size": 16}
+        print(f"op B={B} T={T}", flush=True)
+        args = bench.ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
+        ours, _, _ = fwd_bwd(ttt_linear_train, args)
+        run.attempt(row, "ours_fwd_bwd_ms", lambda: run.fast_ms(ours))
+        with torch.no_grad():
+            run.attempt(row, "ours_fwd_ms", lambda: run.fast_ms(lambda: ttt_linear_train(**args)))
+        row["saved_states_MiB"] = saved_state_bytes("linear", B, H, T, D, 16) / 2**20
+        del ours
+        if chunk_ttt_linear is None:
+            row["fla_chunk_fwd_bwd_ms"] = fla_missing
+        else:
+            fla_args = leaves(
+                {
+                    **{n: args[n].transpose(1, 2).contiguous() for n in ("XQ", "XK", "XV")},
+                    "eta": args["eta"].transpose(1, 2).unsqueeze(-1).contiguous(),
+                    **{n: args[n] for n in ("ln_weight", "ln_bias", "W0", "b0")},
+                }
+            )
+
+            def fla():
+                a = fla_args
+                o, *_ = chunk_ttt_linear(
+                    a["XQ"], a["XK"], a["XV"], a["ln_weight"], a["ln_bias"], a["eta"],
+                    initial_state=a["W0"], initial_state_bias=a["b0"], output_final_state=True, chunk_size=16,
+                )  # fmt: skip
+                return torch.autograd.grad(o, list(a.values()), torch.ones_like(o), allow_unused=True)
+
+            run.attempt(row, "fla_chunk_fwd_bwd_ms", lambda: run.fast_ms(fla))
+            del fla_args
+        q, k, v = (args[n].detach().clone().requires_grad_(True) for n in ("XQ", "XK", "XV"))
+
+        def sdpa():
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+
+        run.attempt(row, "sdpa_causal_fwd_bwd_ms", lambda: run.fast_ms(sdpa))
+        del q, k, v
+        if B * T <= REFERENCE_MAX_TOKENS:  # the reference wants one dtype: a bf16 state here
+            ref, _, _ = fwd_bwd(ops.ttt_linear, {**args, "W0": args["W0"].bfloat16(), "b0": args["b0"].bfloat16()})
+            run.attempt(row, "reference_fwd_bwd_ms", lambda: run.slow_ms(ref, repeats=1))
+            del ref
+        else:
+            row["reference_fwd_bwd_ms"] = f"skipped: B*T > {REFERENCE_MAX_TOKENS}"
+        rows.append(row)
+        del args
+        if run.cuda:
+            torch.cuda.empty_cache()
+        print("  " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return rows
+
+
+def mlp_op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
+    """Forward + backward of one TTT-MLP op (F = 4D), bf16 inputs and a float32 state, against the
+    reference under autograd."""
+    from ttt_helpers import ops
+    from ttt_helpers.kernels import ttt_mlp_train
+
+    rows = []
+    for B, T in cases:
+        row = {"B": B, "T": T, "H": H, "D": D, "F": 4 * D, "dtype": "bfloat16", "state_dtype": "float32"}
+        print(f"mlp op B={B} T={T}", flush=True)
+        args = bench.mlp_inputs(B, H, T, D, torch.bfloat16, device=run.device)
+        row["saved_states_MiB"] = saved_state_bytes("mlp", B, H, T, D, 16) / 2**20
+        ours, _, _ = fwd_bwd(ttt_mlp_train, args)
+        run.attempt(row, "ours_fwd_bwd_ms", lambda: run.fast_ms(ours))
+        del ours
+        with torch.no_grad():
+            run.attempt(row, "ours_fwd_ms", lambda: run.fast_ms(lambda: ttt_mlp_train(**args)))
+        if B * T <= REFERENCE_MAX_TOKENS:
+            ref_args = {k: (v.bfloat16() if k in bench.MLP_PARAMS else v) for k, v in args.items()}
+            ref, _, _ = fwd_bwd(ops.ttt_mlp, ref_args)
+            run.attempt(row, "reference_fwd_bwd_ms", lambda: run.slow_ms(ref, repeats=1))
+            del ref, ref_args
+        else:
+            row["reference_fwd_bwd_ms"] = f"skipped: B*T > {REFERENCE_MAX_TOKENS}"
+        rows.append(row)
+        del args
+        if run.cuda:
+            torch.cuda.empty_cache()
+        print("  " + ", ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return rows
+
+
+def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> dict:
+    """Training tokens/s of one step (forward, backward, AdamW) under bf16 autocast, float32
+    weights: the TTT-Linear and TTT-MLP models (ttt_impl='kernel') and a same-size Llama (SDPA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ttt_helpers.model import TTTConfig, TTTForCausalLM
+
+    def build(name: str):
+        if name == "llama_sdpa":
+            config = LlamaConfig(
+                **preset,
+                num_key_value_heads=preset["num_attention_heads"],
+                vocab_size=vocab_size,
+                max_position_embeddings=8192,
+                tie_word_embeddings=True,
+                attn_implementation="sdpa",
+            )
+            return LlamaForCausalLM(config)
+        kind = name.removeprefix("ttt_")
+        return TTTForCausalLM(TTTConfig(**preset, vocab_size=vocab_size, ttt_layer_type=kind, ttt_impl="kernel"))
+
+    result = {
+        "note": "one optimizer step: forward with labels, backward, AdamW; float32 weights, bf16 autocast; "
+        "median of 3 timed steps after one warm-up step; peak_memory_GiB is torch.cuda.max_memory_allocated "
+        "over those steps. The TTT layers run ttt_impl='kernel' (the training kernels).",
+        "steps": [],
+    }
+    for name in ("ttt_linear", "ttt_mlp", "llama_sdpa"):
+        torch.manual_seed(0)
+        model = build(name).to(run.device).train()
+        result.setdefault("params_M", {})[name] = sum(p.numel() for p in model.parameters()) / 1e6
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for B, T in cases:
+            row = next((r for r in result["steps"] if (r["B"], r["T"]) == (B, T)), None)
+            if row is None:
+                row = {"B": B, "T": T}
+                result["steps"].append(row)
+            ids = torch.randint(0, vocab_size, (B, T), device=run.device)
+
+            def step():
+                with torch.autocast(run.device, dtype=torch.bfloat16):
+                    loss = model(ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if run.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            ms = run.attempt(row, f"{name}_ms", lambda: run.slow_ms(step, repeats=3 if run.cuda else 1))
+            if ms is not None:
+                row[f"{name}_tokens_per_s"] = B * T / ms * 1e3
+                if run.cuda:
+                    row[f"{name}_peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            print(f"  {name} B={B} T={T}: {row.get(f'{name}_tokens_per_s')} tokens/s", flush=True)
+        del model, optimizer
+        if run.cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
+def dry_provenance() -> dict:
+    import triton
+
+    return {
+        "gpu": "none (dry run on the CPU: Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/backward_<gpu>.json)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes: checks the script's logic in seconds")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        raise SystemExit("bench_backward.py needs a CUDA GPU; without one, --dry-run runs it tiny on the CPU")
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    run = Runner("cuda" if cuda else "cpu")
+    started = time.perf_counter()
+    results = {"provenance": bench.provenance() if cuda else dry_provenance(), "fla_note": bench.FLA_NOTE}
+    results["dry_run"] = args.dry_run
+    results["reference_max_tokens"] = (
+        f"the reference under autograd is timed only where B * T <= {REFERENCE_MAX_TOKENS} "
+        "(one step after a warm-up); larger cases record 'skipped'"
+    )
+    dry_out = Path(tempfile.gettempdir()) / "bench_backward_dry_run.json"  # a dry run's numbers are no result
+    out = args.out or (dry_out if args.dry_run else bench.results_path("backward", results["provenance"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+    from ttt_helpers.model import TTT_STANDARD_CONFIGS
+
+    if args.dry_run:
+        H, D = DRY["H"], DRY["D"]
+        op_cases, model_cases, check_cases = DRY["op_cases"], DRY["model_cases"], DRY["check_cases"]
+        preset = dict(hidden_size=H * D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=H)
+        vocab = 64
+    else:
+        H, D, op_cases, model_cases, check_cases = bench.H, bench.D, OP_CASES, MODEL_CASES, CHECK_CASES
+        preset, vocab = TTT_STANDARD_CONFIGS["125m"], 32000
+    print(f"{results['provenance']['gpu']}: writing {out}", flush=True)
+    sections = [
+        ("gradients", lambda: gradients(run, check_cases)),
+        ("op_fwd_bwd", lambda: op_level(run, op_cases, H, D)),
+        ("mlp_op_fwd_bwd", lambda: mlp_op_level(run, op_cases, H, D)),
+        ("model_training", lambda: model_training(run, model_cases, preset, vocab)),
+    ]
+    for name, section in sections:
+        print(f"== {name}", flush=True)
+        run.attempt(results, name, section)
+        save()
+    print(f"wrote {out} in {results['elapsed_s']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
