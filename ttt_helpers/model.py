@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import checks
 from .layers import IMPLS, TTTMLP, TTTLayer, TTTLinear
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
@@ -89,8 +90,11 @@ class TTTConfig(PretrainedConfig):
             raise ValueError(f"backbone must be 'transformer' or 'mamba', got {backbone!r}")
         if ttt_base_lr is None:
             ttt_base_lr = LAYERS[ttt_layer_type].default_base_lr
-        if ttt_base_lr <= 0:
-            raise ValueError(f"ttt_base_lr must be > 0, got {ttt_base_lr}")
+        ttt_base_lr = checks.positive("ttt_base_lr", ttt_base_lr)
+        rms_norm_eps = checks.positive("rms_norm_eps", rms_norm_eps)
+        initializer_range = checks.positive("initializer_range", initializer_range)
+        checks.boolean("use_cache", use_cache)
+        checks.boolean("tie_word_embeddings", tie_word_embeddings)
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.ttt_layer_type, self.mini_batch_size, self.ttt_base_lr = ttt_layer_type, mini_batch_size, ttt_base_lr
@@ -299,6 +303,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            # reading the ids back would break the capture of a CUDA graph: check their values outside one
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            checks.token_ids("input_ids", input_ids, self.config.vocab_size, dims=2, values=not capturing)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask must be all ones: a TTT state cannot skip padded tokens")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
