@@ -307,7 +307,7 @@ def test_ids_outside_the_vocabulary_name_the_argument():
         metrics.length_generalization(llama, [bad.repeat(4)], train_window=4)
     with pytest.raises(ValueError, match=r"input_ids holds token id 40"):
         transplant.record_attention(llama, [0], bad[None])
-    with pytest.raises(ValueError, match=r"prompt \(encoded\) holds token id 105"):
+    with pytest.raises(ValueError, match=r"prompt \(encoded\) holds token id 104"):
         T.stream_generate(ttt, None, "hi", 3)  # bytes 104 and 105 in a 32-token model
     with pytest.raises(ValueError, match=r"ids must be byte values"):
         data.decode_bytes([65, 300])

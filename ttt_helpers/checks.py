@@ -118,9 +118,9 @@ def token_ids(
     if ids.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"{name} must be an integer tensor of token ids (torch.long), got {ids.dtype}")
     if values and ids.numel():
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (vocab_size is not None and high >= vocab_size):
-            bad = low if low < 0 else high
+        outside = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+        if outside.any():  # one read from the device where all is well
+            bad = int(ids[outside].flatten()[0])
             limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
             raise ValueError(f"{name} holds token id {bad}, outside the vocabulary {limit}")
     return ids
