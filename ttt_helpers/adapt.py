@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
+
+from . import checks
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 Batch = dict[str, Tensor]
@@ -56,11 +59,18 @@ class AdaptResult:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """The distinct last names of the model's `nn.Linear` modules: the valid LoRA targets."""
+    checks.module("model", model)
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
 def _token_rows(tokenizer, text: str | Sequence[str]) -> list[list[int]]:
     """Token ids of each row of `text` (a string is one row), as the tokenizer encodes it by default."""
+    if not callable(tokenizer):
+        raise TypeError(
+            f"tokenizer must be a Hugging Face tokenizer (callable on a string), got {type(tokenizer).__name__}"
+        )
+    if not isinstance(text, (str, list, tuple)):
+        raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
     rows = [text] if isinstance(text, str) else list(text)
     if not rows:
         raise ValueError("text must be a non-empty string or a non-empty list of strings, got an empty list")
@@ -84,6 +94,9 @@ def chunk_batches(rows: list[list[int]], chunk_tokens: int) -> list[Batch]:
     padding has attention 0 and label -100. A chunk starts without the previous one in its
     context, so the first token of each chunk is never a target.
     """
+    checks.integer("chunk_tokens", chunk_tokens, 2)
+    if not rows or not all(isinstance(r, (list, tuple)) and r for r in rows):
+        raise ValueError("rows must be a non-empty list of non-empty lists of token ids")
     n_chunks = max(math.ceil(len(r) / chunk_tokens) for r in rows)
     batches = []
     for k in range(n_chunks):
@@ -153,13 +166,24 @@ def adapt_lora(
     """
     if isinstance(model, PeftModel):
         raise ValueError("model already carries a peft adapter: unload it first")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+    checks.module("model", model)
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            "model still has a LoRA adapter attached from an earlier adapt_lora call (a re-run cell?): "
+            "remove it with `result.unload()` on that call's result (or use `with adapted(...)`, which always "
+            "removes it), or load the model again"
+        )
+    checks.integer("steps", steps, 1)
+    checks.positive("lr", lr)
+    checks.integer("rank", rank, 1)
+    checks.integer("seed", seed)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be a function callback(step, peft_model) or None, got {type(callback).__name__}"
+        )
     valid = linear_module_names(model)
+    if not isinstance(target_modules, (str, list, tuple)):
+        raise TypeError(f"target_modules must be a list of names from {valid}, got {type(target_modules).__name__}")
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     unknown = [t for t in targets if t not in valid]
     if not targets or unknown:
@@ -167,9 +191,17 @@ def adapt_lora(
     if chunk_tokens is None:
         window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         chunk_tokens = window or 2**62  # no known window: every row is one chunk
-    if chunk_tokens < 2:
-        raise ValueError(f"chunk_tokens must be >= 2, got {chunk_tokens}")
-    batches = chunk_batches(_token_rows(tokenizer, text), chunk_tokens)
+    checks.integer("chunk_tokens", chunk_tokens, 2)
+    rows = _token_rows(tokenizer, text)
+    vocab = checks.model_vocab_size(model)
+    for i, row in enumerate(rows):
+        name = "text" if isinstance(text, str) else f"text[{i}]"
+        if vocab is not None and not all(0 <= t < vocab for t in row):
+            bad = next(t for t in row if not 0 <= t < vocab)
+            raise ValueError(
+                f"{name} encodes to token id {bad}, outside the model's vocabulary [0, {vocab}): a tokenizer of another model?"
+            )
+    batches = chunk_batches(rows, chunk_tokens)
 
     start = time.perf_counter()
     snapshot = _take_snapshot(model)
@@ -233,8 +265,9 @@ def adapted(model: nn.Module, tokenizer, text: str | Sequence[str], **kwargs) ->
 
 def greedy_answer(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 12) -> str:
     """Greedy continuation of `prompt` (encoded as the tokenizer does by default), new text only."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    checks.module("model", model)
+    checks.string("prompt", prompt)
+    checks.integer("max_new_tokens", max_new_tokens, 1)
     device = next(model.parameters()).device
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)  # [1, T]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -255,6 +288,9 @@ def answer_nll(model: nn.Module, tokenizer, prompt: str, answer: str) -> float:
     A graded view of recall: it falls as the model comes to expect the answer, before greedy
     decoding produces it. The answer is encoded without special tokens.
     """
+    checks.module("model", model)
+    checks.string("prompt", prompt)
+    checks.string("answer", answer)
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     if not prompt_ids or not answer_ids:
@@ -268,6 +304,7 @@ def answer_nll(model: nn.Module, tokenizer, prompt: str, answer: str) -> float:
 
 def weights_checksum(model: nn.Module) -> str:
     """SHA-256 of the state dict (names, dtypes, shapes and raw bytes): equal iff bitwise equal."""
+    checks.module("model", model)
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()

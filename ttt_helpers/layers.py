@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import kernels, ops
+from . import checks, kernels, ops
 
 State = tuple[Tensor, ...]
 IMPLS = ("auto", "kernel", "reference")
@@ -42,14 +42,15 @@ class TTTLayer(nn.Module):
     ) -> None:
         super().__init__()
         base_lr = self.default_base_lr if base_lr is None else base_lr
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if num_heads < 1 or hidden_size % num_heads:
+        checks.one_of("impl", impl, IMPLS)
+        checks.integer("hidden_size", hidden_size, 1)
+        checks.integer("num_heads", num_heads, 1)
+        if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        if base_lr <= 0:
-            raise ValueError(f"base_lr must be > 0, got {base_lr}")
+        checks.integer("mini_batch_size", mini_batch_size, 1)
+        base_lr = checks.positive("base_lr", base_lr)
+        eps = checks.positive("eps", eps)
+        checks.boolean("use_gate", use_gate)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.mini_batch_size, self.base_lr, self.eps, self.impl = mini_batch_size, base_lr, eps, impl
@@ -81,6 +82,7 @@ class TTTLayer(nn.Module):
 
     def initial_state(self, batch_size: int) -> State:
         """The learned initial state for a batch: tensors [B, H, ...]."""
+        checks.integer("batch_size", batch_size, 1)
         return tuple(p.unsqueeze(0).expand(batch_size, *p.shape) for p in self.initial_params())
 
     def token_idx(self) -> Tensor:
@@ -100,8 +102,13 @@ class TTTLayer(nn.Module):
 
     def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """XQ, XK, XV: [B, H, T, D] and eta: [B, H, T] for x: [B, T, C]."""
+        checks.tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must hold at least one row and one token (B, T >= 1), got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor (hidden states, not token ids), got {x.dtype}")
         return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), self.inner_lr(x)
 
     def _output(self, Z: Tensor, x: Tensor) -> Tensor:
@@ -118,9 +125,15 @@ class TTTLayer(nn.Module):
         Passing the returned state into the next call continues the sequence; splitting it at a
         multiple of `mini_batch_size` gives the same outputs as one call.
         """
+        checks.boolean("primal", primal)
         XQ, XK, XV, eta = self._inputs(x)
         if state is None:
             state = self.initial_state(x.shape[0])
+        n = len(self.initial_params())
+        if not isinstance(state, (tuple, list)) or len(state) != n:
+            got = f"{len(state)} tensors" if isinstance(state, (tuple, list)) else type(state).__name__
+            hint = " (forward takes the parameters only; forward_stream takes *params, *grads)"
+            raise ValueError(f"state of a TTT-{self.kind} layer must be {n} tensors{hint}, got {got}")
         if primal:
             op = self.primal_op
         elif self._use_kernel(XQ):
@@ -155,6 +168,20 @@ class TTTLayer(nn.Module):
         """
         XQ, XK, XV, eta = self._inputs(x)
         token_idx, dual = self.token_idx(), None
+        ops.check_stream(
+            self.kind,
+            XQ,
+            XK,
+            XV,
+            eta,
+            state,
+            position,
+            self.ln_weight,
+            self.ln_bias,
+            self.mini_batch_size,
+            token_idx,
+            self.eps,
+        )  # here too: the kernels below check nothing
         if self._use_kernel(XQ):
             prefill, decode, train = self._kernels()
             if self._needs_grad(XQ, XK, XV, eta, *state):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checks
 from .compat import cache_kwargs, output_cache
 
 # ---------------------------------------------------------------- helpers
@@ -43,8 +44,10 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _documents(token_ids: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
-    """One 1-D LongTensor or a non-empty list of them, as a list."""
+def check_documents(token_ids: Tensor | Sequence[Tensor], name: str, vocab_size: int | None = None) -> list[Tensor]:
+    """One 1-D LongTensor or a non-empty list of them, as a list; every id in [0, vocab_size)."""
+    if not isinstance(token_ids, (Tensor, list, tuple)):
+        raise TypeError(f"{name} must be a 1-D LongTensor or a list of them, got {type(token_ids).__name__}")
     docs = [token_ids] if isinstance(token_ids, Tensor) else list(token_ids)
     if not docs:
         raise ValueError(f"{name} must hold at least one document, got an empty list")
@@ -52,7 +55,16 @@ def _documents(token_ids: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
         if not isinstance(doc, Tensor) or doc.dim() != 1 or doc.dtype != torch.long:
             got = f"{doc.dim()}-D {doc.dtype} tensor" if isinstance(doc, Tensor) else type(doc).__name__
             raise ValueError(f"{name}[{i}] must be a 1-D LongTensor of token ids, got a {got}")
+        checks.token_ids(f"{name}[{i}]", doc, vocab_size)
     return docs
+
+
+def _model(model: nn.Module) -> int | None:
+    """Check that `model` is a module with parameters; returns its vocabulary size where known."""
+    checks.module("model", model)
+    if next(model.parameters(), None) is None:
+        raise ValueError("model must have parameters (its device is where the inputs go), got none")
+    return checks.model_vocab_size(model)
 
 
 def _next_token_nll(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -84,10 +96,9 @@ def perplexity(model: nn.Module, token_ids: Tensor | Sequence[Tensor], *, window
     separately and the result is weighted by token. A document of at most `window + 1` tokens is
     one window: `exp(model(ids, labels=ids).loss)`.
     """
-    docs = _documents(token_ids, "token_ids")
-    if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
-    if not 1 <= stride <= window:
+    docs = check_documents(token_ids, "token_ids", _model(model))
+    checks.integer("window", window, 2)
+    if not 1 <= checks.integer("stride", stride) <= window:
         raise ValueError(f"stride must be between 1 and window={window}, got {stride}")
     for i, doc in enumerate(docs):
         if doc.numel() < 2:
@@ -119,9 +130,8 @@ def per_position_loss(model: nn.Module, documents: Sequence[Tensor], *, length: 
     shorter than `length` is dropped, and the curve is the mean over all windows. A model that
     keeps using its context has a curve that keeps falling.
     """
-    docs = _documents(documents, "documents")
-    if length < 2:
-        raise ValueError(f"length must be >= 2, got {length}")
+    docs = check_documents(documents, "documents", _model(model))
+    checks.integer("length", length, 2)
     for i, doc in enumerate(docs):
         if doc.numel() < length:
             raise ValueError(f"documents[{i}] must have at least length={length} tokens, got {doc.numel()}")
@@ -182,6 +192,48 @@ class LengthGeneralization:
         return ax
 
 
+def evaluation_lengths(
+    documents: Sequence[Tensor],
+    *,
+    train_window: int,
+    ratios: Sequence[float] | None = None,
+    n: int = 20,
+    name: str = "documents",
+) -> list[tuple[float, int]]:
+    """The (ratio, length) pairs `length_generalization` evaluates, checked without a model.
+
+    Raises what `length_generalization` would raise for these settings, also where no document
+    is long enough for any length, so a training run can check its evaluation before it starts.
+    """
+    docs = check_documents(documents, name)
+    checks.integer("train_window", train_window, 2)
+    if ratios is None:
+        checks.integer("n", n, 2)
+        ratios = torch.linspace(0.5, 10.0, n, dtype=torch.float64).tolist()
+    good = lambda r: isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+    if (
+        isinstance(ratios, (str, Tensor))
+        or not isinstance(ratios, Sequence)
+        or not ratios
+        or not all(map(good, ratios))
+    ):
+        raise ValueError(f"ratios must be a non-empty list of positive numbers (finite), got {ratios!r}")
+    ratios = sorted(float(r) for r in ratios)
+    plan, seen = [], set()
+    for ratio in ratios:
+        length = max(2, round(ratio * train_window))
+        if length not in seen:
+            seen.add(length)
+            plan.append((ratio, length))
+    longest = max(d.numel() for d in docs)
+    if longest <= plan[0][1]:
+        raise ValueError(
+            f"{name} are too short for every length: the shortest evaluation length ({plan[0][1]}, "
+            f"{plan[0][0]:g}x the window of {train_window}) needs {plan[0][1] + 1} tokens, the longest document has {longest}"
+        )
+    return plan
+
+
 def length_generalization(
     model: nn.Module,
     documents: Sequence[Tensor],
@@ -200,22 +252,9 @@ def length_generalization(
     Different lengths score slightly different tokens unless the document lengths minus one are
     multiples of every L.
     """
-    docs = _documents(documents, "documents")
-    if train_window < 2:
-        raise ValueError(f"train_window must be >= 2, got {train_window}")
-    if ratios is None:
-        if n < 2:
-            raise ValueError(f"n must be >= 2, got {n}")
-        ratios = torch.linspace(0.5, 10.0, n, dtype=torch.float64).tolist()
-    ratios = sorted(float(r) for r in ratios)
-    if not ratios or ratios[0] <= 0:
-        raise ValueError(f"ratios must be a non-empty list of positive numbers, got {ratios}")
-    rows, seen = [], set()
-    for ratio in ratios:
-        length = max(2, round(ratio * train_window))
-        if length in seen:
-            continue
-        seen.add(length)
+    docs = check_documents(documents, "documents", _model(model))
+    rows = []
+    for ratio, length in evaluation_lengths(docs, train_window=train_window, ratios=ratios, n=n):
         fitting = [d[: (d.numel() - 1) // length * length + 1] for d in docs if d.numel() > length]
         if not fitting:
             rows.append(LengthRow(ratio, length, None, 0))
@@ -223,10 +262,6 @@ def length_generalization(
         result = perplexity(model, fitting, window=length, stride=length)
         rows.append(LengthRow(ratio, length, result.perplexity, result.tokens))
     done = [r for r in rows if r.perplexity is not None]
-    if not done:
-        raise ValueError(
-            f"documents are too short for every length: the shortest length needs {rows[0].length + 1} tokens"
-        )
     at = {r.length: r.perplexity for r in rows}
     best = min(done, key=lambda r: r.perplexity)
     return LengthGeneralization(
@@ -369,11 +404,13 @@ def latency(
         ("repeats", repeats, 1),
         ("warmup", warmup, 0),
     ):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    vocab = vocab_size if vocab_size is not None else getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None or vocab < 1:
-        raise ValueError(f"vocab_size must be >= 1 (or the model must have config.vocab_size), got {vocab}")
+        checks.integer(name, value, low)
+    model_vocab = _model(model)
+    vocab = checks.optional_integer("vocab_size", vocab_size, 1) if vocab_size is not None else model_vocab
+    if vocab is None:
+        raise ValueError("vocab_size must be given where the model has no config.vocab_size")
+    if model_vocab is not None and vocab > model_vocab:
+        raise ValueError(f"vocab_size ({vocab}) must be at most the model's config.vocab_size ({model_vocab})")
     device = _device(model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (batch, prompt_len), generator=gen).to(device)
@@ -418,6 +455,12 @@ def latency(
 
 
 def _check_pair(p_logits: Tensor, q_logits: Tensor) -> None:
+    checks.tensor("p_logits", p_logits)
+    checks.tensor("q_logits", q_logits)
+    if not p_logits.is_floating_point() or not q_logits.is_floating_point():
+        raise ValueError(
+            f"p_logits and q_logits must be floating-point logits, got {p_logits.dtype} and {q_logits.dtype}"
+        )
     if p_logits.dim() < 1 or p_logits.shape[-1] < 1:
         raise ValueError(f"p_logits must have shape [..., V] with V >= 1, got {tuple(p_logits.shape)}")
     if q_logits.shape != p_logits.shape:

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import checks
 from .compat import cache_kwargs, take_cache
 from .layers import IMPLS, TTTMLP, TTTLayer, TTTLinear
 
@@ -91,8 +92,11 @@ class TTTConfig(PretrainedConfig):
             raise ValueError(f"backbone must be 'transformer' or 'mamba', got {backbone!r}")
         if ttt_base_lr is None:
             ttt_base_lr = LAYERS[ttt_layer_type].default_base_lr
-        if ttt_base_lr <= 0:
-            raise ValueError(f"ttt_base_lr must be > 0, got {ttt_base_lr}")
+        ttt_base_lr = checks.positive("ttt_base_lr", ttt_base_lr)
+        rms_norm_eps = checks.positive("rms_norm_eps", rms_norm_eps)
+        initializer_range = checks.positive("initializer_range", initializer_range)
+        checks.boolean("use_cache", use_cache)
+        checks.boolean("tie_word_embeddings", tie_word_embeddings)
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.ttt_layer_type, self.mini_batch_size, self.ttt_base_lr = ttt_layer_type, mini_batch_size, ttt_base_lr
@@ -329,7 +333,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         cache = take_cache({"cache": cache, "past_key_values": past_key_values})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self._embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if input_ids is not None:
+            # reading the ids back would break the capture of a CUDA graph: check their values outside one
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            checks.token_ids("input_ids", input_ids, self.config.vocab_size, dims=2, values=not capturing)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if x.dim() != 3 or x.shape[1] == 0:
             name = "input_ids" if inputs_embeds is None else "inputs_embeds"
             raise ValueError(f"{name} must hold at least one token per row, got shape {list(x.shape)}")
@@ -348,13 +356,6 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(cache))
 
-    def _embed(self, input_ids: Tensor) -> Tensor:
-        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor [B, T], got {_describe(input_ids)}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
-        return self.model.embed_tokens(input_ids)
-
     def prepare_inputs_for_generation(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = True, **kwargs
     ) -> dict:
@@ -366,10 +367,6 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs | cache_kwargs(cache)
-
-
-def _describe(x: object) -> str:
-    return f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
 
 
 AutoConfig.register(TTTConfig.model_type, TTTConfig)

@@ -45,8 +45,20 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+# the files of a complete converted model; a folder that lacks one is a conversion cut short
+_CONVERTED = ("config.json", "model.safetensors", "tokenizer_config.json")
+
+
+def _is_converted(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _CONVERTED)
+
+
 def _convert_smollm2(target: Path) -> None:
-    """Dequantize the GGUF into float32 safetensors in `target`, written atomically."""
+    """Dequantize the GGUF into float32 safetensors in `target`, written atomically.
+
+    Everything is written into a temporary sibling folder that is renamed to `target` only when
+    complete. A partial `target` (left by an interrupted or older conversion) is moved aside
+    and deleted first; a complete one written meanwhile by another process is kept."""
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -59,7 +71,15 @@ def _convert_smollm2(target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)  # a half-written folder never appears under the final name
+        if target.exists() and not _is_converted(target):  # a partial folder: out of the way, then gone
+            partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial.", dir=target.parent))
+            target.rename(partial / target.name)
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            tmp.rename(target)  # a half-written folder never appears under the final name
+        except OSError:
+            if not _is_converted(target):  # not another process's complete conversion: a real failure
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -85,13 +105,17 @@ def load_pretrained(
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty model name or folder, got {name!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+    if not isinstance(load_in_4bit, bool):
+        raise TypeError(f"load_in_4bit must be True or False, got {load_in_4bit!r}")
     quantization = nf4_config() if load_in_4bit else None
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep notebook outputs free of progress bars
     try:
         if name == SMOLLM2:
             folder = cache_dir() / "smollm2-135m-instruct"
-            if not (folder / "model.safetensors").is_file():
+            if not _is_converted(folder):  # missing, or left partial by an interrupted conversion
                 _convert_smollm2(folder)
         else:
             folder = name

@@ -16,11 +16,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import checks
+
 State = tuple[Tensor, ...]
 
 
 def default_token_idx(mini_batch_size: int, *, dtype=torch.float32, device=None) -> Tensor:
     """Return `1 / (1, 2, ..., b)`: token i of a mini-batch averages the i gradients so far. [b]"""
+    checks.integer("mini_batch_size", mini_batch_size, 1)
     return 1.0 / torch.arange(1, mini_batch_size + 1, dtype=dtype, device=device)
 
 
@@ -76,8 +79,13 @@ def _check_inputs(
     ln_bias: Tensor,
     mini_batch_size: int,
     token_idx: Tensor | None,
+    eps: float = 1e-6,
+    state_names: dict[str, str] | None = None,
 ) -> Tensor:
-    """Raise a ValueError naming the first bad argument; return token_idx (default filled in)."""
+    """Raise a ValueError naming the first bad argument; return token_idx (default filled in).
+
+    state_names: how to call each state tensor in a message (default: its key in `state`)."""
+    checks.positive("eps", eps)
     if not isinstance(XQ, Tensor) or XQ.dim() != 4:
         raise ValueError(f"XQ must be a 4-D tensor [B, H, T, D], got {_describe(XQ)}")
     B, H, T, D = XQ.shape
@@ -93,7 +101,7 @@ def _check_inputs(
         "XK": (XK, (B, H, T, D)),
         "XV": (XV, (B, H, T, D)),
         "eta": (eta, (B, H, T)),
-        **_state_shapes(state, B, H, D),
+        **{(state_names or {}).get(k, k): v for k, v in _state_shapes(state, B, H, D).items()},
         "ln_weight": (ln_weight, (H, D)),
         "ln_bias": (ln_bias, (H, D)),
         "token_idx": (token_idx, (mini_batch_size,)),
@@ -126,6 +134,63 @@ def _state_shapes(state: dict[str, Tensor], B: int, H: int, D: int) -> dict:
     }
 
 
+_PARAMS = {"linear": ("W0", "b0"), "mlp": ("W1", "b1", "W2", "b2")}  # a kind's state tensors, in order
+
+
+def check_stream(
+    kind: str,
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    state: State,
+    position: int,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    mini_batch_size: int,
+    token_idx: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """The checks of `ttt_continue`, for callers that may run a kernel instead; returns token_idx.
+
+    Raises a ValueError or TypeError naming the first bad argument: the inputs as in `ttt_linear`,
+    a state of (*params, *grads) with each gradient sum shaped like its parameter, and a position
+    that is an int in [0, mini_batch_size).
+    """
+    if kind not in _PARAMS:
+        raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
+    names = _PARAMS[kind]
+    n = len(names)
+    if not isinstance(state, (tuple, list)) or len(state) != 2 * n:
+        got = f"{len(state)} tensors" if isinstance(state, (tuple, list)) else type(state).__name__
+        grads = ", ".join("grad_" + k for k in names)
+        raise ValueError(
+            f"state of a TTT-{kind} layer must be {2 * n} tensors ({', '.join(names)}, {grads}), got {got}"
+        )
+    labels = {k: f"state[{i}] ({k})" for i, k in enumerate(names)}
+    token_idx = _check_inputs(
+        XQ, XK, XV, eta, dict(zip(names, state[:n])), ln_weight, ln_bias, mini_batch_size, token_idx, eps, labels
+    )
+    for i, (param, grad) in enumerate(zip(state[:n], state[n:])):
+        label = f"state[{n + i}] (grad_{names[i]})"
+        if not isinstance(grad, Tensor) or grad.shape != param.shape:
+            raise ValueError(f"{label} must have the shape of {names[i]} {list(param.shape)}, got {_describe(grad)}")
+        if grad.dtype != param.dtype or grad.device != param.device:
+            raise ValueError(f"{label} must have the dtype and device of {names[i]}, got {grad.dtype} on {grad.device}")
+    checks.integer("position", position, 0, mini_batch_size - 1)
+    return token_idx
+
+
+def _check_step(xq: Tensor, state: State, position: int, token_idx: Tensor, n_state: int) -> None:
+    """The light checks of one primal step: the state's length and the position's type and range."""
+    if not isinstance(state, (tuple, list)) or len(state) != n_state:
+        got = f"{len(state)} tensors" if isinstance(state, (tuple, list)) else type(state).__name__
+        raise ValueError(f"state must be {n_state} tensors (*params, *grads), got {got}")
+    checks.tensor("xq", xq, 4)
+    checks.tensor("token_idx", token_idx, 1)
+    checks.integer("position", position, 0, token_idx.numel() - 1)
+
+
 def _mini_batches(T: int, b: int):
     """Yield (start, end) of each mini-batch; the last one may be shorter."""
     for start in range(0, T, b):
@@ -155,7 +220,9 @@ def ttt_linear(
     token_idx: [mini_batch_size], default 1/(1..b).
     Returns Z: [B, H, T, D] and the final state W_T: [B, H, D, D], b_T: [B, H, 1, D].
     """
-    token_idx = _check_inputs(XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx)
+    token_idx = _check_inputs(
+        XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx, eps
+    )
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     W, b = W0, b0
     outputs = []
@@ -192,6 +259,7 @@ def ttt_linear_step(
     Returns z: [B, H, 1, D] and the state with this token's gradient added; when the token
     closes its mini-batch, `commit_state` turns that into the next mini-batch's start state.
     """
+    _check_step(xq, state, position, token_idx, 4)
     W, b, grad_W, grad_b = state
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     g = layer_norm_l2_grad(xk @ W + b, xv - xk, gamma, beta, eps)  # gradient at the mini-batch start
@@ -209,6 +277,9 @@ def commit_state(state: State, scale: Tensor | float) -> State:
     state = (*params, *grads), the layout of `ttt_linear_step` and `ttt_mlp_step`;
     scale = token_idx at the position of the mini-batch's last token.
     """
+    if not isinstance(state, (tuple, list)) or len(state) not in (4, 8):
+        got = f"{len(state)} tensors" if isinstance(state, (tuple, list)) else type(state).__name__
+        raise ValueError(f"state must be 4 (TTT-Linear) or 8 (TTT-MLP) tensors (*params, *grads), got {got}")
     n = len(state) // 2
     params, grads = state[:n], state[n:]
     return tuple(p - scale * g for p, g in zip(params, grads)) + tuple(torch.zeros_like(g) for g in grads)
@@ -228,7 +299,9 @@ def ttt_linear_primal(
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TTT-Linear token by token (primal form); same arguments and results as `ttt_linear`."""
-    token_idx = _check_inputs(XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx)
+    token_idx = _check_inputs(
+        XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx, eps
+    )
     Z, state = _primal_loop(
         ttt_linear_step, XQ, XK, XV, eta, (W0, b0), ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
@@ -299,7 +372,7 @@ def ttt_mlp(
     Returns Z: [B, H, T, D] and the final W1, b1, W2, b2.
     """
     token_idx = _check_inputs(
-        XQ, XK, XV, eta, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_weight, ln_bias, mini_batch_size, token_idx
+        XQ, XK, XV, eta, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     outputs = []
@@ -334,6 +407,7 @@ def ttt_mlp_step(
 ) -> tuple[Tensor, State]:
     """One token of TTT-MLP in the primal form; like `ttt_linear_step` with
     state = (W1, b1, W2, b2, grad_W1, grad_b1, grad_W2, grad_b2)."""
+    _check_step(xq, state, position, token_idx, 8)
     W1, b1, W2, b2, gW1, gb1, gW2, gb2 = state
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     grad_z1, x2, grad_z2 = _mlp_grads(xk, xv, W1, b1, W2, b2, gamma, beta, eps)
@@ -365,7 +439,7 @@ def ttt_mlp_primal(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """TTT-MLP token by token (primal form); same arguments and results as `ttt_mlp`."""
     token_idx = _check_inputs(
-        XQ, XK, XV, eta, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_weight, ln_bias, mini_batch_size, token_idx
+        XQ, XK, XV, eta, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
     Z, state = _primal_loop(
         ttt_mlp_step, XQ, XK, XV, eta, (W1, b1, W2, b2), ln_weight, ln_bias, mini_batch_size, token_idx, eps
@@ -403,14 +477,14 @@ def ttt_continue(
     is the same as one call over the whole sequence. Returns Z: [B, H, T, D], the new state and
     the new position.
     """
-    if kind not in _FORMS:
-        raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
-    if not 0 <= position < mini_batch_size:
-        raise ValueError(f"position must be in [0, {mini_batch_size}), got {position}")
+    token_idx = check_stream(
+        kind, XQ, XK, XV, eta, state, position, ln_weight, ln_bias, mini_batch_size, token_idx, eps
+    )
+    if dual is not None and not callable(dual):
+        raise TypeError(f"dual must be a function like ttt_linear or None, got {type(dual).__name__}")
     reference_dual, step = _FORMS[kind]
     dual = reference_dual if dual is None else dual
-    if token_idx is None:
-        token_idx = default_token_idx(mini_batch_size, dtype=XQ.dtype, device=XQ.device)
+    state = tuple(state)
     n = len(state) // 2
     T, t, outputs = XQ.shape[2], 0, []
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from . import data, metrics
+from . import checks, data, metrics
 from .compat import cache_kwargs, output_cache
 from .model import TTT_STANDARD_CONFIGS, TTTCache, TTTConfig, TTTForCausalLM
 
@@ -89,13 +89,16 @@ class TrainConfig:
     # evaluation after training
     eval_after: bool = _opt("measure length generalization on the validation plays after training", True)
     eval_tokens_per_doc: int | None = _opt("keep the first this many tokens of each validation play", 20_000)
-    eval_lengths: int = _opt("number of evaluation lengths from 0.5x to 10x the window", 20)
+    eval_lengths: int = _opt("number of evaluation lengths from 0.5x to 10x the window (>= 2)", 20)
     # output and logging
     out_dir: str = _opt("run folder: metrics.jsonl, checkpoints/, tensorboard/, the evaluation plot", "runs/ttt")
     log_every: int = _opt("write metrics every this many steps", 1)
     checkpoint_every: int | None = _opt("save a checkpoint every this many steps and at the end (none: never)", 100)
     keep_checkpoints: int = _opt("keep only the newest this many checkpoints", 2)
     resume: bool = _opt("continue from the newest checkpoint in out_dir", False)
+    overwrite: bool = _opt(
+        "replace the earlier run in a non-empty out_dir (deleting its files) instead of refusing", False
+    )
     tensorboard: bool = _opt("also log to TensorBoard when it is installed", True)
     wandb: bool = _opt("also log to Weights & Biases (needs the wandb package)", False)
     wandb_offline: bool = _opt("W&B offline mode: write locally, sync later with `wandb sync`", False)
@@ -103,8 +106,9 @@ class TrainConfig:
     progress: bool = _opt("show a progress bar (only on a terminal)", True)
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        for f in dataclasses.fields(self):  # the type of every field first, then the ranges
+            _check_type(f.name, f.type, getattr(self, f.name))
+        checks.one_of("model", self.model, MODELS)
         if self.preset is not None:
             if self.preset not in TTT_STANDARD_CONFIGS:
                 raise ValueError(f"preset must be one of {tuple(TTT_STANDARD_CONFIGS)} or None, got {self.preset!r}")
@@ -121,15 +125,12 @@ class TrainConfig:
             "max_steps",
             "log_every",
             "keep_checkpoints",
-            "eval_lengths",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            checks.integer(name, getattr(self, name), 1)
+        checks.integer("eval_lengths", self.eval_lengths, 2)
         for name in ("doc_tokens", "cache_reset_interval", "checkpoint_every", "eval_tokens_per_doc"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if self.window < 2:
-            raise ValueError(f"window must be >= 2, got {self.window}")
+            checks.optional_integer(name, getattr(self, name), 1)
+        checks.integer("window", self.window, 2)
         if self.model != "transformer" and self.from_pretrained is None and self.window % self.mini_batch_size:
             raise ValueError(
                 f"window ({self.window}) must be a multiple of mini_batch_size ({self.mini_batch_size}), "
@@ -137,20 +138,31 @@ class TrainConfig:
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.backbone not in ("transformer", "mamba"):
-            raise ValueError(f"backbone must be 'transformer' or 'mamba', got {self.backbone!r}")
+        checks.positive("lr", self.lr)
+        checks.real("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        checks.integer("warmup_steps", self.warmup_steps, 0)
+        checks.real("weight_decay", self.weight_decay, 0)
+        checks.real("beta1", self.beta1, 0, 1, high_open=True)
+        checks.real("beta2", self.beta2, 0, 1, high_open=True)
+        if self.grad_clip is not None:
+            checks.positive("grad_clip", self.grad_clip)
+        if self.ttt_base_lr is not None:
+            checks.positive("ttt_base_lr", self.ttt_base_lr)
+        checks.integer("seed", self.seed, 0)
+        checks.one_of("backbone", self.backbone, ("transformer", "mamba"))
+        for name in ("tokenizer", "out_dir", "wandb_project", "device"):
+            checks.string(name, getattr(self, name))
+        if self.from_pretrained is not None:
+            checks.string("from_pretrained", self.from_pretrained)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {self.device!r}"
+                ) from None
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -186,6 +198,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """Raise a TypeError unless `value` has the type of a field annotated `annotation`, e.g. 'int | None'."""
+    optional = annotation.endswith("| None")
+    base = annotation.replace("| None", "").strip()
+    if value is None:
+        if not optional:
+            raise TypeError(f"{name} must be a {base}, got None")
+        return
+    check = {"bool": checks.boolean, "int": checks.integer, "float": checks.real, "str": checks.string}[base]
+    if base == "str":
+        check(name, value, empty=True)
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    else:
+        check(name, value)
+
+
 def _convert(name: str, annotation: str, value: Any) -> Any:
     """Check (and for strings, parse) one config value against its field's annotation, e.g. 'int | None'."""
     optional = annotation.endswith("| None")
@@ -214,6 +244,7 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
 
 def load_tokenizer(name: str):
     """None for "bytes" (UTF-8 bytes as ids 0..255), else a Hugging Face tokenizer."""
+    checks.string("name", name)
     if name == "bytes":
         return None
     if name == "smollm2":
@@ -227,6 +258,7 @@ def load_tokenizer(name: str):
 
 def encode(text: str, tokenizer=None) -> Tensor:
     """Token ids [N] of `text`: UTF-8 bytes when tokenizer is None."""
+    checks.string("text", text, empty=True)
     return data.encode_bytes(text) if tokenizer is None else data.encode_tokens(text, tokenizer)
 
 
@@ -271,10 +303,14 @@ class SegmentStream:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if window < 1 or rows < 1:
-            raise ValueError(f"window and rows must be >= 1, got {window}, {rows}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        checks.integer("window", window, 1)
+        checks.integer("rows", rows, 1)
+        checks.integer("seed", seed)
+        checks.optional_integer("reset_interval", reset_interval, 1)
+        checks.integer("world_size", world_size, 1)
+        checks.integer("rank", rank, 0, world_size - 1)
+        if not isinstance(documents, (list, tuple)):
+            raise TypeError(f"documents must be a list of 1-D LongTensors, got {type(documents).__name__}")
         if len(documents) == 0:
             raise ValueError("documents must hold at least one document, got none")
         for i, doc in enumerate(documents):
@@ -348,6 +384,7 @@ class SegmentStream:
 
 def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     """A new TTT model or Llama baseline of the configured shape (seeded), or the pretrained one."""
+    checks.integer("vocab_size", vocab_size, 1)
     if config.from_pretrained is not None:
         with _no_progress_bars():
             model = AutoModelForCausalLM.from_pretrained(config.from_pretrained, dtype=torch.float32)
@@ -431,6 +468,7 @@ def segment_loss(model: nn.Module, batch: Batch, cache: TTTCache | None) -> tupl
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warm-up to `lr` over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    checks.integer("step", step, 0)
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
@@ -530,6 +568,33 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_processes(flag: bool) -> bool:
+    """Whether `flag` holds on every process (itself without a process group)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(int(flag), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+class CorruptCheckpoint(ValueError):
+    """A file of a checkpoint cannot be read (truncated or garbled)."""
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's list of names, to the disk (folders: where the system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return  # Windows cannot open a folder; its renames are durable without this
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """Keep transformers' save/load progress bars out of logs and notebooks."""
@@ -540,6 +605,47 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+# what a run writes into its out_dir: the only names overwrite=True deletes
+_RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "wandb", "length_generalization.png")
+
+
+def _check_out_dir(config: TrainConfig) -> None:
+    """Refuse a run folder that already holds a run, unless resume (continue it) or overwrite
+    (replace it: only the names a run writes, so no other file is ever deleted)."""
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not config.resume:
+        if not config.overwrite:
+            raise ValueError(
+                f"out_dir {out} is not empty (it holds {', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
+                "pass resume=True (--resume) to continue that run, overwrite=True (--overwrite) to delete it "
+                "and start again, or choose another out_dir"
+            )
+        foreign = [e for e in entries if e not in _RUN_FILES]
+        if foreign:
+            raise ValueError(
+                f"overwrite=True refuses to clear out_dir {out}: it holds {foreign}, which a training run "
+                f"does not write (a run writes only {list(_RUN_FILES)}); remove them or choose another out_dir"
+            )
+    _barrier()  # every process has looked before process 0 deletes or writes anything
+
+
+def _clear_out_dir(config: TrainConfig, rank: int) -> None:
+    """With overwrite (and no resume), process 0 deletes the earlier run's files in out_dir."""
+    out = Path(config.out_dir)
+    if config.overwrite and out.is_dir():
+        if rank == 0:
+            for name in _RUN_FILES:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        _barrier()
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -556,6 +662,7 @@ _RESUME_MAY_CHANGE = {
     "max_steps",
     "out_dir",
     "resume",
+    "overwrite",
     "progress",
     "log_every",
     "checkpoint_every",
@@ -575,11 +682,15 @@ _RESUME_MAY_CHANGE = {
 # ---------------------------------------------------------------- the training loop
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a step is not finite (nan or inf): the run cannot go on."""
+
+
 class Trainer:
     """One process's part of a run: the model, optimizer, data stream and carried TTT caches.
 
     Built new from the config, or, with `config.resume`, from the newest checkpoint in
-    `out_dir`, so that the following steps are exactly those of an uninterrupted run. Under
+    `out_dir` that can be read (unreadable newer ones are set aside with a warning), so that the following steps are exactly those of an uninterrupted run. Under
     torchrun (a process group is initialized) the model is wrapped in DistributedDataParallel
     and process `rank` reads its own rows of documents.
     """
@@ -600,14 +711,14 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        checkpoint = latest_checkpoint(self.out_dir) if config.resume else None
-        if config.resume and checkpoint is None:
-            raise ValueError(f"resume=True but {self.out_dir / 'checkpoints'} holds no checkpoint")
-        if checkpoint is None:
-            model = build_model(config, 256 if tokenizer is None else len(tokenizer))
+        saved = None
+        if config.resume:
+            checkpoint, saved = self._newest_intact_checkpoint()
+            model = saved["model"]
         else:
-            with _no_progress_bars():
-                model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=torch.float32)
+            model = build_model(config, 256 if tokenizer is None else len(tokenizer))
+        for i, doc in enumerate(train_docs):
+            checks.token_ids(f"train_docs[{i}]", doc, model.config.vocab_size)
         self.model = model.to(self.device).train()
         self.state_passing = config.state_passing and isinstance(model, TTTForCausalLM)
         if config.state_passing and not self.state_passing:
@@ -617,8 +728,8 @@ class Trainer:
             )
         self.optimizer = _optimizer(self.model, config)
         self.step, self.tokens, self.cache = 0, 0, None
-        if checkpoint is not None:
-            self._restore(checkpoint)
+        if saved is not None:
+            self._restore(checkpoint, saved)
         self.ddp = self.model  # what the forward pass runs through
         if self.world > 1:
             on_gpu = self.device.type == "cuda"
@@ -636,14 +747,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
-        self.optimizer.step()
-        self.cache = None if cache is None else cache.detach()  # truncated BPTT: no gradient across segments
-        self.step += 1
-        self.tokens += batch.inputs.numel() * self.world
         loss = loss.detach()
         if self.world > 1:
             dist.all_reduce(loss)
             loss /= self.world
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):  # the same on every process
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"step {self.step + 1}: the loss is {loss.item()} and the gradient norm {grad_norm.item()}; "
+                f"training stopped before this step changed the weights, and no checkpoint of it was written. "
+                f"Try a lower lr (now {self.config.lr}) or ttt_base_lr, or grad_clip (now {self.config.grad_clip})"
+            )
+        self.optimizer.step()
+        self.cache = None if cache is None else cache.detach()  # truncated BPTT: no gradient across segments
+        self.step += 1
+        self.tokens += batch.inputs.numel() * self.world
         return {
             "step": self.step,
             "loss": loss.item(),
@@ -697,6 +815,11 @@ class Trainer:
                 },
                 tmp / f"rank-{self.rank}.pt",
             )
+            if self.rank == 0:  # on the disk before the rename: a complete name never shows incomplete files
+                for path in [*sorted(tmp.rglob("*")), tmp]:
+                    _fsync(path)
+            else:
+                _fsync(tmp / f"rank-{self.rank}.pt")
             _barrier()
             if self.rank == 0:
                 if final.exists():  # this step was saved before: swap the new folder in
@@ -708,14 +831,67 @@ class Trainer:
                     tmp.rename(final)
                 for stale in sorted(parent.glob("step-*"))[: -self.config.keep_checkpoints]:
                     shutil.rmtree(stale)
+                _fsync(parent)
         finally:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         return final
 
-    def _restore(self, folder: Path) -> None:
-        saved = json.loads((folder / "trainer_state.json").read_text())
+    def _read_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Everything this process needs from checkpoint `folder`, read into memory.
+
+        Raises a CorruptCheckpoint naming the file that cannot be read."""
+
+        def read(path: Path, load: Callable[[Path], Any]) -> Any:
+            try:
+                return load(path)
+            except Exception as err:  # a truncated or garbled file: safetensors, JSON and pickle errors differ
+                raise CorruptCheckpoint(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+
+        def load_model(path: Path) -> nn.Module:
+            with _no_progress_bars():
+                return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+        def load_torch(path: Path) -> Any:
+            return torch.load(path, map_location=self.device, weights_only=True)
+
+        return {
+            "trainer": read(folder / "trainer_state.json", lambda p: json.loads(p.read_text())),
+            "model": read(folder / "model", load_model),
+            "optimizer": read(folder / "optimizer.pt", load_torch),
+            "rank": read(folder / f"rank-{self.rank}.pt", load_torch),
+        }
+
+    def _newest_intact_checkpoint(self) -> tuple[Path, dict[str, Any]]:
+        """The newest checkpoint that every process can read, and its contents; unreadable newer
+        ones are renamed to `corrupt-step-NNNNNNNN` (so rotation never counts them) with a warning."""
+        folders = sorted((self.out_dir / "checkpoints").glob("step-*"), reverse=True)
+        if not folders:
+            raise ValueError(f"resume=True but {self.out_dir / 'checkpoints'} holds no checkpoint")
+        problems = []
+        for folder in folders:
+            try:
+                saved, problem = self._read_checkpoint(folder), None
+            except CorruptCheckpoint as err:
+                saved, problem = None, str(err)
+            if _all_processes(problem is None):
+                return folder, saved
+            problems.append(problem or f"{folder} cannot be read by another process")
+            logger.warning("resume: %s; trying the checkpoint before it", problems[-1])
+            _barrier()
+            if self.rank == 0:
+                aside = folder.with_name("corrupt-" + folder.name)
+                for k in range(1, 1000):
+                    if not aside.exists():
+                        break
+                    aside = folder.with_name(f"corrupt-{folder.name}-{k}")
+                folder.rename(aside)
+            _barrier()
+        raise ValueError("resume=True but no checkpoint in out_dir can be read:\n" + "\n".join(problems))
+
+    def _restore(self, folder: Path, contents: dict[str, Any]) -> None:
+        saved = contents["trainer"]
         changed = sorted(
             k for k, v in self.config.to_dict().items() if k not in _RESUME_MAY_CHANGE and saved["config"].get(k) != v
         )
@@ -726,9 +902,8 @@ class Trainer:
                 f"the checkpoint was written by {saved['world_size']} processes, this run has {self.world}"
             )
         self.step, self.tokens = saved["step"], saved["tokens"]
-        optimizer_state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(optimizer_state)
-        mine = torch.load(folder / f"rank-{self.rank}.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(contents["optimizer"])
+        mine = contents["rank"]
         self.stream.load_state_dict(mine["stream"])
         if mine["cache"] is not None:
             c = mine["cache"]
@@ -785,17 +960,38 @@ def train(
     are not bytes). After every step `callback(step, metrics)` runs, after that step's checkpoint;
     an exception from it stops the run. With `eval_after`, process 0 then measures length
     generalization on val_docs and saves its plot in out_dir. A resumed run appends to
-    `metrics.jsonl`; each start writes a record with "event": "start".
+    `metrics.jsonl`; each start writes a record with "event": "start". A non-empty out_dir is
+    refused unless `resume` (continue it) or `overwrite` (delete the earlier run's files first).
+    Every setting, the documents and the evaluation are checked before the first step; a step
+    whose loss or gradient norm is not finite raises TrainingDiverged before it changes the
+    weights or writes a checkpoint.
     """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function callback(step, metrics) or None, got {type(callback).__name__}")
+    if (config.wandb or config.wandb_offline) and importlib.util.find_spec("wandb") is None:
+        raise ValueError("wandb logging (wandb or wandb_offline) needs the wandb package: pip install wandb")
     device, started = _init_distributed(config)
     run_log = None
     try:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        _check_out_dir(config)
         if train_docs is None:
             tokenizer = load_tokenizer(config.tokenizer)
             train_docs, plays_val = load_corpus(config, tokenizer)
             val_docs = plays_val if val_docs is None else val_docs
+        if isinstance(val_docs, (list, tuple)) and not val_docs:
+            val_docs = []
+        elif val_docs is not None:
+            val_docs = metrics.check_documents(val_docs, "val_docs")
         trainer = Trainer(config, train_docs, tokenizer, device)
         model = trainer.model
+        if config.eval_after and rank == 0 and val_docs:
+            for i, doc in enumerate(val_docs):
+                checks.token_ids(f"val_docs[{i}]", doc, model.config.vocab_size)
+            metrics.evaluation_lengths(val_docs, train_window=config.window, n=config.eval_lengths, name="val_docs")
+        _clear_out_dir(config, rank)
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         if trainer.rank == 0:
             run_log = RunLogger(trainer.out_dir, config)
@@ -863,6 +1059,8 @@ def train(
 
 def new_cache(model: nn.Module, batch_size: int = 1):
     """An empty cache for `model`: a TTTCache at the learned initial state, else a KV cache."""
+    checks.module("model", model)
+    checks.integer("batch_size", batch_size, 1)
     if isinstance(model, TTTForCausalLM):
         return model.model.new_cache(batch_size)
     return DynamicCache(config=model.config)
@@ -892,7 +1090,6 @@ class _Detokenizer:
         return self.tokenizer.decode(self.ids)[len(self.sent) :]
 
 
-@torch.no_grad()
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -911,16 +1108,25 @@ def stream_generate(
     generator is exhausted it has read the prompt and every generated token, and the next call
     continues the same text. temperature 0 is greedy decoding.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    checks.module("model", model)
+    checks.string("prompt", prompt, empty=True)
+    checks.integer("max_new_tokens", max_new_tokens, 1)
+    checks.real("temperature", temperature, 0)
+    checks.optional_integer("top_k", top_k, 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     ids = encode(prompt, tokenizer)
     if ids.numel() == 0:
         raise ValueError("prompt must encode to at least one token, got an empty prompt")
+    vocab = checks.model_vocab_size(model)
+    checks.token_ids("prompt (encoded)", ids, vocab)
     cache = new_cache(model) if cache is None else cache
+    return _stream(model, tokenizer, ids, max_new_tokens, cache, temperature, top_k, generator)  # checked: now run
+
+
+@torch.no_grad()
+def _stream(model, tokenizer, ids, max_new_tokens, cache, temperature, top_k, generator) -> Iterator[str]:
+    """The generator behind `stream_generate`, on checked arguments."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -958,6 +1164,10 @@ class Chat:
     def __init__(
         self, model: nn.Module, tokenizer=None, *, temperature: float = 0.8, top_k: int | None = None, seed: int = 0
     ) -> None:
+        checks.module("model", model)
+        checks.real("temperature", temperature, 0)
+        checks.optional_integer("top_k", top_k, 1)
+        checks.integer("seed", seed)
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_k = temperature, top_k
         self.generator = torch.Generator().manual_seed(seed)
@@ -1024,10 +1234,18 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    config = parse_config(argv)
+    """The command line: a bad option or config value exits with status 2 and says which; a run
+    whose loss stops being finite exits with status 1."""
+    try:
+        config = parse_config(argv)
+    except (TypeError, ValueError) as err:
+        build_parser().error(str(err))
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingDiverged as err:
+        raise SystemExit(f"error: {err}") from err
     if rank == 0 and result.losses:
         logger.info(
             "step %d: loss %.4f after %d tokens; metrics in %s",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import checks
 from .compat import CACHE_KEY, take_cache
 from .layers import TTTLinear
 
@@ -54,6 +55,11 @@ def ttt_from_attention(
     """
     if init not in ("attention", "random"):
         raise ValueError(f"init must be 'attention' or 'random', got {init!r}")
+    checks.module("attn", attn)
+    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        raise ValueError("attn must be a Llama-style attention module (q_proj, k_proj, v_proj, o_proj, head_dim)")
+    checks.integer("mini_batch_size", mini_batch_size, 1)
+    checks.integer("seed", seed)
     C, D = attn.q_proj.in_features, attn.head_dim
     H, kv_heads = attn.q_proj.out_features // D, attn.k_proj.out_features // D
     torch.manual_seed(seed)
@@ -77,7 +83,9 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _check_indices(model: nn.Module, layer_indices: Sequence[int]) -> nn.ModuleList:
     layers = _decoder_layers(model)
-    bad = [i for i in layer_indices if not 0 <= i < len(layers)]
+    if not isinstance(layer_indices, (list, tuple, range)):
+        raise TypeError(f"layer_indices must be a list of ints, got {type(layer_indices).__name__}")
+    bad = [i for i in layer_indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(layers)]
     if not layer_indices or bad:
         raise ValueError(f"layer_indices must be non-empty indices in [0, {len(layers)}), got {list(layer_indices)}")
     return layers
@@ -92,6 +100,7 @@ def record_attention(
     Returns {layer index: (hidden states entering attention [B, T, C], attention output [B, T, C])}.
     """
     layers = _check_indices(model, layer_indices)
+    checks.token_ids("input_ids", input_ids, checks.model_vocab_size(model), dims=2)
     records, hooks = {}, []
     for i in layer_indices:
 
@@ -110,9 +119,20 @@ def record_attention(
 @torch.no_grad()
 def match_scale(layer: TTTLinear, inputs: Tensor, targets: Tensor) -> float:
     """Rescale the output norm's weight so layer(inputs) has the targets' root-mean-square; returns the factor."""
+    _check_pairs(layer, inputs, targets)
     factor = (targets.pow(2).mean() / layer(inputs)[0].pow(2).mean()).sqrt().item()
     layer.post_norm.weight.mul_(factor)
     return factor
+
+
+def _check_pairs(layer: TTTLinear, inputs: Tensor, targets: Tensor) -> None:
+    checks.module("layer", layer)
+    checks.tensor("inputs", inputs, 3)
+    checks.tensor("targets", targets, 3)
+    if targets.shape != inputs.shape:
+        raise ValueError(f"targets must have the shape of inputs {list(inputs.shape)}, got {list(targets.shape)}")
+    if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(f"inputs must hold at least one row and one token, got shape {list(inputs.shape)}")
 
 
 def imitate(
@@ -130,8 +150,11 @@ def imitate(
     inputs, targets: [N, T, C], sampled `batch_size` rows at a time with AdamW. The loss is the
     mean squared error relative to the targets' mean square (1.0 = as bad as predicting zero).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_pairs(layer, inputs, targets)
+    checks.integer("steps", steps, 1)
+    checks.positive("lr", lr)
+    checks.integer("batch_size", batch_size, 1)
+    checks.integer("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=0.0)
     scale = targets.pow(2).mean()
@@ -153,6 +176,8 @@ def transplant(model: nn.Module, layers: dict[int, TTTLinear]) -> dict[int, nn.M
 
     Returns the attention modules taken out, so `transplant(model, removed)` restores them.
     """
+    if not isinstance(layers, dict) or not all(isinstance(v, nn.Module) for v in layers.values()):
+        raise TypeError("layers must be a dict {decoder layer index: TTTLinear (or the attention to restore)}")
     decoder = _check_indices(model, list(layers))
     removed = {}
     for i, layer in layers.items():
