@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -7,6 +8,22 @@ import torch
 # must be set before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A deprecation warning announces a break in a later release: in the unit tests it is an error.
+    config.addinivalue_line("filterwarnings", "error::FutureWarning")
+    config.addinivalue_line("filterwarnings", "error::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def no_deprecation_notices(caplog: pytest.LogCaptureFixture):
+    """transformers also announces deprecations in its log (once per process): none may appear."""
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    notices = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
+    assert not notices, f"deprecation notices: {notices}"
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The stored outputs of the chapters stay small and portable: no text output over 1 MB per
 notebook (figures aside), no absolute local paths, no error outputs, and every chapter is in
-the book's table of contents."""
+the book's table of contents; the Colab cell of each pins the locked versions."""
 
 import json
 import re
@@ -44,3 +44,23 @@ def test_every_chapter_is_in_the_toc():
     toc = (ROOT / "_toc.yml").read_text()
     missing = [p.name for p in NOTEBOOKS if f"notebooks/{p.stem}" not in toc]
     assert not missing, f"notebooks missing from _toc.yml: {missing}"
+
+
+def locked_versions() -> dict[str, str]:
+    """{package: version} pinned by requirements.lock."""
+    lock = (ROOT / "requirements.lock").read_text()
+    return dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", lock, flags=re.M))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_colab_cell_installs_the_locked_versions(path):
+    """The first code cell pins in Colab the versions the book is tested with (`make lock` moves them)."""
+    cell = next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    source = "".join(cell["source"])
+    assert "google.colab" in source, f"{path.name}: the first code cell is not the Colab cell"
+    pins = dict(re.findall(r'"([a-z0-9-]+)==([^"]+)"', source))
+    locked = locked_versions()
+    for name in ("transformers", "peft"):
+        assert pins.get(name) == locked[name], (
+            f"{path.name}: Colab pins {name}=={pins.get(name)}, the lock {locked[name]}"
+        )
