@@ -172,52 +172,46 @@ class TTTLinearFunction(torch.autograd.Function):
         XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, W_start, b_start = ctx.saved_tensors
         B, H, T, D = XQ.shape
         b = ctx.mini_batch_size
+        NC = W_start.shape[2]
         acc, acc_tl = accumulator(XQ.dtype)
+        device = XQ.device
         dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
-        dW = torch.empty((B, H, D, D), dtype=acc, device=XQ.device).copy_(dW_T)  # becomes the gradient of W0
-        db = torch.empty((B, H, D), dtype=acc, device=XQ.device).copy_(db_T.view(B, H, D))
-        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=x.device) for x in (XQ, XK, XV))
-        deta = torch.empty((B, H, T), dtype=eta.dtype, device=eta.device)
+        ln_weight, ln_bias, token_idx = ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous()
         block = mini_batch_block(b)
-        dln_w, dln_b = (torch.empty((B, H, D), dtype=acc, device=XQ.device) for _ in range(2))
-        dtoken_idx = torch.empty((B, H, block), dtype=acc, device=XQ.device)
         qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-        _programs().ttt_linear_backward_kernel[(B * H,)](
-            XQ,
-            XK,
-            XV,
-            eta,
-            W_start,
-            b_start,
-            ln_weight.contiguous(),
-            ln_bias.contiguous(),
-            token_idx.contiguous(),
-            dZ,
-            dW,
-            db,
-            dXQ,
-            dXK,
-            dXV,
-            deta,
-            dln_w,
-            dln_b,
-            dtoken_idx,
-            T,
-            H,
-            ctx.eps,
-            *XQ.stride()[:3],
-            *dZ.stride()[:3],
-            *dXQ.stride()[:3],
-            *eta.stride(),
-            D=D,
-            MB=b,
-            BLOCK_MB=block,
-            QK_PRECISION=qk_precision,
-            W_PRECISION=w_precision,
-            GRAD_PRECISION=grad_precision,
-            ACC=acc_tl,
-            num_warps=num_warps(D),
-        )
+        consts = dict(D=D, MB=b, BLOCK_MB=block, ACC=acc_tl, num_warps=num_warps(D))
+        programs = _programs()
+
+        # 1. per mini-batch, in parallel: what the adjoint recurrence reads (dz, -M^T dz, LN-L2-grad's rows)
+        local = torch.empty((4, B * H, T, D), dtype=acc, device=device)
+        stats = torch.empty((3, B * H, T), dtype=acc, device=device)
+        programs.ttt_linear_bwd_local_kernel[(NC, B * H)](
+            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, *local, stats,
+            T, B * H, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *eta.stride(),
+            QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, **consts,
+        )  # fmt: skip
+        # 2. the adjoint of the state through the mini-batches in reverse, one program per (batch, head)
+        dW = torch.empty((B, H, D, D), dtype=acc, device=device).copy_(dW_T)  # becomes the gradient of W0
+        db = torch.empty((B, H, D), dtype=acc, device=device).copy_(db_T.view(B, H, D))
+        dW_end = torch.empty((B * H, NC, D, D), dtype=acc, device=device)
+        db_end = torch.empty((B * H, NC, D), dtype=acc, device=device)
+        programs.ttt_linear_bwd_state_kernel[(B * H,)](
+            XQ, XK, eta, ln_weight, token_idx, *local, stats, dW, db, dW_end, db_end,
+            T, B * H, H, *XQ.stride()[:3], *eta.stride(),
+            GRAD_PRECISION=grad_precision, num_stages=2, **consts,
+        )  # fmt: skip
+        del local, stats
+        # 3. per mini-batch, in parallel: the gradients of the inputs
+        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=device) for x in (XQ, XK, XV))
+        deta = torch.empty((B, H, T), dtype=eta.dtype, device=device)
+        dln_w, dln_b = (torch.empty((B * H * NC, D), dtype=acc, device=device) for _ in range(2))
+        dtoken_idx = torch.empty((B * H * NC, block), dtype=acc, device=device)
+        programs.ttt_linear_bwd_inputs_kernel[(NC, B * H)](
+            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, dW_end, db_end,
+            dXQ, dXK, dXV, deta, dln_w, dln_b, dtoken_idx,
+            T, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *dXQ.stride()[:3], *eta.stride(),
+            QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, **consts,
+        )  # fmt: skip
         W_dtype, b_dtype = ctx.state_dtypes
         return (
             dXQ,
@@ -226,9 +220,9 @@ class TTTLinearFunction(torch.autograd.Function):
             deta,
             dW.to(W_dtype),
             db.view(B, H, 1, D).to(b_dtype),
-            dln_w.sum(0).to(ln_weight.dtype),
-            dln_b.sum(0).to(ln_bias.dtype),
-            dtoken_idx.sum((0, 1))[:b].to(token_idx.dtype),
+            dln_w.view(B, H, NC, D).sum((0, 2)).to(ln_weight.dtype),
+            dln_b.view(B, H, NC, D).sum((0, 2)).to(ln_bias.dtype),
+            dtoken_idx.sum(0)[:b].to(token_idx.dtype),
             None,
             None,
         )
