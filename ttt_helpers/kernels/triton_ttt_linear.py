@@ -195,7 +195,9 @@ def ttt_linear_prefill_kernel(
     QK_PRECISION of xq xk^T (inputs only: exact in their own 16-bit type), W_PRECISION of the
     products with the state W, GRAD_PRECISION of those with the float32 gradients.
     SAVE_STATES (the training forward): W_START [B, H, NC, D, D] and B_START [B, H, NC, D],
-    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches.
+    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches,
+    and Z is not written: ttt_linear_output_kernel computes it from those states for every
+    mini-batch in parallel, which leaves only the state update in this sequential loop.
     ACC: the dtype of the state and arithmetic (float32; float64 for float64 inputs).
     """
     pid = tl.program_id(0)
@@ -234,13 +236,14 @@ def ttt_linear_prefill_kernel(
         z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
         grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
 
-        # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
-        # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
-        e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
-        attn = _dot(xq, tl.trans(xk), QK_PRECISION)
-        z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
-        out = _residual_ln(xq, z, gamma, beta, D, eps)
-        tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
+        if not SAVE_STATES:  # the training forward leaves Z to ttt_linear_output_kernel
+            # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
+            # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
+            e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
+            attn = _dot(xq, tl.trans(xk), QK_PRECISION)
+            z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
+            out = _residual_ln(xq, z, gamma, beta, D, eps)
+            tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
         # commit with the last valid row of e: token_idx[n - 1] * eta[s] for s < n
         e_last = tl.load(TOKEN_IDX + n - 1).to(ACC) * eta
@@ -294,6 +297,70 @@ def _recompute_chunk(
     attn1 = _dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
     z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * attn1, grad, GRAD_PRECISION)
     return z1, grad, e, attn1, z
+
+
+@triton.jit
+def ttt_linear_output_kernel(
+    XQ,
+    XK,
+    XV,
+    ETA,
+    W_START,
+    B_START,
+    LN_W,
+    LN_B,
+    TOKEN_IDX,  # inputs: the forward's and the start states it saved
+    Z,  # output
+    T,
+    H,
+    eps,
+    sx_b,
+    sx_h,
+    sx_t,  # strides of XQ, XK, XV (last dim contiguous)
+    sz_b,
+    sz_h,
+    sz_t,  # strides of Z (last dim contiguous)
+    se_b,
+    se_h,
+    se_t,  # strides of eta
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    BLOCK_MB: tl.constexpr,
+    QK_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The training forward's output Z = XQ + LN(z), every mini-batch at once (program ids:
+    mini-batch, batch * H + head), from the start states ttt_linear_prefill_kernel saved with
+    SAVE_STATES. Arguments as there."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    bi = pid // H
+    hi = pid % H
+    rows = tl.arange(0, BLOCK_MB)
+    cols = tl.arange(0, D)
+    t, valid, _ = _chunk_rows(T, c, MB, rows)
+    gamma = tl.load(LN_W + hi * D + cols).to(ACC)
+    beta = tl.load(LN_B + hi * D + cols).to(ACC)
+    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
+    causal = rows[None, :] <= rows[:, None]
+
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
+    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
+    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+    eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
+    chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
+    W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
+    bias = tl.load(B_START + chunk * D + cols)
+
+    _, _, _, _, z = _recompute_chunk(
+        xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps, QK_PRECISION, W_PRECISION, GRAD_PRECISION
+    )
+    out = _residual_ln(xq, z, gamma, beta, D, eps)
+    z_offs = bi.to(tl.int64) * sz_b + hi * sz_h + t[:, None] * sz_t + cols[None, :]
+    tl.store(Z + z_offs, out.to(Z.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit

@@ -90,7 +90,9 @@ def _launch_prefill(
     save_states: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run the prefill kernel on checked arguments, writing Z. Returns Z, W_T, b_T and, when
-    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]."""
+    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]. Then
+    the sequential kernel only updates the state and a second one, parallel over mini-batches,
+    computes Z from the saved states (training forwards are short of programs: B * H of them)."""
     B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
@@ -134,7 +136,15 @@ def _launch_prefill(
         ACC=acc_tl,
         num_warps=num_warps(D),
     )
-    return (Z, W_T, b_T, W_start, b_start) if save_states else (Z, W_T, b_T, None, None)
+    if not save_states:
+        return Z, W_T, b_T, None, None
+    _programs().ttt_linear_output_kernel[(NC, B * H)](
+        XQ, XK, XV, eta, W_start, b_start, ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous(), Z,
+        T, H, eps, *XQ.stride()[:3], *Z.stride()[:3], *eta.stride(),
+        D=D, MB=mini_batch_size, BLOCK_MB=mini_batch_block(mini_batch_size), QK_PRECISION=qk_precision,
+        W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, ACC=acc_tl, num_warps=num_warps(D),
+    )  # fmt: skip
+    return Z, W_T, b_T, W_start, b_start
 
 
 class TTTLinearFunction(torch.autograd.Function):
@@ -149,9 +159,19 @@ class TTTLinearFunction(torch.autograd.Function):
     to what a model's training step holds anyway. Everything else inside a mini-batch (z1, the
     gradient, the dual form's products, LN statistics) is recomputed from its start state.
 
-    The backward kernel walks the mini-batches in reverse, one program per (batch, head),
-    carrying the adjoint of the state (dW, db) in registers; it starts from the gradient that
-    arrives on the final state (zero when W_T, b_T are not used).
+    The backward is three kernels, so that the sequential part (one program per (batch, head),
+    B * H programs for the GPU's 100+ SMs) does as little as possible per mini-batch:
+    1. ttt_linear_bwd_local_kernel, parallel over mini-batches: from each start state, the terms
+       that do not depend on the adjoint of the state (dz through the output LN, -M^T dz, and
+       the rows of LN-L2-grad(z1)), written out as [B * H, T, D] tiles;
+    2. ttt_linear_bwd_state_kernel walks the mini-batches in reverse carrying the adjoint (dW, db)
+       in registers, from the gradient that arrives on the final state (zero when W_T, b_T are
+       not used); per step two products with dW and a row-wise LN backward, and it saves the
+       adjoint at every mini-batch end ([B * H, NC, D, D], as large as the saved states);
+    3. ttt_linear_bwd_inputs_kernel, parallel over mini-batches: from the start state and the
+       adjoint at the end, every input gradient of the mini-batch.
+    Before: one sequential kernel recomputed the mini-batch's forward and all of its gradients
+    at every step: about 14 products of [b, D] tiles per step of the chain where step 2 has 3.
     """
 
     @staticmethod
