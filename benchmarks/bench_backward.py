@@ -9,7 +9,9 @@ gradients of the training kernels against the float64 reference (float32 and bfl
 forward + backward time of one TTT-Linear op against fla's chunk_ttt_linear, causal SDPA and the
 reference under autograd; the same for TTT-MLP against its reference; and training tokens/s
 (forward, backward, AdamW step, bf16 autocast) of the 125M preset with TTT-Linear, TTT-MLP and a
-same-size Llama with SDPA, with peak memory. About 5 minutes on an H100 or H200.
+same-size Llama with SDPA, with peak memory; and that of chapter 5's 25M byte-level TTT-Linear
+(train_gpu.py's shape, batch 32, window 512) through the kernels and the reference. About 5
+minutes on an H100 or H200.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ MODEL_CASES = [(8, 2048), (32, 512)]  # (B, T) of the 125M training steps
 REFERENCE_MAX_TOKENS = 16384  # the reference under autograd takes seconds per step past B * T of this
 CHECK_CASES = [(2, 4, 333, 32), (2, 4, 333, 64), (1, 4, 200, 128)]  # (B, H, T, D), partial last mini-batch
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
-DRY = {"op_cases": [(1, 40)], "model_cases": [(1, 32)], "check_cases": [(1, 2, 37, 16)], "H": 2, "D": 16}
+DRY = {
+    "op_cases": [(1, 40)],
+    "model_cases": [(1, 32)],
+    "check_cases": [(1, 2, 37, 16)],
+    "H": 2,
+    "D": 16,
+    "byte_shape": dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, mini_batch_size=16),
+}
 
 
 class Runner:
@@ -294,6 +303,38 @@ def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> d
     return result
 
 
+def byte_level_training(run: Runner, shape: dict, batch_size: int, window: int, reference: bool) -> dict:
+    """Training tokens/s of chapter 5's byte-level TTT-Linear (train_gpu.py's shape, batch and
+    window; built by ttt_helpers.train.build_model): one step, forward with labels, backward,
+    AdamW, float32 weights, through the kernels under bf16 autocast and through the reference ops
+    in float32 (they take one dtype for activations and state, which autocast would mix)."""
+    from ttt_helpers.train import TrainConfig, build_model
+
+    config = TrainConfig(model="ttt-linear", tokenizer="bytes", window=window, batch_size=batch_size, **shape)
+    row = {"shape": shape, "B": batch_size, "T": window, "target_tokens_per_s": 250_000}
+    row["note"] = "kernel: bf16 autocast, ttt_impl='kernel'; reference: float32, ttt_impl='reference'"
+    ids = torch.randint(0, 256, (batch_size, window), device=run.device)
+    for impl in ("kernel", "reference") if reference else ("kernel",):
+        model = build_model(config, vocab_size=256).to(run.device).train()
+        model.set_ttt_impl(impl)
+        row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step():
+            with torch.autocast(run.device, dtype=torch.bfloat16, enabled=impl == "kernel"):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        ms = run.attempt(row, f"{impl}_ms", lambda: run.slow_ms(step, repeats=5 if run.cuda else 1))
+        if ms is not None:
+            row[f"{impl}_tokens_per_s"] = batch_size * window / ms * 1e3
+        print(f"  TTT-Linear 25M bytes, {impl}: {row.get(f'{impl}_tokens_per_s')} tokens/s", flush=True)
+        del model, optimizer
+    return row
+
+
 def dry_provenance() -> dict:
     import triton
 
@@ -342,12 +383,19 @@ def main(argv: list[str] | None = None) -> None:
     else:
         H, D, op_cases, model_cases, check_cases = bench.H, bench.D, OP_CASES, MODEL_CASES, CHECK_CASES
         preset, vocab = TTT_STANDARD_CONFIGS["125m"], 32000
+    import train_gpu  # chapter 5's byte-level shape, batch and window
+
+    if args.dry_run:
+        byte_shape, byte_batch, byte_window = dict(DRY["byte_shape"]), 2, 32
+    else:
+        byte_shape, byte_batch, byte_window = dict(train_gpu.SHAPE), train_gpu.COMMON["batch_size"], train_gpu.WINDOW
     print(f"{results['provenance']['gpu']}: writing {out}", flush=True)
     sections = [
         ("gradients", lambda: gradients(run, check_cases)),
         ("op_fwd_bwd", lambda: op_level(run, op_cases, H, D)),
         ("mlp_op_fwd_bwd", lambda: mlp_op_level(run, op_cases, H, D)),
         ("model_training", lambda: model_training(run, model_cases, preset, vocab)),
+        ("byte_level_25m", lambda: byte_level_training(run, byte_shape, byte_batch, byte_window, reference=True)),
     ]
     for name, section in sections:
         print(f"== {name}", flush=True)

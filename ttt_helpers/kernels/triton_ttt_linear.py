@@ -58,14 +58,24 @@ def _normalize(x, D: tl.constexpr, eps):
 
 
 @triton.jit
+def _ln_l2_grad_parts(z, target, gamma, beta, D: tl.constexpr, eps):
+    """_ln_l2_grad with the per-row quantities its backward reuses: returns grad, z_hat, rstd,
+    g_hat = (gamma z_hat + beta - target) gamma, c1 = mean(g_hat) and c2 = mean(g_hat z_hat);
+    grad = rstd (g_hat - c1 - z_hat c2). z, target: [n, D]; gamma, beta: [D]."""
+    z_hat, rstd = _normalize(z, D, eps)
+    g_hat = (gamma[None, :] * z_hat + beta[None, :] - target) * gamma[None, :]
+    c1 = _sum(g_hat, axis=1) / D
+    c2 = _sum(g_hat * z_hat, axis=1) / D
+    grad = (g_hat - c1[:, None] - z_hat * c2[:, None]) * rstd[:, None]
+    return grad, z_hat, rstd, g_hat, c1, c2
+
+
+@triton.jit
 def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
     """Gradient w.r.t. z of 0.5 * ||LN(z) - target||^2 per row, in closed form (ops.layer_norm_l2_grad).
     z, target: [n, D]; gamma, beta: [D]."""
-    z_hat, rstd = _normalize(z, D, eps)
-    g_hat = (gamma[None, :] * z_hat + beta[None, :] - target) * gamma[None, :]
-    g_mean = _sum(g_hat, axis=1) / D
-    gz_mean = _sum(g_hat * z_hat, axis=1) / D
-    return (g_hat - g_mean[:, None] - z_hat * gz_mean[:, None]) * rstd[:, None]
+    grad, _, _, _, _, _ = _ln_l2_grad_parts(z, target, gamma, beta, D, eps)
+    return grad
 
 
 @triton.jit
@@ -84,24 +94,29 @@ def _normalize_bwd(dz_hat, z_hat, rstd, D: tl.constexpr):
 
 
 @triton.jit
-def _ln_l2_grad_bwd(dgrad, grad, z, target, gamma, beta, D: tl.constexpr, eps):
-    """Backward of grad = _ln_l2_grad(z, target, gamma, beta), given dgrad; rows of [n, D].
+def _ln_l2_grad_bwd_z(dgrad, grad, z_hat, rstd, g_hat, c2, gamma, D: tl.constexpr):
+    """Backward of grad = _ln_l2_grad(z, ...) w.r.t. z, from the parts _ln_l2_grad_parts returns;
+    rows of [n, D]. Returns dz and the adjoint of g_hat, dg_hat (both linear in dgrad).
 
-    Returns dz, dtarget: [n, D] and dgamma, dbeta: [D] summed over the rows. Why: with
-    g_hat = (gamma z_hat + beta - target) gamma, c1 = mean(g_hat), c2 = mean(g_hat z_hat),
-    grad = rstd (g_hat - c1 - z_hat c2). With q = rstd dgrad, the adjoint of g_hat is
+    Why: grad = rstd (g_hat - c1 - z_hat c2). With q = rstd dgrad, the adjoint of g_hat is
     q - mean(q) - z_hat mean(q z_hat) (the c1, c2 paths); z_hat enters directly through -z_hat c2
     and c2, and through g_hat by gamma^2; the outer rstd adds -rstd z_hat mean(dgrad grad) to dz.
     """
-    z_hat, rstd = _normalize(z, D, eps)
-    g_hat = (gamma[None, :] * z_hat + beta[None, :] - target) * gamma[None, :]
-    c2 = _sum(g_hat * z_hat, axis=1) / D
     q = dgrad * rstd[:, None]
     qz = _sum(q * z_hat, axis=1) / D
     dg_hat = q - (_sum(q, axis=1) / D)[:, None] - z_hat * qz[:, None]
     dz_hat = dg_hat * (gamma * gamma)[None, :] - c2[:, None] * q - qz[:, None] * g_hat
     through_rstd = (_sum(dgrad * grad, axis=1) / D * rstd)[:, None] * z_hat
-    dz = _normalize_bwd(dz_hat, z_hat, rstd, D) - through_rstd
+    return _normalize_bwd(dz_hat, z_hat, rstd, D) - through_rstd, dg_hat
+
+
+@triton.jit
+def _ln_l2_grad_bwd(dgrad, grad, z, target, gamma, beta, D: tl.constexpr, eps):
+    """Backward of grad = _ln_l2_grad(z, target, gamma, beta), given dgrad; rows of [n, D].
+    Returns dz, dtarget: [n, D] and dgamma, dbeta: [D] summed over the rows (g_hat is linear in
+    target and beta, quadratic in gamma)."""
+    _, z_hat, rstd, g_hat, _, c2 = _ln_l2_grad_parts(z, target, gamma, beta, D, eps)
+    dz, dg_hat = _ln_l2_grad_bwd_z(dgrad, grad, z_hat, rstd, g_hat, c2, gamma, D)
     dgamma = _sum(dg_hat * (2.0 * gamma[None, :] * z_hat + beta[None, :] - target), axis=0)
     return dz, -dg_hat * gamma[None, :], dgamma, _sum(dg_hat * gamma[None, :], axis=0)
 
@@ -180,7 +195,9 @@ def ttt_linear_prefill_kernel(
     QK_PRECISION of xq xk^T (inputs only: exact in their own 16-bit type), W_PRECISION of the
     products with the state W, GRAD_PRECISION of those with the float32 gradients.
     SAVE_STATES (the training forward): W_START [B, H, NC, D, D] and B_START [B, H, NC, D],
-    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches.
+    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches,
+    and Z is not written: ttt_linear_output_kernel computes it from those states for every
+    mini-batch in parallel, which leaves only the state update in this sequential loop.
     ACC: the dtype of the state and arithmetic (float32; float64 for float64 inputs).
     """
     pid = tl.program_id(0)
@@ -219,13 +236,14 @@ def ttt_linear_prefill_kernel(
         z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
         grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
 
-        # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
-        # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
-        e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
-        attn = _dot(xq, tl.trans(xk), QK_PRECISION)
-        z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
-        out = _residual_ln(xq, z, gamma, beta, D, eps)
-        tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
+        if not SAVE_STATES:  # the training forward leaves Z to ttt_linear_output_kernel
+            # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
+            # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
+            e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
+            attn = _dot(xq, tl.trans(xk), QK_PRECISION)
+            z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
+            out = _residual_ln(xq, z, gamma, beta, D, eps)
+            tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
         # commit with the last valid row of e: token_idx[n - 1] * eta[s] for s < n
         e_last = tl.load(TOKEN_IDX + n - 1).to(ACC) * eta
@@ -239,7 +257,114 @@ def ttt_linear_prefill_kernel(
 
 
 @triton.jit
-def ttt_linear_backward_kernel(
+def _chunk_rows(T, c, MB: tl.constexpr, rows):
+    """Mini-batch c's tokens: their times t (int64), which rows hold one (valid) and how many (n)."""
+    start = c * MB
+    n = tl.minimum(T - start, MB)
+    return (start + rows).to(tl.int64), rows < n, n
+
+
+@triton.jit
+def _load_rows(P, base, t, stride_t, cols, valid):
+    """Rows t of a [.., T, D] tensor with contiguous last dim at P + base; rows not valid read 0."""
+    return tl.load(P + base + t[:, None] * stride_t + cols[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _recompute_chunk(
+    xq,
+    xk,
+    target,
+    eta,
+    token_idx,
+    W,
+    bias,
+    gamma,
+    beta,
+    causal,
+    D: tl.constexpr,
+    eps,
+    QK_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+):
+    """The prefill's arithmetic for one mini-batch from its start state (W, bias), as the
+    backward needs it: z1 = xk W + b, grad = LN-L2-grad(z1, target), e[i, s] = token_idx[i] eta[s]
+    (s <= i), attn1 = xq xk^T + 1 and z = xq W + b - (e * attn1) grad."""
+    z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
+    grad = _ln_l2_grad(z1, target, gamma, beta, D, eps)
+    e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
+    attn1 = _dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
+    z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * attn1, grad, GRAD_PRECISION)
+    return z1, grad, e, attn1, z
+
+
+@triton.jit
+def ttt_linear_output_kernel(
+    XQ,
+    XK,
+    XV,
+    ETA,
+    W_START,
+    B_START,
+    LN_W,
+    LN_B,
+    TOKEN_IDX,  # inputs: the forward's and the start states it saved
+    Z,  # output
+    T,
+    H,
+    eps,
+    sx_b,
+    sx_h,
+    sx_t,  # strides of XQ, XK, XV (last dim contiguous)
+    sz_b,
+    sz_h,
+    sz_t,  # strides of Z (last dim contiguous)
+    se_b,
+    se_h,
+    se_t,  # strides of eta
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    BLOCK_MB: tl.constexpr,
+    QK_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The training forward's output Z = XQ + LN(z), every mini-batch at once (program ids:
+    mini-batch, batch * H + head), from the start states ttt_linear_prefill_kernel saved with
+    SAVE_STATES. Arguments as there."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    bi = pid // H
+    hi = pid % H
+    rows = tl.arange(0, BLOCK_MB)
+    cols = tl.arange(0, D)
+    t, valid, _ = _chunk_rows(T, c, MB, rows)
+    gamma = tl.load(LN_W + hi * D + cols).to(ACC)
+    beta = tl.load(LN_B + hi * D + cols).to(ACC)
+    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
+    causal = rows[None, :] <= rows[:, None]
+
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
+    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
+    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+    eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
+    chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
+    W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
+    bias = tl.load(B_START + chunk * D + cols)
+
+    _, _, _, _, z = _recompute_chunk(
+        xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps, QK_PRECISION, W_PRECISION, GRAD_PRECISION
+    )
+    out = _residual_ln(xq, z, gamma, beta, D, eps)
+    z_offs = bi.to(tl.int64) * sz_b + hi * sz_h + t[:, None] * sz_t + cols[None, :]
+    tl.store(Z + z_offs, out.to(Z.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def ttt_linear_bwd_local_kernel(
     XQ,
     XK,
     XV,
@@ -250,8 +375,182 @@ def ttt_linear_backward_kernel(
     LN_B,
     TOKEN_IDX,
     DZ,  # inputs: the forward's, its saved states, the gradient of Z
+    DZ_LOCAL,
+    DGRAD_LOCAL,
+    Z_HAT1,
+    G_HAT,
+    STATS,  # outputs: what the adjoint recurrence reads
+    T,
+    BH,
+    H,
+    eps,
+    sx_b,
+    sx_h,
+    sx_t,  # strides of XQ, XK, XV (last dim contiguous)
+    sd_b,
+    sd_h,
+    sd_t,  # strides of DZ
+    se_b,
+    se_h,
+    se_t,  # strides of eta
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    BLOCK_MB: tl.constexpr,
+    QK_PRECISION: tl.constexpr,
+    W_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """First pass of the TTT-Linear backward: everything about one mini-batch that depends only on
+    its saved start state, for all mini-batches at once (program ids: mini-batch, batch * H + head).
+
+    Writes, for ttt_linear_bwd_state_kernel, [B * H, T, D] tiles in ACC: DZ_LOCAL, the gradient of
+    z (through the output LN); DGRAD_LOCAL = -M^T dz with M = e * (xq xk^T + 1), the part of the
+    gradient of grad that comes from this mini-batch's own outputs; Z_HAT1 and G_HAT, the rows
+    LN-L2-grad(z1) was built from; and STATS [3, B * H, T]: rstd, c1, c2 of the same (see
+    _ln_l2_grad_parts). None of it depends on the adjoint of the state, so none of it needs to
+    sit in the sequential recurrence.
+    """
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    bi = pid // H
+    hi = pid % H
+    rows = tl.arange(0, BLOCK_MB)
+    cols = tl.arange(0, D)
+    t, valid, _ = _chunk_rows(T, c, MB, rows)
+    gamma = tl.load(LN_W + hi * D + cols).to(ACC)
+    beta = tl.load(LN_B + hi * D + cols).to(ACC)
+    token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
+    causal = rows[None, :] <= rows[:, None]
+
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
+    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
+    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+    eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
+    dout = _load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
+    chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
+    W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
+    bias = tl.load(B_START + chunk * D + cols)
+
+    z1, grad, e, attn1, z = _recompute_chunk(
+        xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps, QK_PRECISION, W_PRECISION, GRAD_PRECISION
+    )
+    z_hat, rstd = _normalize(z, D, eps)
+    dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
+    dgrad = -_dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
+    _, z_hat1, rstd1, g_hat, c1, c2 = _ln_l2_grad_parts(z1, target, gamma, beta, D, eps)
+
+    offs = pid.to(tl.int64) * T * D + t[:, None] * D + cols[None, :]
+    tl.store(DZ_LOCAL + offs, dz, mask=valid[:, None])
+    tl.store(DGRAD_LOCAL + offs, dgrad, mask=valid[:, None])
+    tl.store(Z_HAT1 + offs, z_hat1, mask=valid[:, None])
+    tl.store(G_HAT + offs, g_hat, mask=valid[:, None])
+    row_offs = pid.to(tl.int64) * T + t
+    tl.store(STATS + row_offs, rstd1, mask=valid)
+    tl.store(STATS + BH * T + row_offs, c1, mask=valid)
+    tl.store(STATS + 2 * BH * T + row_offs, c2, mask=valid)
+
+
+@triton.jit
+def ttt_linear_bwd_state_kernel(
+    XQ,
+    XK,
+    ETA,
+    LN_W,
+    TOKEN_IDX,
+    DZ_LOCAL,
+    DGRAD_LOCAL,
+    Z_HAT1,
+    G_HAT,
+    STATS,  # inputs: the forward's and ttt_linear_bwd_local_kernel's
     DW,
     DB,  # in: the gradient of the final state; out: that of the initial state
+    DW_END,
+    DB_END,  # outputs: the adjoint of the state at the end of every mini-batch
+    T,
+    BH,
+    H,
+    sx_b,
+    sx_h,
+    sx_t,  # strides of XQ, XK (last dim contiguous)
+    se_b,
+    se_h,
+    se_t,  # strides of eta
+    D: tl.constexpr,
+    MB: tl.constexpr,
+    BLOCK_MB: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The sequential part of the TTT-Linear backward: the adjoint (dW, db) of the state carried
+    through the mini-batches in reverse, one program per (batch, head).
+
+    DW [B, H, D, D], DB [B, H, D] (ACC, contiguous) come in holding the gradient of the final state
+    and leave holding that of W0, b0; DW_END [B * H, NC, D, D], DB_END [B * H, NC, D] receive the
+    adjoint of each mini-batch's end state, from which ttt_linear_bwd_inputs_kernel derives the
+    gradients of the inputs in parallel. Per mini-batch, with (dW', db') the adjoint of its end
+    state W' = W - xk^T (e_last grad), b' = b - sum_s e_last[s] grad[s]:
+        u = xk dW' + db',  dgrad = dgrad_local - e_last u,  dz1 = backward of LN-L2-grad(dgrad),
+        dW = dW' + xq^T dz + xk^T dz1,  db = db' + sum_s (dz + dz1)[s],
+    dz and dgrad_local read from ttt_linear_bwd_local_kernel's tiles. Only u, dz1 and the dW update
+    depend on the previous step: two products with the D x D adjoint and one row-wise backward.
+    """
+    pid = tl.program_id(0)
+    bi = pid // H
+    hi = pid % H
+    rows = tl.arange(0, BLOCK_MB)
+    cols = tl.arange(0, D)
+    state_offs = cols[:, None] * D + cols[None, :]
+    dW = tl.load(DW + pid.to(tl.int64) * D * D + state_offs).to(ACC)
+    db = tl.load(DB + pid * D + cols).to(ACC)
+    gamma = tl.load(LN_W + hi * D + cols).to(ACC)
+    x_base = bi.to(tl.int64) * sx_b + hi * sx_h
+    e_base = bi.to(tl.int64) * se_b + hi * se_h
+    l_base = pid.to(tl.int64) * T * D
+    NC = tl.cdiv(T, MB)
+    for step in range(0, NC):
+        c = NC - 1 - step
+        chunk = pid.to(tl.int64) * NC + c
+        tl.store(DW_END + chunk * D * D + state_offs, dW)
+        tl.store(DB_END + chunk * D + cols, db)
+        t, valid, n = _chunk_rows(T, c, MB, rows)
+        xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
+        xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
+        dz = _load_rows(DZ_LOCAL, l_base, t, D, cols, valid)
+        dgrad_local = _load_rows(DGRAD_LOCAL, l_base, t, D, cols, valid)
+        z_hat = _load_rows(Z_HAT1, l_base, t, D, cols, valid)
+        g_hat = _load_rows(G_HAT, l_base, t, D, cols, valid)
+        row_offs = pid.to(tl.int64) * T + t
+        rstd = tl.load(STATS + row_offs, mask=valid, other=0.0)
+        c1 = tl.load(STATS + BH * T + row_offs, mask=valid, other=0.0)
+        c2 = tl.load(STATS + 2 * BH * T + row_offs, mask=valid, other=0.0)
+        e_last = tl.load(TOKEN_IDX + n - 1).to(ACC) * tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(ACC)
+        grad = (g_hat - c1[:, None] - z_hat * c2[:, None]) * rstd[:, None]
+
+        u = _dot(xk, dW, GRAD_PRECISION) + db[None, :]
+        dz1, _ = _ln_l2_grad_bwd_z(dgrad_local - e_last[:, None] * u, grad, z_hat, rstd, g_hat, c2, gamma, D)
+        dW += _dot(tl.trans(xq), dz, GRAD_PRECISION) + _dot(tl.trans(xk), dz1, GRAD_PRECISION)
+        db += _sum(dz + dz1, axis=0)
+
+    tl.store(DW + pid.to(tl.int64) * D * D + state_offs, dW)
+    tl.store(DB + pid * D + cols, db)
+
+
+@triton.jit
+def ttt_linear_bwd_inputs_kernel(
+    XQ,
+    XK,
+    XV,
+    ETA,
+    W_START,
+    B_START,
+    LN_W,
+    LN_B,
+    TOKEN_IDX,
+    DZ,
+    DW_END,
+    DB_END,  # inputs: the forward's, its saved states, the gradient of Z, the adjoint at each end
     DXQ,
     DXK,
     DXV,
@@ -282,109 +581,83 @@ def ttt_linear_backward_kernel(
     GRAD_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Backward of ttt_linear_prefill_kernel for one (batch, head), mini-batches in reverse.
+    """Last pass of the TTT-Linear backward: the gradients of the inputs, every mini-batch at once
+    (program ids: mini-batch, batch * H + head), from its start state (W_START, B_START) and the
+    adjoint of its end state (DW_END, DB_END, from ttt_linear_bwd_state_kernel).
 
-    W_START [B, H, NC, D, D], B_START [B, H, NC, D]: the start states the forward saved (ACC).
-    DW [B, H, D, D], DB [B, H, D] (ACC, contiguous) carry the adjoint of the state: they come in
-    holding the gradient of the final state and leave holding that of W0, b0. DXQ, DXK, DXV:
-    [B, H, T, D]; DETA [B, H, T] contiguous; DLN_W, DLN_B [B * H, D] and DTOKEN_IDX
-    [B * H, BLOCK_MB] receive this program's share, summed over the batch by the caller.
-
-    Per mini-batch, from its start state (W, b) the forward's quantities are recomputed: z1 = xk W + b,
-    grad = LN-L2-grad(z1), M = e * (xq xk^T + 1), z = xq W + b - M grad, out = xq + LN(z), and the
-    commit W' = W - xk^T (e_last grad), b' = b - e_last grad. Given dout and (dW', db'):
+    DXQ, DXK, DXV: [B, H, T, D]; DETA [B, H, T] contiguous; DLN_W, DLN_B [B * H * NC, D] and
+    DTOKEN_IDX [B * H * NC, BLOCK_MB] receive this mini-batch's share, summed by the caller.
+    From the recomputed forward (_recompute_chunk), given dout and (dW', db'):
     - dz from LN's backward; dxq = dout + dz W^T + (dM * e) xk with dM = -dz grad^T;
     - grad gets -M^T dz from z and e_last du from the commit, du = -(xk dW' + db');
     - dz1 from the backward of the closed-form gradient; xk collects all three paths;
-    - dW = dW' + xq^T dz + xk^T dz1 and db likewise: the adjoint passed to the previous mini-batch;
     - e[i, s] = token_idx[i] eta[s] gives d eta and d token_idx from de = dM * (xq xk^T + 1)
       and d e_last = sum over D of du * grad.
-    Padded rows (past T) have eta = 0 and dout = 0, so every term they could add is zero.
+    dM and du, which reach eta and token_idx through sums over many terms, are taken at
+    W_PRECISION (tf32 for 16-bit inputs) rather than GRAD_PRECISION. Padded rows (past T) have
+    eta = 0 and dout = 0, so every term they could add is zero.
     """
-    pid = tl.program_id(0)
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     bi = pid // H
     hi = pid % H
     rows = tl.arange(0, BLOCK_MB)
     cols = tl.arange(0, D)
-    state_offs = pid.to(tl.int64) * D * D + cols[:, None] * D + cols[None, :]
-    dW = tl.load(DW + state_offs).to(ACC)
-    db = tl.load(DB + pid * D + cols).to(ACC)
+    t, valid, n = _chunk_rows(T, c, MB, rows)
     gamma = tl.load(LN_W + hi * D + cols).to(ACC)
     beta = tl.load(LN_B + hi * D + cols).to(ACC)
     token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
     causal = rows[None, :] <= rows[:, None]
-    dgamma = tl.zeros([D], dtype=ACC)
-    dbeta = tl.zeros([D], dtype=ACC)
-    dtoken_idx = tl.zeros([BLOCK_MB], dtype=ACC)
 
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
-    d_base = bi.to(tl.int64) * sd_b + hi * sd_h
+    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
+    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
+    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+    eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
+    dout = _load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
+    chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
+    state_offs = chunk * D * D + cols[:, None] * D + cols[None, :]
+    W = tl.load(W_START + state_offs)
+    bias = tl.load(B_START + chunk * D + cols)
+    dW = tl.load(DW_END + state_offs)
+    db = tl.load(DB_END + chunk * D + cols)
+
+    z1, grad, e, attn1, z = _recompute_chunk(
+        xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps, QK_PRECISION, W_PRECISION, GRAD_PRECISION
+    )
+    z_hat, rstd = _normalize(z, D, eps)
+    # out = xq + LN(z)
+    dgamma = _sum(dout * z_hat, axis=0)
+    dbeta = _sum(dout, axis=0)
+    dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
+    # z = xq W + b - M grad, M = e * (xq xk^T + 1)
+    dM = -_dot(dz, tl.trans(grad), W_PRECISION)
+    de = tl.where(causal, dM * attn1, 0.0)
+    dxq = dout + _dot(dz, tl.trans(W), W_PRECISION) + _dot(dM * e, xk, GRAD_PRECISION)
+    dxk = _dot(tl.trans(dM * e), xq, GRAD_PRECISION)
+    # the commit: W' = W - xk^T u, b' = b - sum_s u_s with u = e_last grad
+    tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
+    e_last = tau_last * eta
+    du = -(_dot(xk, dW, W_PRECISION) + db[None, :])
+    dxk -= _dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
+    dgrad = e_last[:, None] * du - _dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
+    de_last = _sum(du * grad, axis=1)
+    # grad = LN-L2-grad(z1, xv - xk), z1 = xk W + b
+    dz1, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad, grad, z1, target, gamma, beta, D, eps)
+    dxk += _dot(dz1, tl.trans(W), W_PRECISION) - dtarget
+    # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
+    deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
+    dtoken_idx = _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
+
     g_base = bi.to(tl.int64) * sg_b + hi * sg_h
-    e_base = bi.to(tl.int64) * se_b + hi * se_h
-    NC = tl.cdiv(T, MB)
-    for step in range(0, NC):
-        c = NC - 1 - step
-        start = c * MB
-        n = tl.minimum(T - start, MB)
-        valid = rows < n
-        t = (start + rows).to(tl.int64)
-        offs = x_base + t[:, None] * sx_t + cols[None, :]
-        xq = tl.load(XQ + offs, mask=valid[:, None], other=0.0)
-        xk = tl.load(XK + offs, mask=valid[:, None], other=0.0)
-        target = tl.load(XV + offs, mask=valid[:, None], other=0.0).to(ACC) - xk.to(ACC)
-        eta = tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(ACC)
-        dout = tl.load(DZ + d_base + t[:, None] * sd_t + cols[None, :], mask=valid[:, None], other=0.0).to(ACC)
-        chunk = pid.to(tl.int64) * NC + c
-        W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
-        bias = tl.load(B_START + chunk * D + cols)
-
-        # recompute the forward of this mini-batch from its start state
-        z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
-        grad = _ln_l2_grad(z1, target, gamma, beta, D, eps)
-        e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
-        attn1 = _dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
-        M = e * attn1
-        z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(M, grad, GRAD_PRECISION)
-        z_hat, rstd = _normalize(z, D, eps)
-
-        # out = xq + LN(z)
-        dgamma += _sum(dout * z_hat, axis=0)
-        dbeta += _sum(dout, axis=0)
-        dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
-        # z = xq W + b - M grad, M = e * (xq xk^T + 1)
-        dM = -_dot(dz, tl.trans(grad), GRAD_PRECISION)
-        de = tl.where(causal, dM * attn1, 0.0)
-        dxq = dout + _dot(dz, tl.trans(W), W_PRECISION) + _dot(dM * e, xk, GRAD_PRECISION)
-        dxk = _dot(tl.trans(dM * e), xq, GRAD_PRECISION)
-        # the commit: W' = W - xk^T u, b' = b - sum_s u_s with u = e_last grad
-        tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
-        e_last = tau_last * eta
-        du = -(_dot(xk, dW, GRAD_PRECISION) + db[None, :])
-        dxk -= _dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
-        dgrad = e_last[:, None] * du - _dot(tl.trans(M), dz, GRAD_PRECISION)
-        de_last = _sum(du * grad, axis=1)
-        # grad = LN-L2-grad(z1, xv - xk), z1 = xk W + b
-        dz1, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad, grad, z1, target, gamma, beta, D, eps)
-        dgamma += dgamma_g
-        dbeta += dbeta_g
-        dxk += _dot(dz1, tl.trans(W), W_PRECISION) - dtarget
-        dW += _dot(tl.trans(xq), dz, GRAD_PRECISION) + _dot(tl.trans(xk), dz1, GRAD_PRECISION)
-        db += _sum(dz, axis=0) + _sum(dz1, axis=0)
-        # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
-        deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
-        dtoken_idx += _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
-
-        goffs = g_base + t[:, None] * sg_t + cols[None, :]
-        tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
-        tl.store(DXK + goffs, dxk.to(DXK.dtype.element_ty), mask=valid[:, None])
-        tl.store(DXV + goffs, dtarget.to(DXV.dtype.element_ty), mask=valid[:, None])
-        tl.store(DETA + pid.to(tl.int64) * T + t, deta.to(DETA.dtype.element_ty), mask=valid)
-
-    tl.store(DW + state_offs, dW)
-    tl.store(DB + pid * D + cols, db)
-    tl.store(DLN_W + pid * D + cols, dgamma)
-    tl.store(DLN_B + pid * D + cols, dbeta)
-    tl.store(DTOKEN_IDX + pid * BLOCK_MB + rows, dtoken_idx)
+    goffs = g_base + t[:, None] * sg_t + cols[None, :]
+    tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
+    tl.store(DXK + goffs, dxk.to(DXK.dtype.element_ty), mask=valid[:, None])
+    tl.store(DXV + goffs, dtarget.to(DXV.dtype.element_ty), mask=valid[:, None])
+    tl.store(DETA + pid.to(tl.int64) * T + t, deta.to(DETA.dtype.element_ty), mask=valid)
+    tl.store(DLN_W + chunk * D + cols, dgamma + dgamma_g)
+    tl.store(DLN_B + chunk * D + cols, dbeta + dbeta_g)
+    tl.store(DTOKEN_IDX + chunk * BLOCK_MB + rows, dtoken_idx)
 
 
 @triton.jit(do_not_specialize=["pos_value"])  # one compiled program for every position

@@ -90,7 +90,9 @@ def _launch_prefill(
     save_states: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run the prefill kernel on checked arguments, writing Z. Returns Z, W_T, b_T and, when
-    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]."""
+    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]. Then
+    the sequential kernel only updates the state and a second one, parallel over mini-batches,
+    computes Z from the saved states (training forwards are short of programs: B * H of them)."""
     B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
@@ -134,7 +136,15 @@ def _launch_prefill(
         ACC=acc_tl,
         num_warps=num_warps(D),
     )
-    return (Z, W_T, b_T, W_start, b_start) if save_states else (Z, W_T, b_T, None, None)
+    if not save_states:
+        return Z, W_T, b_T, None, None
+    _programs().ttt_linear_output_kernel[(NC, B * H)](
+        XQ, XK, XV, eta, W_start, b_start, ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous(), Z,
+        T, H, eps, *XQ.stride()[:3], *Z.stride()[:3], *eta.stride(),
+        D=D, MB=mini_batch_size, BLOCK_MB=mini_batch_block(mini_batch_size), QK_PRECISION=qk_precision,
+        W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, ACC=acc_tl, num_warps=num_warps(D),
+    )  # fmt: skip
+    return Z, W_T, b_T, W_start, b_start
 
 
 class TTTLinearFunction(torch.autograd.Function):
@@ -149,9 +159,19 @@ class TTTLinearFunction(torch.autograd.Function):
     to what a model's training step holds anyway. Everything else inside a mini-batch (z1, the
     gradient, the dual form's products, LN statistics) is recomputed from its start state.
 
-    The backward kernel walks the mini-batches in reverse, one program per (batch, head),
-    carrying the adjoint of the state (dW, db) in registers; it starts from the gradient that
-    arrives on the final state (zero when W_T, b_T are not used).
+    The backward is three kernels, so that the sequential part (one program per (batch, head),
+    B * H programs for the GPU's 100+ SMs) does as little as possible per mini-batch:
+    1. ttt_linear_bwd_local_kernel, parallel over mini-batches: from each start state, the terms
+       that do not depend on the adjoint of the state (dz through the output LN, -M^T dz, and
+       the rows of LN-L2-grad(z1)), written out as [B * H, T, D] tiles;
+    2. ttt_linear_bwd_state_kernel walks the mini-batches in reverse carrying the adjoint (dW, db)
+       in registers, from the gradient that arrives on the final state (zero when W_T, b_T are
+       not used); per step two products with dW and a row-wise LN backward, and it saves the
+       adjoint at every mini-batch end ([B * H, NC, D, D], as large as the saved states);
+    3. ttt_linear_bwd_inputs_kernel, parallel over mini-batches: from the start state and the
+       adjoint at the end, every input gradient of the mini-batch.
+    Before: one sequential kernel recomputed the mini-batch's forward and all of its gradients
+    at every step: about 14 products of [b, D] tiles per step of the chain where step 2 has 3.
     """
 
     @staticmethod
@@ -172,52 +192,46 @@ class TTTLinearFunction(torch.autograd.Function):
         XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, W_start, b_start = ctx.saved_tensors
         B, H, T, D = XQ.shape
         b = ctx.mini_batch_size
+        NC = W_start.shape[2]
         acc, acc_tl = accumulator(XQ.dtype)
+        device = XQ.device
         dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
-        dW = torch.empty((B, H, D, D), dtype=acc, device=XQ.device).copy_(dW_T)  # becomes the gradient of W0
-        db = torch.empty((B, H, D), dtype=acc, device=XQ.device).copy_(db_T.view(B, H, D))
-        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=x.device) for x in (XQ, XK, XV))
-        deta = torch.empty((B, H, T), dtype=eta.dtype, device=eta.device)
+        ln_weight, ln_bias, token_idx = ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous()
         block = mini_batch_block(b)
-        dln_w, dln_b = (torch.empty((B, H, D), dtype=acc, device=XQ.device) for _ in range(2))
-        dtoken_idx = torch.empty((B, H, block), dtype=acc, device=XQ.device)
         qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-        _programs().ttt_linear_backward_kernel[(B * H,)](
-            XQ,
-            XK,
-            XV,
-            eta,
-            W_start,
-            b_start,
-            ln_weight.contiguous(),
-            ln_bias.contiguous(),
-            token_idx.contiguous(),
-            dZ,
-            dW,
-            db,
-            dXQ,
-            dXK,
-            dXV,
-            deta,
-            dln_w,
-            dln_b,
-            dtoken_idx,
-            T,
-            H,
-            ctx.eps,
-            *XQ.stride()[:3],
-            *dZ.stride()[:3],
-            *dXQ.stride()[:3],
-            *eta.stride(),
-            D=D,
-            MB=b,
-            BLOCK_MB=block,
-            QK_PRECISION=qk_precision,
-            W_PRECISION=w_precision,
-            GRAD_PRECISION=grad_precision,
-            ACC=acc_tl,
-            num_warps=num_warps(D),
-        )
+        consts = dict(D=D, MB=b, BLOCK_MB=block, ACC=acc_tl, num_warps=num_warps(D))
+        programs = _programs()
+
+        # 1. per mini-batch, in parallel: what the adjoint recurrence reads (dz, -M^T dz, LN-L2-grad's rows)
+        local = torch.empty((4, B * H, T, D), dtype=acc, device=device)
+        stats = torch.empty((3, B * H, T), dtype=acc, device=device)
+        programs.ttt_linear_bwd_local_kernel[(NC, B * H)](
+            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, *local, stats,
+            T, B * H, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *eta.stride(),
+            QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, **consts,
+        )  # fmt: skip
+        # 2. the adjoint of the state through the mini-batches in reverse, one program per (batch, head)
+        dW = torch.empty((B, H, D, D), dtype=acc, device=device).copy_(dW_T)  # becomes the gradient of W0
+        db = torch.empty((B, H, D), dtype=acc, device=device).copy_(db_T.view(B, H, D))
+        dW_end = torch.empty((B * H, NC, D, D), dtype=acc, device=device)
+        db_end = torch.empty((B * H, NC, D), dtype=acc, device=device)
+        programs.ttt_linear_bwd_state_kernel[(B * H,)](
+            XQ, XK, eta, ln_weight, token_idx, *local, stats, dW, db, dW_end, db_end,
+            T, B * H, H, *XQ.stride()[:3], *eta.stride(),
+            GRAD_PRECISION=grad_precision, num_stages=2, **consts,
+        )  # fmt: skip
+        del local, stats
+        # 3. per mini-batch, in parallel: the gradients of the inputs
+        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=device) for x in (XQ, XK, XV))
+        deta = torch.empty((B, H, T), dtype=eta.dtype, device=device)
+        dln_w, dln_b = (torch.empty((B * H * NC, D), dtype=acc, device=device) for _ in range(2))
+        dtoken_idx = torch.empty((B * H * NC, block), dtype=acc, device=device)
+        programs.ttt_linear_bwd_inputs_kernel[(NC, B * H)](
+            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, dW_end, db_end,
+            dXQ, dXK, dXV, deta, dln_w, dln_b, dtoken_idx,
+            T, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *dXQ.stride()[:3], *eta.stride(),
+            QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, **consts,
+        )  # fmt: skip
         W_dtype, b_dtype = ctx.state_dtypes
         return (
             dXQ,
@@ -226,9 +240,9 @@ class TTTLinearFunction(torch.autograd.Function):
             deta,
             dW.to(W_dtype),
             db.view(B, H, 1, D).to(b_dtype),
-            dln_w.sum(0).to(ln_weight.dtype),
-            dln_b.sum(0).to(ln_bias.dtype),
-            dtoken_idx.sum((0, 1))[:b].to(token_idx.dtype),
+            dln_w.view(B, H, NC, D).sum((0, 2)).to(ln_weight.dtype),
+            dln_b.view(B, H, NC, D).sum((0, 2)).to(ln_bias.dtype),
+            dtoken_idx.sum(0)[:b].to(token_idx.dtype),
             None,
             None,
         )
