@@ -251,6 +251,8 @@ def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> d
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
     def build(name: str):
+        if name == "llama_sdpa_compiled":  # what a user who wants speed trains: torch.compile's fused graph
+            return torch.compile(build("llama_sdpa"))
         if name == "llama_sdpa":
             config = LlamaConfig(
                 **preset,
@@ -267,10 +269,11 @@ def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> d
     result = {
         "note": "one optimizer step: forward with labels, backward, AdamW; float32 weights, bf16 autocast; "
         "median of 3 timed steps after one warm-up step; peak_memory_GiB is torch.cuda.max_memory_allocated "
-        "over those steps. The TTT layers run ttt_impl='kernel' (the training kernels).",
+        "over those steps. The TTT layers run ttt_impl='kernel' (the training kernels); llama_sdpa_compiled is "
+        "the same Llama under torch.compile (compiled in the warm-up step, which is not timed).",
         "steps": [],
     }
-    for name in ("ttt_linear", "ttt_mlp", "llama_sdpa"):
+    for name in ("ttt_linear", "ttt_mlp", "llama_sdpa", "llama_sdpa_compiled"):
         torch.manual_seed(0)
         model = build(name).to(run.device).train()
         result.setdefault("params_M", {})[name] = sum(p.numel() for p in model.parameters()) / 1e6
