@@ -1,4 +1,5 @@
 import importlib.machinery
+import importlib.util
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ttt_helpers import generate as G
 from ttt_helpers import train as T
 from ttt_helpers.compat import output_cache
 from ttt_helpers.data import decode_bytes, encode_bytes
@@ -203,7 +205,7 @@ def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, rng, monkeypatch)
             raise OSError("disk full")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(T.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     config = tiny_config(tmp_path, max_steps=6, checkpoint_every=2)
     with pytest.raises(OSError, match="disk full"):
         T.train(config, train_docs=random_docs(rng))
@@ -239,7 +241,7 @@ def test_jsonl_log_and_evaluation_plot(tmp_path, rng, caplog):
     assert evaluation["lengths"] == [r.length for r in lg.rows] and lg.rows[0].length == 4
     assert lg.rows[-1].length == 80 and evaluation["perplexities"][-1] is not None
     assert (tmp_path / "run" / "length_generalization.png").stat().st_size > 1000
-    if T.importlib.util.find_spec("tensorboard") is None:
+    if importlib.util.find_spec("tensorboard") is None:
         assert "TensorBoard is not installed" in caplog.text
     else:
         assert (tmp_path / "run" / "tensorboard").is_dir()
@@ -342,7 +344,7 @@ def test_chat_keeps_the_state_between_turns(capsys):
         return forward(input_ids=input_ids, **kwargs)
 
     model.forward = recording_forward
-    chat = T.Chat(model, temperature=0.0)
+    chat = G.Chat(model, temperature=0.0)
     first = chat.turn("ROMEO: hello\n", max_new_tokens=7)
     second = chat.turn("JULIET: hi\n", max_new_tokens=5)
     assert capsys.readouterr().out == first + "\n" + second + "\n"
@@ -360,7 +362,7 @@ def test_chat_keeps_the_state_between_turns(capsys):
 
 
 def test_chat_loop_takes_turns_until_an_empty_line(capsys):
-    chat = T.Chat(tiny_ttt(), temperature=0.0)
+    chat = G.Chat(tiny_ttt(), temperature=0.0)
     lines = iter(["hello", "again", ""])
     chat.loop(max_new_tokens=3, read=lambda prompt: next(lines))
     assert chat.cache.seen_tokens == len("hello\n") + 3 + len("again\n") + 3
@@ -369,15 +371,15 @@ def test_chat_loop_takes_turns_until_an_empty_line(capsys):
 
 def test_stream_generate_works_for_the_transformer_baseline_and_rejects_bad_input(tmp_path):
     llama = T.build_model(T.TrainConfig(**{**TINY, "model": "transformer"}), 256).eval()
-    cache = T.new_cache(llama)
-    text = "".join(T.stream_generate(llama, None, "To be", 6, cache, generator=torch.Generator().manual_seed(0)))
+    cache = G.new_cache(llama)
+    text = "".join(G.stream_generate(llama, None, "To be", 6, cache, generator=torch.Generator().manual_seed(0)))
     assert cache.get_seq_length() == 5 + 6 and len(text) >= 1
     with pytest.raises(ValueError, match="max_new_tokens"):
-        next(T.stream_generate(llama, None, "x", 0))
+        next(G.stream_generate(llama, None, "x", 0))
     with pytest.raises(ValueError, match="prompt"):
-        next(T.stream_generate(llama, None, "", 3))
+        next(G.stream_generate(llama, None, "", 3))
     with pytest.raises(ValueError, match="temperature"):
-        next(T.stream_generate(llama, None, "x", 3, temperature=-1))
+        next(G.stream_generate(llama, None, "x", 3, temperature=-1))
 
 
 # ---------------------------------------------------------------- configuration and bad input
