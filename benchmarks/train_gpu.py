@@ -51,6 +51,7 @@ COMMON = dict(
     checkpoint_every=None,
     tensorboard=False,
     progress=False,
+    precision="fp32",  # every run in float32, as recorded (auto would autocast the Transformer alone)
 )
 RUNS = {  # name: (model, state_passing)
     "TTT-Linear": ("ttt-linear", True),

@@ -289,6 +289,45 @@ def test_wandb_missing_is_a_clear_error_only_when_asked(tmp_path, rng, monkeypat
     T.train(tiny_config(tmp_path, max_steps=1), train_docs=random_docs(rng))
 
 
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_trains_the_transformer_close_to_float32(tmp_path, rng):
+    """precision="bf16" on the CPU runs the forward pass and the loss under CPU autocast: finite
+    losses near those of float32, yet not equal to them; "auto" is float32 on the CPU, bit for bit."""
+    docs, runs = random_docs(rng), {}
+    for precision in ("auto", "fp32", "bf16"):
+        config = tiny_config(
+            tmp_path / precision, model="transformer", state_passing=False, max_steps=4, precision=precision
+        )
+        runs[precision] = T.train(config, train_docs=docs)
+        start = read_jsonl(tmp_path / precision / "run" / "metrics.jsonl")[0]
+        assert start["precision"] == ("bf16" if precision == "bf16" else "fp32")
+    assert runs["auto"].losses == runs["fp32"].losses
+    bf16, fp32 = runs["bf16"].losses, runs["fp32"].losses
+    assert all(math.isfinite(x) for x in bf16) and bf16 != fp32
+    assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.05
+    assert all(p.dtype == torch.float32 for p in runs["bf16"].model.parameters())  # weights stay float32
+
+
+def test_bf16_is_refused_for_ttt_models_and_auto_autocasts_only_where_it_applies(capsys):
+    with pytest.raises(ValueError, match=r"precision='bf16' does not apply to TTT models"):
+        T.TrainConfig(**TINY, precision="bf16")  # model: ttt-linear
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'bf16', 'fp32'\), got 'fp16'"):
+        T.TrainConfig(**TINY, precision="fp16")
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--precision", "bf16"])
+    assert exit_info.value.code == 2 and "precision='bf16'" in capsys.readouterr().err
+    ttt, llama = tiny_ttt(), T.build_model(T.TrainConfig(**{**TINY, "model": "transformer"}), 256)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto, fp32 = T.TrainConfig(**TINY), T.TrainConfig(**TINY, precision="fp32")
+    assert T.bf16_autocast(auto, llama, cuda) and not T.bf16_autocast(auto, llama, cpu)
+    assert not T.bf16_autocast(auto, ttt, cuda) and not T.bf16_autocast(fp32, llama, cuda)
+    pretrained = T.TrainConfig(**TINY, precision="bf16", from_pretrained="a/folder")  # which holds a TTT model
+    with pytest.raises(ValueError, match=r"precision='bf16' does not apply to TTT models"):
+        T.bf16_autocast(pretrained, ttt, cpu)
+
+
 # ---------------------------------------------------------------- several processes
 
 

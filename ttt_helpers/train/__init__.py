@@ -7,7 +7,7 @@ DistributedDataParallel under `torchrun`, and evaluation of length generalizatio
 
     config.py       TrainConfig: every setting of a run, checked; from keyword arguments or a file
     stream.py       the corpus as token ids, and SegmentStream, its batches of segments
-    build.py        the model, the optimizer, the learning-rate schedule
+    build.py        the model, the optimizer, the learning-rate schedule, the precision
     logger.py       RunLogger: metrics.jsonl, TensorBoard, W&B
     distributed.py  devices and the process group under torchrun
     checkpoints.py  atomic checkpoints, resume, run folders
@@ -17,10 +17,10 @@ DistributedDataParallel under `torchrun`, and evaluation of length generalizatio
 Streaming generation from a trained model is in `ttt_helpers.generate`.
 """
 
-from .build import build_model, build_optimizer, learning_rate
+from .build import bf16_autocast, build_model, build_optimizer, learning_rate
 from .checkpoints import CorruptCheckpoint, latest_checkpoint
 from .cli import build_parser, main, parse_config
-from .config import MODELS, TrainConfig
+from .config import MODELS, PRECISIONS, TrainConfig
 from .logger import RunLogger
 from .loop import (
     Trainer,
@@ -35,6 +35,7 @@ from .stream import Batch, SegmentStream, load_corpus, load_tokenizer
 
 __all__ = [
     "MODELS",
+    "PRECISIONS",
     "Batch",
     "CorruptCheckpoint",
     "RunLogger",
@@ -43,6 +44,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
+    "bf16_autocast",
     "build_model",
     "build_optimizer",
     "build_parser",

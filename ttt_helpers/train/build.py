@@ -1,5 +1,5 @@
-"""What a run trains with: the model (new or pretrained), the AdamW optimizer and the
-learning-rate schedule."""
+"""What a run trains with: the model (new or pretrained), the AdamW optimizer, the learning-rate
+schedule and the precision of the forward pass."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from .. import checks
+from ..layers import TTTLayer
 from ..model import TTTConfig, TTTForCausalLM
-from .config import TrainConfig
+from .config import BF16_TTT, TrainConfig
 
 
 @contextmanager
@@ -82,6 +83,19 @@ def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
             eos_token_id=None,
         )
     )
+
+
+def bf16_autocast(config: TrainConfig, model: nn.Module, device: torch.device) -> bool:
+    """Whether `model` trains with its forward pass and loss under bfloat16 autocast on `device`,
+    as `config.precision` says; else in float32.
+
+    TTT layers need their inputs and state in one dtype, so a model holding any runs in float32
+    under "auto" and is refused under "bf16" (a ValueError).
+    """
+    ttt = any(isinstance(m, TTTLayer) for m in model.modules())
+    if config.precision == "bf16" and ttt:
+        raise ValueError(BF16_TTT)
+    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda" and not ttt)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

@@ -116,6 +116,7 @@ _RESUME_MAY_CHANGE = {
     "wandb_offline",
     "wandb_project",
     "device",
+    "precision",
     "from_pretrained",
 }
 

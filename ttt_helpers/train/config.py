@@ -20,6 +20,11 @@ from .. import checks
 from ..model import TTT_STANDARD_CONFIGS
 
 MODELS = ("ttt-linear", "ttt-mlp", "transformer")
+PRECISIONS = ("auto", "bf16", "fp32")
+BF16_TTT = (
+    "precision='bf16' does not apply to TTT models: their layers need inputs and state in one dtype, "
+    "which autocast breaks; use precision='fp32' or 'auto' (fp32 for them)"
+)
 
 
 def _opt(help_text: str, default: Any) -> Any:
@@ -61,6 +66,12 @@ class TrainConfig:
     grad_clip: float | None = _opt("clip the gradient norm to this (none: no clipping)", 1.0)
     seed: int = _opt("seed of the initial weights and the document order", 0)
     device: str = _opt("auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...", "auto")
+    precision: str = _opt(
+        "bf16: the forward pass and the loss under bfloat16 autocast, on CUDA or the CPU, for models without "
+        "TTT layers (the Transformer baseline, a pretrained Llama), as TTT layers need their inputs and state "
+        "in one dtype; fp32: float32 throughout; auto: bf16 on CUDA where it applies, else fp32",
+        "auto",
+    )
     # evaluation after training
     eval_after: bool = _opt("measure length generalization on the validation plays after training", True)
     eval_tokens_per_doc: int | None = _opt("keep the first this many tokens of each validation play", 20_000)
@@ -125,6 +136,9 @@ class TrainConfig:
             checks.positive("ttt_base_lr", self.ttt_base_lr)
         checks.integer("seed", self.seed, 0)
         checks.one_of("backbone", self.backbone, ("transformer", "mamba"))
+        checks.one_of("precision", self.precision, PRECISIONS)
+        if self.precision == "bf16" and self.model != "transformer" and self.from_pretrained is None:
+            raise ValueError(BF16_TTT)
         for name in ("tokenizer", "out_dir", "wandb_project", "device"):
             checks.string(name, getattr(self, name))
         if self.from_pretrained is not None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import checks, metrics
 from ..compat import cache_kwargs, output_cache
 from ..model import TTTCache, TTTForCausalLM
-from .build import build_model, build_optimizer, learning_rate
+from .build import bf16_autocast, build_model, build_optimizer, learning_rate
 from .checkpoints import (
     check_out_dir,
     clear_out_dir,
@@ -89,7 +89,8 @@ class Trainer:
     `out_dir` that can be read (unreadable newer ones are set aside with a warning), so that the
     following steps are exactly those of an uninterrupted run. Under torchrun (a process group
     is initialized) the model is wrapped in DistributedDataParallel and process `rank` reads its
-    own rows of documents.
+    own rows of documents. `bf16`: whether the forward pass and the loss run under bfloat16
+    autocast (`TrainConfig.precision`); the backward pass follows the forward's dtypes.
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class Trainer:
         for i, doc in enumerate(train_docs):
             checks.token_ids(f"train_docs[{i}]", doc, model.config.vocab_size)
         self.model = model.to(self.device).train()
+        self.bf16 = bf16_autocast(config, model, self.device)
         self.state_passing = config.state_passing and isinstance(model, TTTForCausalLM)
         if config.state_passing and not self.state_passing:
             logger.warning(
@@ -139,7 +141,8 @@ class Trainer:
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, cache = segment_loss(self.ddp, batch, cache)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, cache = segment_loss(self.ddp, batch, cache)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
@@ -260,6 +263,7 @@ def train(
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "world_size": trainer.world,
                     "state_passing": trainer.state_passing,
+                    "precision": "bf16" if trainer.bf16 else "fp32",
                     "config": config.to_dict(),
                 }
             )
