@@ -30,7 +30,8 @@ from bench_kernels import provenance, results_path  # noqa: E402
 
 from ttt_helpers import metrics  # noqa: E402
 from ttt_helpers.data import encode_bytes, load_plays, train_val_split  # noqa: E402
-from ttt_helpers.train import TrainConfig, stream_generate, train  # noqa: E402
+from ttt_helpers.generate import stream_generate  # noqa: E402
+from ttt_helpers.train import TrainConfig, train  # noqa: E402
 
 WINDOW = 512
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, mini_batch_size=16)
@@ -50,6 +51,7 @@ COMMON = dict(
     checkpoint_every=None,
     tensorboard=False,
     progress=False,
+    precision="fp32",  # every run in float32, as recorded (auto would autocast the Transformer alone)
 )
 RUNS = {  # name: (model, state_passing)
     "TTT-Linear": ("ttt-linear", True),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_helpers import adapt, data, layers, metrics, models, ops, transplant
+from ttt_helpers import adapt, data, generate, layers, metrics, models, ops, transplant
 from ttt_helpers import train as T
 from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
@@ -308,7 +308,7 @@ def test_ids_outside_the_vocabulary_name_the_argument():
     with pytest.raises(ValueError, match=r"input_ids holds token id 40"):
         transplant.record_attention(llama, [0], bad[None])
     with pytest.raises(ValueError, match=r"prompt \(encoded\) holds token id 104"):
-        T.stream_generate(ttt, None, "hi", 3)  # bytes 104 and 105 in a 32-token model
+        generate.stream_generate(ttt, None, "hi", 3)  # bytes 104 and 105 in a 32-token model
     with pytest.raises(ValueError, match=r"ids must be byte values"):
         data.decode_bytes([65, 300])
     with pytest.raises(ValueError, match=r"ids holds token id 300"):
@@ -435,24 +435,29 @@ TYPE_CASES = [
     ),
     (
         "stream_generate steps",
-        lambda m: T.stream_generate(m, None, "x", "3"),
+        lambda m: generate.stream_generate(m, None, "x", "3"),
         TypeError,
         "max_new_tokens must be an int",
     ),
     (
         "stream_generate temperature",
-        lambda m: T.stream_generate(m, None, "x", 3, temperature=NAN),
+        lambda m: generate.stream_generate(m, None, "x", 3, temperature=NAN),
         ValueError,
         "temperature must be a finite number",
     ),
     (
         "stream_generate top_k",
-        lambda m: T.stream_generate(m, None, "x", 3, top_k=2.5),
+        lambda m: generate.stream_generate(m, None, "x", 3, top_k=2.5),
         TypeError,
         "top_k must be an int",
     ),
-    ("Chat temperature", lambda m: T.Chat(m, temperature=INF), ValueError, "temperature must be a finite number"),
-    ("new_cache", lambda m: T.new_cache(m, batch_size=0), ValueError, "batch_size must be >= 1"),
+    (
+        "Chat temperature",
+        lambda m: generate.Chat(m, temperature=INF),
+        ValueError,
+        "temperature must be a finite number",
+    ),
+    ("new_cache", lambda m: generate.new_cache(m, batch_size=0), ValueError, "batch_size must be >= 1"),
     ("SegmentStream window", lambda m: T.SegmentStream(docs(), 8.0, rows=1), TypeError, "window must be an int"),
     (
         "SegmentStream docs",
@@ -539,7 +544,7 @@ def test_a_diverging_run_stops_before_its_nan_checkpoint(tmp_path, monkeypatch):
             nan_at_step_3.calls += 1
 
     nan_at_step_3.calls = 0
-    monkeypatch.setattr(T, "segment_loss", counting)
+    monkeypatch.setattr(T.loop, "segment_loss", counting)
     config = train_config(tmp_path, max_steps=6, checkpoint_every=1)
     with pytest.raises(T.TrainingDiverged, match=r"step 3: the loss is nan .* no checkpoint of it was written"):
         T.train(config, train_docs=docs())
@@ -553,7 +558,7 @@ def test_a_diverging_run_exits_non_zero_from_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     code = (
         "import sys, torch; from ttt_helpers import train as T; "
-        "T.load_corpus = lambda config, tokenizer=None: ([torch.randint(0, 256, (60,)) for _ in range(4)], []); "
+        "T.loop.load_corpus = lambda config, tokenizer=None: ([torch.randint(0, 256, (60,)) for _ in range(4)], []); "
         "T.main(sys.argv[1:])"
     )
     out = tmp_path / "run"

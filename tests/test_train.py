@@ -1,4 +1,5 @@
 import importlib.machinery
+import importlib.util
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ttt_helpers import generate as G
 from ttt_helpers import train as T
 from ttt_helpers.compat import output_cache
 from ttt_helpers.data import decode_bytes, encode_bytes
@@ -203,7 +205,7 @@ def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, rng, monkeypatch)
             raise OSError("disk full")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(T.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     config = tiny_config(tmp_path, max_steps=6, checkpoint_every=2)
     with pytest.raises(OSError, match="disk full"):
         T.train(config, train_docs=random_docs(rng))
@@ -239,7 +241,7 @@ def test_jsonl_log_and_evaluation_plot(tmp_path, rng, caplog):
     assert evaluation["lengths"] == [r.length for r in lg.rows] and lg.rows[0].length == 4
     assert lg.rows[-1].length == 80 and evaluation["perplexities"][-1] is not None
     assert (tmp_path / "run" / "length_generalization.png").stat().st_size > 1000
-    if T.importlib.util.find_spec("tensorboard") is None:
+    if importlib.util.find_spec("tensorboard") is None:
         assert "TensorBoard is not installed" in caplog.text
     else:
         assert (tmp_path / "run" / "tensorboard").is_dir()
@@ -285,6 +287,45 @@ def test_wandb_missing_is_a_clear_error_only_when_asked(tmp_path, rng, monkeypat
     with pytest.raises(ValueError, match="pip install wandb"):
         T.train(tiny_config(tmp_path, max_steps=1, wandb=True), train_docs=random_docs(rng))
     T.train(tiny_config(tmp_path, max_steps=1), train_docs=random_docs(rng))
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_trains_the_transformer_close_to_float32(tmp_path, rng):
+    """precision="bf16" on the CPU runs the forward pass and the loss under CPU autocast: finite
+    losses near those of float32, yet not equal to them; "auto" is float32 on the CPU, bit for bit."""
+    docs, runs = random_docs(rng), {}
+    for precision in ("auto", "fp32", "bf16"):
+        config = tiny_config(
+            tmp_path / precision, model="transformer", state_passing=False, max_steps=4, precision=precision
+        )
+        runs[precision] = T.train(config, train_docs=docs)
+        start = read_jsonl(tmp_path / precision / "run" / "metrics.jsonl")[0]
+        assert start["precision"] == ("bf16" if precision == "bf16" else "fp32")
+    assert runs["auto"].losses == runs["fp32"].losses
+    bf16, fp32 = runs["bf16"].losses, runs["fp32"].losses
+    assert all(math.isfinite(x) for x in bf16) and bf16 != fp32
+    assert max(abs(a - b) for a, b in zip(bf16, fp32)) < 0.05
+    assert all(p.dtype == torch.float32 for p in runs["bf16"].model.parameters())  # weights stay float32
+
+
+def test_bf16_is_refused_for_ttt_models_and_auto_autocasts_only_where_it_applies(capsys):
+    with pytest.raises(ValueError, match=r"precision='bf16' does not apply to TTT models"):
+        T.TrainConfig(**TINY, precision="bf16")  # model: ttt-linear
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'bf16', 'fp32'\), got 'fp16'"):
+        T.TrainConfig(**TINY, precision="fp16")
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--precision", "bf16"])
+    assert exit_info.value.code == 2 and "precision='bf16'" in capsys.readouterr().err
+    ttt, llama = tiny_ttt(), T.build_model(T.TrainConfig(**{**TINY, "model": "transformer"}), 256)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto, fp32 = T.TrainConfig(**TINY), T.TrainConfig(**TINY, precision="fp32")
+    assert T.bf16_autocast(auto, llama, cuda) and not T.bf16_autocast(auto, llama, cpu)
+    assert not T.bf16_autocast(auto, ttt, cuda) and not T.bf16_autocast(fp32, llama, cuda)
+    pretrained = T.TrainConfig(**TINY, precision="bf16", from_pretrained="a/folder")  # which holds a TTT model
+    with pytest.raises(ValueError, match=r"precision='bf16' does not apply to TTT models"):
+        T.bf16_autocast(pretrained, ttt, cpu)
 
 
 # ---------------------------------------------------------------- several processes
@@ -342,7 +383,7 @@ def test_chat_keeps_the_state_between_turns(capsys):
         return forward(input_ids=input_ids, **kwargs)
 
     model.forward = recording_forward
-    chat = T.Chat(model, temperature=0.0)
+    chat = G.Chat(model, temperature=0.0)
     first = chat.turn("ROMEO: hello\n", max_new_tokens=7)
     second = chat.turn("JULIET: hi\n", max_new_tokens=5)
     assert capsys.readouterr().out == first + "\n" + second + "\n"
@@ -360,7 +401,7 @@ def test_chat_keeps_the_state_between_turns(capsys):
 
 
 def test_chat_loop_takes_turns_until_an_empty_line(capsys):
-    chat = T.Chat(tiny_ttt(), temperature=0.0)
+    chat = G.Chat(tiny_ttt(), temperature=0.0)
     lines = iter(["hello", "again", ""])
     chat.loop(max_new_tokens=3, read=lambda prompt: next(lines))
     assert chat.cache.seen_tokens == len("hello\n") + 3 + len("again\n") + 3
@@ -369,15 +410,15 @@ def test_chat_loop_takes_turns_until_an_empty_line(capsys):
 
 def test_stream_generate_works_for_the_transformer_baseline_and_rejects_bad_input(tmp_path):
     llama = T.build_model(T.TrainConfig(**{**TINY, "model": "transformer"}), 256).eval()
-    cache = T.new_cache(llama)
-    text = "".join(T.stream_generate(llama, None, "To be", 6, cache, generator=torch.Generator().manual_seed(0)))
+    cache = G.new_cache(llama)
+    text = "".join(G.stream_generate(llama, None, "To be", 6, cache, generator=torch.Generator().manual_seed(0)))
     assert cache.get_seq_length() == 5 + 6 and len(text) >= 1
     with pytest.raises(ValueError, match="max_new_tokens"):
-        next(T.stream_generate(llama, None, "x", 0))
+        next(G.stream_generate(llama, None, "x", 0))
     with pytest.raises(ValueError, match="prompt"):
-        next(T.stream_generate(llama, None, "", 3))
+        next(G.stream_generate(llama, None, "", 3))
     with pytest.raises(ValueError, match="temperature"):
-        next(T.stream_generate(llama, None, "x", 3, temperature=-1))
+        next(G.stream_generate(llama, None, "x", 3, temperature=-1))
 
 
 # ---------------------------------------------------------------- configuration and bad input

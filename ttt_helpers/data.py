@@ -119,3 +119,9 @@ def encode_tokens(text: str, tokenizer) -> Tensor:
             f"tokenizer must be a Hugging Face tokenizer (callable on a string), got {type(tokenizer).__name__}"
         )
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def encode(text: str, tokenizer=None) -> Tensor:
+    """Token ids [N] of `text`: `encode_bytes` when tokenizer is None, else `encode_tokens`."""
+    checks.string("text", text, empty=True)
+    return encode_bytes(text) if tokenizer is None else encode_tokens(text, tokenizer)
