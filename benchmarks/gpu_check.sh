@@ -26,14 +26,14 @@ section "GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 section "1. kernel tests on the GPU"
 # the unit tests make deprecation warnings errors for CI's pinned packages; the GPU image has its own
 warn=(-W default::DeprecationWarning -W default::FutureWarning)
-run 90 python3 -m pytest -q -p no:cacheprovider "${warn[@]}" --durations=10 tests/test_kernels.py tests/test_kernels_backward.py
+run 80 python3 -m pytest -q -p no:cacheprovider "${warn[@]}" --durations=10 tests/test_kernels.py tests/test_kernels_backward.py
 section "2a. compute-sanitizer memcheck: backward GPU tests"
-run 70 compute-sanitizer --tool memcheck --error-exitcode 1 \
+run 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
     python3 -m pytest -q -p no:cacheprovider "${warn[@]}" tests/test_kernels_backward.py -k gpu
 section "2b. compute-sanitizer racecheck: backward GPU tests"
-run 70 compute-sanitizer --tool racecheck --error-exitcode 1 \
+run 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
     python3 -m pytest -q -p no:cacheprovider "${warn[@]}" tests/test_kernels_backward.py -k gpu
 section "3. bench_backward.py -> $out/backward.json"
-run 320 python3 benchmarks/bench_backward.py --out "$out/backward.json"
+run 300 python3 benchmarks/bench_backward.py --out "$out/backward.json"
 section "done: exit status $status"
 exit "$status"

@@ -3,10 +3,13 @@ with the same data, steps and window, and write what the training chapter plots 
 
     python benchmarks/train_gpu.py --budget-s 420
     python benchmarks/train_gpu.py --steps 249 --only "TTT-Linear, no passing"   # add one run to the JSON
+    python benchmarks/train_gpu.py --compare-impls 200   # the TTT-Linear run through the kernels and the reference
 
 A short probe times a TTT-Linear step first; the number of steps is then chosen so that the
 TTT runs fit the budget, and every run gets that same number of steps (equal tokens). Runs:
-TTT-Linear with state passing, TTT-Linear without it, and the Transformer (a Llama with RoPE).
+TTT-Linear with state passing, TTT-Linear without it, and the Transformer (a Llama with RoPE), all
+under bf16 autocast, the TTT layers through the Triton training kernels. `--compare-impls N` instead
+trains the TTT-Linear run N steps through the kernels and through the reference ops, from one seed.
 After each run: length generalization from 0.5x to 10x the window (20 lengths), the loss by
 position over windows of 10x the training window, and a sampled continuation. The JSON is
 rewritten after every run, so a run cut short keeps what it finished.
@@ -51,7 +54,7 @@ COMMON = dict(
     checkpoint_every=None,
     tensorboard=False,
     progress=False,
-    precision="fp32",  # every run in float32, as recorded (auto would autocast the Transformer alone)
+    precision="bf16",  # autocast for every run; the TTT states stay float32
 )
 RUNS = {  # name: (model, state_passing)
     "TTT-Linear": ("ttt-linear", True),
@@ -81,6 +84,29 @@ def step_seconds(train_docs: list[torch.Tensor], out_dir: Path) -> float:
     return (stamps[-1] - stamps[-4]) / 3
 
 
+def compare_impls(steps: int, train_docs: list[torch.Tensor], runs_dir: Path) -> dict:
+    """The TTT-Linear run trained `steps` steps through the kernels and through the reference ops
+    (ttt_impl "kernel" and "reference"), from the same seed on the same batches: both loss curves."""
+    result: dict = {"steps": steps, "note": "bf16 autocast on both; the reference computes the TTT op in float32"}
+    for impl in ("kernel", "reference"):
+        config = TrainConfig(
+            model="ttt-linear", max_steps=steps, eval_after=False, ttt_impl=impl, out_dir=str(runs_dir / impl), **COMMON
+        )
+        start = time.perf_counter()
+        run = train(config, train_docs=train_docs)
+        result[impl] = {
+            "losses": [round(x, 5) for x in run.losses],
+            "tokens_per_s": run.tokens / (time.perf_counter() - start),
+        }
+        print(
+            f"{impl}: {steps} steps, last loss {run.losses[-1]:.4f}, {result[impl]['tokens_per_s']:,.0f} tok/s",
+            flush=True,
+        )
+    diffs = [abs(a - b) for a, b in zip(result["kernel"]["losses"], result["reference"]["losses"])]
+    result["max_abs_loss_difference"], result["mean_abs_loss_difference"] = max(diffs), sum(diffs) / len(diffs)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the two TTT-Linear runs together")
@@ -95,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         help="run only these (repeatable); their results replace those in an existing --out",
     )
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/ttt-train-gpu"), help="run folders (logs)")
+    parser.add_argument("--compare-impls", type=int, default=None, metavar="N", help="only the kernel/reference runs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("train_gpu.py needs a CUDA GPU; the CPU version of these runs is chapter 5")
@@ -104,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"provenance": provenance(), "shape": SHAPE, "common": COMMON, "runs": {}}
     out = args.out or results_path("training", results["provenance"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.only and out.exists():
+    if (args.only or args.compare_impls) and out.exists():
         results = json.loads(out.read_text())  # keep the other runs; each run records its own provenance
 
     def save() -> None:
@@ -112,6 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(results, indent=1) + "\n")
 
     train_docs, val_docs = corpus()
+    if args.compare_impls:
+        results["impl_comparison"] = {
+            **compare_impls(args.compare_impls, train_docs, args.runs_dir),
+            "provenance": provenance(),
+        }
+        save()
+        print(f"wrote {out} in {time.perf_counter() - started:.0f} s", flush=True)
+        return
     if args.steps is None:
         seconds = step_seconds(train_docs, args.runs_dir / "probe")
         steps = max(50, min(args.max_steps, int(args.budget_s / 2 / seconds)))

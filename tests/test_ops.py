@@ -264,3 +264,26 @@ def test_continue_bad_input():
         ops.ttt_continue("conv", *common, 0, args["ln_weight"], args["ln_bias"])
     with pytest.raises(ValueError, match="position"):
         ops.ttt_continue("linear", *common, 16, args["ln_weight"], args["ln_bias"], mini_batch_size=16)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_16_bit_inputs_with_a_float32_state_compute_in_float32(kind, rng):
+    """bf16 inputs (as under autocast) with a float32 state: the op upcasts them and returns Z in bf16."""
+    op, primal = (ops.ttt_linear, ops.ttt_linear_primal) if kind == "linear" else (ops.ttt_mlp, ops.ttt_mlp_primal)
+    B, H, T, D = 2, 2, 21, 8
+    g = lambda *s: torch.randn(*s, generator=rng)
+    XQ, XK, XV = (g(B, H, T, D).bfloat16() for _ in range(3))
+    eta = (0.1 * torch.rand(B, H, T, generator=rng)).bfloat16()
+    state = (
+        (0.1 * g(B, H, D, D), 0.1 * g(B, H, 1, D))
+        if kind == "linear"
+        else (0.1 * g(B, H, D, 4 * D), 0.1 * g(B, H, 1, 4 * D), 0.1 * g(B, H, 4 * D, D), 0.1 * g(B, H, 1, D))
+    )
+    ln = (torch.ones(H, D), torch.zeros(H, D))
+    for form in (op, primal):
+        Z, *final = form(XQ, XK, XV, eta, *state, *ln, mini_batch_size=8)
+        Z_ref, *final_ref = form(XQ.float(), XK.float(), XV.float(), eta.float(), *state, *ln, mini_batch_size=8)
+        assert Z.dtype == torch.bfloat16 and torch.equal(Z, Z_ref.bfloat16())
+        assert all(f.dtype == torch.float32 and torch.equal(f, r) for f, r in zip(final, final_ref))
+    with pytest.raises(ValueError, match="float32 with 16-bit inputs"):
+        op(XQ.float(), XK.float(), XV.float(), eta.float(), *(s.bfloat16() for s in state), *ln, mini_batch_size=8)

@@ -310,22 +310,29 @@ def test_bf16_autocast_trains_the_transformer_close_to_float32(tmp_path, rng):
     assert all(p.dtype == torch.float32 for p in runs["bf16"].model.parameters())  # weights stay float32
 
 
-def test_bf16_is_refused_for_ttt_models_and_auto_autocasts_only_where_it_applies(capsys):
-    with pytest.raises(ValueError, match=r"precision='bf16' does not apply to TTT models"):
-        T.TrainConfig(**TINY, precision="bf16")  # model: ttt-linear
+@pytest.mark.parametrize("model", ["ttt-linear", "ttt-mlp"])
+def test_bf16_autocast_trains_ttt_models_with_a_float32_state(model, tmp_path, rng):
+    """Under autocast the TTT layers get bf16 inputs and keep a float32 state, with state passing too."""
+    docs, losses = random_docs(rng), {}
+    for precision in ("fp32", "bf16"):
+        config = tiny_config(tmp_path / precision, model=model, max_steps=3, precision=precision)
+        result = T.train(config, train_docs=docs)
+        losses[precision] = result.losses
+    assert all(math.isfinite(x) for x in losses["bf16"]) and losses["bf16"] != losses["fp32"]
+    assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.05
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+def test_precision_choices(capsys):
     with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'bf16', 'fp32'\), got 'fp16'"):
         T.TrainConfig(**TINY, precision="fp16")
     with pytest.raises(SystemExit) as exit_info:
-        T.main(["--precision", "bf16"])
-    assert exit_info.value.code == 2 and "precision='bf16'" in capsys.readouterr().err
-    ttt, llama = tiny_ttt(), T.build_model(T.TrainConfig(**{**TINY, "model": "transformer"}), 256)
+        T.main(["--precision", "fp16"])
+    assert exit_info.value.code == 2 and "precision" in capsys.readouterr().err
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    auto, fp32 = T.TrainConfig(**TINY), T.TrainConfig(**TINY, precision="fp32")
-    assert T.bf16_autocast(auto, llama, cuda) and not T.bf16_autocast(auto, llama, cpu)
-    assert not T.bf16_autocast(auto, ttt, cuda) and not T.bf16_autocast(fp32, llama, cuda)
-    pretrained = T.TrainConfig(**TINY, precision="bf16", from_pretrained="a/folder")  # which holds a TTT model
-    with pytest.raises(ValueError, match=r"precision='bf16' does not apply to TTT models"):
-        T.bf16_autocast(pretrained, ttt, cpu)
+    auto, fp32, bf16 = (T.TrainConfig(**TINY, precision=p) for p in ("auto", "fp32", "bf16"))
+    assert T.bf16_autocast(auto, cuda) and not T.bf16_autocast(auto, cpu)
+    assert not T.bf16_autocast(fp32, cuda) and T.bf16_autocast(bf16, cpu)
 
 
 # ---------------------------------------------------------------- several processes

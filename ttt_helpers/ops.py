@@ -84,7 +84,9 @@ def _check_inputs(
 ) -> Tensor:
     """Raise a ValueError naming the first bad argument; return token_idx (default filled in).
 
-    state_names: how to call each state tensor in a message (default: its key in `state`)."""
+    XK, XV and eta share XQ's dtype; the state, ln_weight, ln_bias and token_idx share the state's.
+    The two may differ where the inputs are 16-bit and the state float32 (bf16 autocast): the ops
+    then compute in the state's dtype. state_names: how to call each state tensor in a message."""
     checks.positive("eps", eps)
     if not isinstance(XQ, Tensor) or XQ.dim() != 4:
         raise ValueError(f"XQ must be a 4-D tensor [B, H, T, D], got {_describe(XQ)}")
@@ -95,8 +97,14 @@ def _check_inputs(
         raise ValueError(f"XQ must be a floating-point tensor, got {XQ.dtype}")
     if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
         raise ValueError(f"mini_batch_size must be an int >= 1, got {mini_batch_size!r}")
+    first = next(iter(state.values()))
+    dtype = first.dtype if isinstance(first, Tensor) else XQ.dtype  # the state's: what the ops compute in
+    if dtype != XQ.dtype and not (XQ.element_size() == 2 and dtype == torch.float32):
+        name = (state_names or {}).get(next(iter(state)), next(iter(state)))
+        raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, or float32 with 16-bit inputs, got {dtype}")
     if token_idx is None:
-        token_idx = default_token_idx(mini_batch_size, dtype=XQ.dtype, device=XQ.device)
+        token_idx = default_token_idx(mini_batch_size, dtype=dtype, device=XQ.device)
+    inputs = ("XK", "XV", "eta")
     expected = {
         "XK": (XK, (B, H, T, D)),
         "XV": (XV, (B, H, T, D)),
@@ -109,11 +117,17 @@ def _check_inputs(
     for name, (tensor, shape) in expected.items():
         if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)}, got {_describe(tensor)}")
-        if tensor.dtype != XQ.dtype:
-            raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, got {tensor.dtype}")
+        like, want = ("XQ", XQ.dtype) if name in inputs else ("the state", dtype)
+        if tensor.dtype != want:
+            raise ValueError(f"{name} must have dtype {want} like {like}, got {tensor.dtype}")
         if tensor.device != XQ.device:
             raise ValueError(f"{name} must be on device {XQ.device} like XQ, got {tensor.device}")
     return token_idx
+
+
+def _in_dtype(dtype: torch.dtype, *inputs: Tensor) -> tuple[Tensor, ...]:
+    """The inputs in the state's dtype, which the ops compute in (a no-op where they share it)."""
+    return tuple(t.to(dtype) for t in inputs)
 
 
 def _describe(x: object) -> str:
@@ -223,6 +237,7 @@ def ttt_linear(
     token_idx = _check_inputs(
         XQ, XK, XV, eta, {"W0": W0, "b0": b0}, ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
+    out_dtype, (XQ, XK, XV, eta) = XQ.dtype, _in_dtype(W0.dtype, XQ, XK, XV, eta)
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     W, b = W0, b0
     outputs = []
@@ -236,7 +251,7 @@ def ttt_linear(
         e_last = e[:, :, -1:, :]  # [B, H, 1, n]: the weights that commit the state
         W = W - xk.transpose(-1, -2) @ (e_last.transpose(-1, -2) * grad)
         b = b - e_last @ grad
-    return torch.cat(outputs, dim=2), W, b
+    return torch.cat(outputs, dim=2).to(out_dtype), W, b
 
 
 def ttt_linear_step(
@@ -261,6 +276,7 @@ def ttt_linear_step(
     """
     _check_step(xq, state, position, token_idx, 4)
     W, b, grad_W, grad_b = state
+    out_dtype, (xq, xk, xv, eta) = xq.dtype, _in_dtype(W.dtype, xq, xk, xv, eta)
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     g = layer_norm_l2_grad(xk @ W + b, xv - xk, gamma, beta, eps)  # gradient at the mini-batch start
     lr = eta[:, :, None, None]
@@ -268,7 +284,7 @@ def ttt_linear_step(
     grad_b = grad_b + lr * g
     scale = token_idx[position]
     z = xq + layer_norm(xq @ (W - scale * grad_W) + (b - scale * grad_b), gamma, beta, eps)
-    return z, (W, b, grad_W, grad_b)
+    return z.to(out_dtype), (W, b, grad_W, grad_b)
 
 
 def commit_state(state: State, scale: Tensor | float) -> State:
@@ -374,6 +390,7 @@ def ttt_mlp(
     token_idx = _check_inputs(
         XQ, XK, XV, eta, {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_weight, ln_bias, mini_batch_size, token_idx, eps
     )
+    out_dtype, (XQ, XK, XV, eta) = XQ.dtype, _in_dtype(W1.dtype, XQ, XK, XV, eta)
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     outputs = []
     for start, end in _mini_batches(XQ.shape[2], mini_batch_size):
@@ -390,7 +407,7 @@ def ttt_mlp(
         b1 = b1 - (e_last * grad_z1).sum(2, keepdim=True)
         W2 = W2 - x2.transpose(-1, -2) @ (e_last * grad_z2)
         b2 = b2 - (e_last * grad_z2).sum(2, keepdim=True)
-    return torch.cat(outputs, dim=2), W1, b1, W2, b2
+    return torch.cat(outputs, dim=2).to(out_dtype), W1, b1, W2, b2
 
 
 def ttt_mlp_step(
@@ -409,6 +426,7 @@ def ttt_mlp_step(
     state = (W1, b1, W2, b2, grad_W1, grad_b1, grad_W2, grad_b2)."""
     _check_step(xq, state, position, token_idx, 8)
     W1, b1, W2, b2, gW1, gb1, gW2, gb2 = state
+    out_dtype, (xq, xk, xv, eta) = xq.dtype, _in_dtype(W1.dtype, xq, xk, xv, eta)
     gamma, beta = ln_weight[None, :, None, :], ln_bias[None, :, None, :]
     grad_z1, x2, grad_z2 = _mlp_grads(xk, xv, W1, b1, W2, b2, gamma, beta, eps)
     lr = eta[:, :, None, None]
@@ -419,7 +437,7 @@ def ttt_mlp_step(
     s = token_idx[position]
     *_, f = _mlp_forward(xq, W1 - s * gW1, b1 - s * gb1, W2 - s * gW2, b2 - s * gb2)
     z = xq + layer_norm(f, gamma, beta, eps)
-    return z, (W1, b1, W2, b2, gW1, gb1, gW2, gb2)
+    return z.to(out_dtype), (W1, b1, W2, b2, gW1, gb1, gW2, gb2)
 
 
 def ttt_mlp_primal(

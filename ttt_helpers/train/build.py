@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from .. import checks
-from ..layers import TTTLayer
 from ..model import TTTConfig, TTTForCausalLM
-from .config import BF16_TTT, TrainConfig
+from .config import TrainConfig
 
 
 @contextmanager
@@ -79,23 +78,19 @@ def build_model(config: TrainConfig, vocab_size: int) -> nn.Module:
             mini_batch_size=config.mini_batch_size,
             ttt_base_lr=config.ttt_base_lr,
             backbone=config.backbone,
+            ttt_impl=config.ttt_impl,
             bos_token_id=None,
             eos_token_id=None,
         )
     )
 
 
-def bf16_autocast(config: TrainConfig, model: nn.Module, device: torch.device) -> bool:
-    """Whether `model` trains with its forward pass and loss under bfloat16 autocast on `device`,
-    as `config.precision` says; else in float32.
-
-    TTT layers need their inputs and state in one dtype, so a model holding any runs in float32
-    under "auto" and is refused under "bf16" (a ValueError).
-    """
-    ttt = any(isinstance(m, TTTLayer) for m in model.modules())
-    if config.precision == "bf16" and ttt:
-        raise ValueError(BF16_TTT)
-    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda" and not ttt)
+def bf16_autocast(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the forward pass and the loss run under bfloat16 autocast on `device`, as
+    `config.precision` says ("auto": on CUDA); else in float32. TTT layers keep their state in
+    float32 under autocast: the kernels read 16-bit inputs with a float32 state, the reference ops
+    compute in the state's dtype."""
+    return config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

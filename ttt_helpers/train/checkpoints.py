@@ -117,6 +117,7 @@ _RESUME_MAY_CHANGE = {
     "wandb_project",
     "device",
     "precision",
+    "ttt_impl",
     "from_pretrained",
 }
 

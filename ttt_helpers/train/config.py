@@ -17,14 +17,11 @@ from typing import Any
 import torch
 
 from .. import checks
+from ..layers import IMPLS
 from ..model import TTT_STANDARD_CONFIGS
 
 MODELS = ("ttt-linear", "ttt-mlp", "transformer")
 PRECISIONS = ("auto", "bf16", "fp32")
-BF16_TTT = (
-    "precision='bf16' does not apply to TTT models: their layers need inputs and state in one dtype, "
-    "which autocast breaks; use precision='fp32' or 'auto' (fp32 for them)"
-)
 
 
 def _opt(help_text: str, default: Any) -> Any:
@@ -45,6 +42,7 @@ class TrainConfig:
     mini_batch_size: int = _opt("TTT inner mini-batch size (tokens per inner step)", 16)
     ttt_base_lr: float | None = _opt("TTT base inner learning rate (none: 1.0 linear, 0.1 mlp)", None)
     backbone: str = _opt("TTT backbone: transformer or mamba", "transformer")
+    ttt_impl: str = _opt("TTT layers: auto (the Triton kernels on CUDA), kernel or reference (the PyTorch ops)", "auto")
     from_pretrained: str | None = _opt(
         "fine-tune this model folder (any AutoModelForCausalLM) instead of a new model", None
     )
@@ -67,9 +65,8 @@ class TrainConfig:
     seed: int = _opt("seed of the initial weights and the document order", 0)
     device: str = _opt("auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...", "auto")
     precision: str = _opt(
-        "bf16: the forward pass and the loss under bfloat16 autocast, on CUDA or the CPU, for models without "
-        "TTT layers (the Transformer baseline, a pretrained Llama), as TTT layers need their inputs and state "
-        "in one dtype; fp32: float32 throughout; auto: bf16 on CUDA where it applies, else fp32",
+        "bf16: the forward pass and the loss under bfloat16 autocast, on CUDA or the CPU (weights, optimizer "
+        "and the TTT states stay float32); fp32: float32 throughout; auto: bf16 on CUDA, else fp32",
         "auto",
     )
     # evaluation after training
@@ -136,9 +133,8 @@ class TrainConfig:
             checks.positive("ttt_base_lr", self.ttt_base_lr)
         checks.integer("seed", self.seed, 0)
         checks.one_of("backbone", self.backbone, ("transformer", "mamba"))
+        checks.one_of("ttt_impl", self.ttt_impl, IMPLS)
         checks.one_of("precision", self.precision, PRECISIONS)
-        if self.precision == "bf16" and self.model != "transformer" and self.from_pretrained is None:
-            raise ValueError(BF16_TTT)
         for name in ("tokenizer", "out_dir", "wandb_project", "device"):
             checks.string(name, getattr(self, name))
         if self.from_pretrained is not None:

@@ -117,7 +117,7 @@ class Trainer:
         for i, doc in enumerate(train_docs):
             checks.token_ids(f"train_docs[{i}]", doc, model.config.vocab_size)
         self.model = model.to(self.device).train()
-        self.bf16 = bf16_autocast(config, model, self.device)
+        self.bf16 = bf16_autocast(config, self.device)
         self.state_passing = config.state_passing and isinstance(model, TTTForCausalLM)
         if config.state_passing and not self.state_passing:
             logger.warning(
