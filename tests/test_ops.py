@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import Tensor
 
 from ttt_helpers import ops
 
@@ -287,3 +288,27 @@ def test_16_bit_inputs_with_a_float32_state_compute_in_float32(kind, rng):
         assert all(f.dtype == torch.float32 and torch.equal(f, r) for f, r in zip(final, final_ref))
     with pytest.raises(ValueError, match="float32 with 16-bit inputs"):
         op(XQ.float(), XK.float(), XV.float(), eta.float(), *(s.bfloat16() for s in state), *ln, mini_batch_size=8)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_autocast_does_not_round_the_ops(kind, rng):
+    """Under bf16 autocast the ops still compute in the state's dtype: the same numbers as without it."""
+    B, H, T, D, b = 1, 2, 19, 8, 8
+    g = lambda *s: torch.randn(*s, generator=rng)
+    inputs = [g(B, H, T, D).bfloat16() for _ in range(3)] + [(0.1 * torch.rand(B, H, T, generator=rng)).bfloat16()]
+    shapes = [(D, D), (1, D)] if kind == "linear" else [(D, 4 * D), (1, 4 * D), (4 * D, D), (1, D)]
+    params = [0.1 * g(B, H, *s) for s in shapes]
+    ln = (torch.ones(H, D), torch.zeros(H, D))
+    state = (*params, *(torch.zeros_like(p) for p in params))
+    calls = {
+        "dual": lambda: getattr(ops, f"ttt_{kind}")(*inputs, *params, *ln, mini_batch_size=b),
+        "continue": lambda: ops.ttt_continue(kind, *inputs, state, 0, *ln, mini_batch_size=b),
+    }
+    for name, call in calls.items():
+        plain = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = call()
+        flat = lambda out: [
+            t for x in out if isinstance(x, (tuple, Tensor)) for t in (x if isinstance(x, tuple) else (x,))
+        ]
+        assert all(torch.equal(a, c) for a, c in zip(flat(plain), flat(cast))), name

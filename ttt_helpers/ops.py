@@ -10,6 +10,7 @@ Shapes: B batch, H heads, T tokens, D head dim, b = mini_batch_size.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -125,6 +126,20 @@ def _check_inputs(
     return token_idx
 
 
+def _autocast_off(op: Callable) -> Callable:
+    """`op` with autocast off: the ops compute in the state's dtype, and autocast would round every
+    product with the state to bf16 (the kernels keep those products in float32 too)."""
+
+    @functools.wraps(op)
+    def run(XQ: Tensor, *args, **kwargs):
+        if not isinstance(XQ, Tensor) or not torch.is_autocast_enabled(XQ.device.type):
+            return op(XQ, *args, **kwargs)
+        with torch.autocast(XQ.device.type, enabled=False):
+            return op(XQ, *args, **kwargs)
+
+    return run
+
+
 def _in_dtype(dtype: torch.dtype, *inputs: Tensor) -> tuple[Tensor, ...]:
     """The inputs in the state's dtype, which the ops compute in (a no-op where they share it)."""
     return tuple(t.to(dtype) for t in inputs)
@@ -214,6 +229,7 @@ def _mini_batches(T: int, b: int):
 # ---------------------------------------------------------------- TTT-Linear
 
 
+@_autocast_off
 def ttt_linear(
     XQ: Tensor,
     XK: Tensor,
@@ -254,6 +270,7 @@ def ttt_linear(
     return torch.cat(outputs, dim=2).to(out_dtype), W, b
 
 
+@_autocast_off
 def ttt_linear_step(
     xq: Tensor,
     xk: Tensor,
@@ -301,6 +318,7 @@ def commit_state(state: State, scale: Tensor | float) -> State:
     return tuple(p - scale * g for p, g in zip(params, grads)) + tuple(torch.zeros_like(g) for g in grads)
 
 
+@_autocast_off
 def ttt_linear_primal(
     XQ: Tensor,
     XK: Tensor,
@@ -366,6 +384,7 @@ def _mlp_grads(xk, xv, W1, b1, W2, b2, gamma, beta, eps):
     return grad_z1, x2, grad_z2
 
 
+@_autocast_off
 def ttt_mlp(
     XQ: Tensor,
     XK: Tensor,
@@ -410,6 +429,7 @@ def ttt_mlp(
     return torch.cat(outputs, dim=2).to(out_dtype), W1, b1, W2, b2
 
 
+@_autocast_off
 def ttt_mlp_step(
     xq: Tensor,
     xk: Tensor,
@@ -440,6 +460,7 @@ def ttt_mlp_step(
     return z.to(out_dtype), (W1, b1, W2, b2, gW1, gb1, gW2, gb2)
 
 
+@_autocast_off
 def ttt_mlp_primal(
     XQ: Tensor,
     XK: Tensor,
