@@ -12,7 +12,10 @@ place, so it can be replayed from a CUDA graph):
   the kernels keep W1 and W2 in global memory (in the L2 cache at a model's sizes) and stream
   them through registers 32 columns of the hidden width at a time, twice per mini-batch.
 
-`ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; the layers (and so
+Training runs through `ttt_linear_train` and `ttt_mlp_train`, autograd Functions whose forward
+saves the state at the start of every mini-batch and whose backward carries the state's adjoint
+through the mini-batches in reverse (TTT-Linear moves everything else into kernels parallel over
+mini-batches). `ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; the layers (and so
 `TTTForCausalLM`, through `TTTConfig.ttt_impl`) make the same choice for both kinds.
 `CUDAGraphDecoder` replays a whole model's decode step from CUDA graphs; `TTTLinearDecoder`
 does it for one TTT-Linear op.
