@@ -110,8 +110,8 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
 	$(LATEST)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
-	@echo "Newer than $(LOCK):"
-	@$(LATEST)/bin/python -m pip list --format=freeze | sort | comm -13 <(grep -ho '^[A-Za-z0-9._-]*==[^ ]*' $(LOCK) | tr A-Z a-z | tr _ - | sort) <(tr A-Z a-z | tr _ - | sort) | grep -v '^torch==\|^ttt-helpers' || echo "  nothing"
+	@echo "Packages at versions other than those of $(LOCK):"
+	@$(LATEST)/bin/python -m pip list --format=freeze | sort | comm -13 <(grep -ho '^[A-Za-z0-9._-]*==[^ ]*' $(LOCK) | tr A-Z a-z | tr _ - | sort) <(tr A-Z a-z | tr _ - | sort) | grep -v '^torch==\|^ttt-helpers\|^pip==' || echo "  nothing"
 	$(LATEST)/bin/python -m pytest tests -q -p no:cacheprovider
 	$(LATEST)/bin/python -m pytest --nbval notebooks -q -p no:cacheprovider
 
