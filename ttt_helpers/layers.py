@@ -168,21 +168,21 @@ class TTTLayer(nn.Module):
         """
         XQ, XK, XV, eta = self._inputs(x)
         token_idx, dual = self.token_idx(), None
-        ops.check_stream(
-            self.kind,
-            XQ,
-            XK,
-            XV,
-            eta,
-            state,
-            position,
-            self.ln_weight,
-            self.ln_bias,
-            self.mini_batch_size,
-            token_idx,
-            self.eps,
-        )  # here too: the kernels below check nothing
         if self._use_kernel(XQ):
+            ops.check_stream(
+                self.kind,
+                XQ,
+                XK,
+                XV,
+                eta,
+                state,
+                position,
+                self.ln_weight,
+                self.ln_bias,
+                self.mini_batch_size,
+                token_idx,
+                self.eps,
+            )  # the kernels check nothing; the reference path is checked in ttt_continue
             prefill, decode, train = self._kernels()
             if self._needs_grad(XQ, XK, XV, eta, *state):
                 dual = train  # whole mini-batches through the training kernels; ragged edges by reference
