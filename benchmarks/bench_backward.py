@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,6 +107,36 @@ def saved_state_bytes(kind: str, B: int, H: int, T: int, D: int, b: int) -> int:
     return B * H * (NC + 1) * (2 * D * F + F + D) * 4
 
 
+def train_flops(B: int, H: int, T: int, D: int, b: int) -> int:
+    """Matrix-product FLOPs of TTT-Linear's forward + backward as the fused schedule runs them,
+    per token and head 22 D^2 + 16 b D: the forward's 6 D^2 + 4 b D (bench_kernels.ttt_linear_flops);
+    in the backward eight [b, D] x [D, D] products (x_k W and x_q W recomputed, dz W^T, x_k dW',
+    (e_last grad) dW'^T, dz1 W^T, x_q^T dz, x_k^T dz1) and six b x b blocks (x_q x_k^T and
+    (e * A) grad recomputed, dz grad^T, (dM * e) x_k, its transpose with x_q, M^T dz)."""
+    return B * H * T * (22 * D * D + 16 * b * D)
+
+
+def train_bytes(B: int, H: int, T: int, D: int, b: int, elt: int) -> dict[str, int]:
+    """Bytes of TTT-Linear's forward + backward. floor: what any implementation must move (read
+    XQ, XK, XV, eta twice and dZ once, write Z, dXQ, dXK, dXV, d eta: (12 D + 3) per token and
+    head); as_run: the floor plus the float32 start states ours writes in the forward and reads
+    in the backward (2 * 4 (D^2 + D) / b per token and head; the split schedule moves more)."""
+    floor = B * H * T * (12 * D + 3) * elt
+    return {"floor": floor, "as_run": floor + saved_state_bytes("linear", B, H, T, D, b) * 2}
+
+
+def backward_roofline(B: int, H: int, T: int, D: int, b: int, peaks: dict, ms: float) -> dict:
+    """bench_kernels.roofline of one forward + backward (bf16 matmul peak, device-copy bandwidth),
+    for the floor's bytes and for those as run, and the time per step of the sequential chain."""
+    flops, nbytes = train_flops(B, H, T, D, b), train_bytes(B, H, T, D, b, 2)
+    peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
+    return {
+        "floor": bench.roofline(flops, nbytes["floor"], peak_flops, peak_bytes, ms),
+        "as_run": bench.roofline(flops, nbytes["as_run"], peak_flops, peak_bytes, ms),
+        "us_per_mini_batch": ms * 1e3 / -(-T // b),
+    }
+
+
 # ---------------------------------------------------------------- sections
 
 
@@ -118,7 +149,8 @@ def gradients(run: Runner, cases: list) -> list[dict]:
     rows = []
     dtypes = (torch.float32, torch.bfloat16) if run.cuda else (torch.float32,)
     for kind, train, reference, make in (
-        ("linear", ttt_linear_train, ops.ttt_linear, bench.ttt_inputs),
+        ("linear split", partial(ttt_linear_train, schedule="split"), ops.ttt_linear, bench.ttt_inputs),
+        ("linear fused", partial(ttt_linear_train, schedule="fused"), ops.ttt_linear, bench.ttt_inputs),
         ("mlp", ttt_mlp_train, ops.ttt_mlp, bench.mlp_inputs),
     ):
         for dtype in dtypes:
@@ -144,13 +176,15 @@ def gradients(run: Runner, cases: list) -> list[dict]:
     return rows
 
 
-def op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
-    """Forward + backward of one TTT-Linear op, bf16 inputs and a float32 state: ours, fla's
-    chunk_ttt_linear, causal SDPA on the same B, H, T, D, the reference under autograd."""
+def op_level(run: Runner, cases: list, H: int, D: int, peaks: dict | None) -> list[dict]:
+    """Forward + backward of one TTT-Linear op, bf16 inputs and a float32 state: ours under both
+    schedules (and which one "auto" picks), fla's chunk_ttt_linear, causal SDPA on the same
+    B, H, T, D, the reference under autograd; the roofline of ours."""
     import torch.nn.functional as F
 
     from ttt_helpers import ops
     from ttt_helpers.kernels import ttt_linear_train
+    from ttt_helpers.kernels.common import training_schedule
 
     try:
         from fla.ops.ttt import chunk_ttt_linear
@@ -162,12 +196,19 @@ def op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
         row = {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16", "state_dtype": "float32", "mini_batch_size": 16}
         print(f"op B={B} T={T}", flush=True)
         args = bench.ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
-        ours, _, _ = fwd_bwd(ttt_linear_train, args)
-        run.attempt(row, "ours_fwd_bwd_ms", lambda: run.fast_ms(ours))
-        with torch.no_grad():
-            run.attempt(row, "ours_fwd_ms", lambda: run.fast_ms(lambda: ttt_linear_train(**args)))
+        row["ours_schedule"] = training_schedule("auto", B * H, torch.device(run.device))
+        for schedule in ("split", "fused"):
+            train = partial(ttt_linear_train, schedule=schedule)
+            ours, _, _ = fwd_bwd(train, args)
+            run.attempt(row, f"ours_{schedule}_fwd_bwd_ms", lambda: run.fast_ms(ours))
+            with torch.no_grad():
+                run.attempt(row, f"ours_{schedule}_fwd_ms", lambda: run.fast_ms(lambda: train(**args)))
+            del ours
+        for key in ("fwd_bwd_ms", "fwd_ms"):  # what ttt_linear_train runs by default
+            row[f"ours_{key}"] = row.get(f"ours_{row['ours_schedule']}_{key}")
         row["saved_states_MiB"] = saved_state_bytes("linear", B, H, T, D, 16) / 2**20
-        del ours
+        if peaks and isinstance(row["ours_fwd_bwd_ms"], float):
+            row["roofline"] = backward_roofline(B, H, T, D, 16, peaks, row["ours_fwd_bwd_ms"])
         if chunk_ttt_linear is None:
             row["fla_chunk_fwd_bwd_ms"] = fla_missing
         else:
@@ -251,8 +292,8 @@ def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> d
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
     def build(name: str):
-        if name == "llama_sdpa_compiled":  # what a user who wants speed trains: torch.compile's fused graph
-            return torch.compile(build("llama_sdpa"))
+        if name.endswith("_compiled"):  # what a user who wants speed trains: torch.compile's fused graph
+            return torch.compile(build(name.removesuffix("_compiled")))
         if name == "llama_sdpa":
             config = LlamaConfig(
                 **preset,
@@ -269,16 +310,17 @@ def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> d
     result = {
         "note": "one optimizer step: forward with labels, backward, AdamW; float32 weights, bf16 autocast; "
         "median of 3 timed steps after one warm-up step; peak_memory_GiB is torch.cuda.max_memory_allocated "
-        "over those steps. The TTT layers run ttt_impl='kernel' (the training kernels); llama_sdpa_compiled is "
-        "the same Llama under torch.compile (compiled in the warm-up step, which is not timed), at the first shape only.",
+        "over those steps. The TTT layers run ttt_impl='kernel' (the training kernels); *_compiled is the same "
+        "model under torch.compile (compiled in the warm-up step, which is not timed), at the first shape only; in "
+        "the TTT model the kernels' launches stay eager (torch.compiler.disable) and the rest is compiled around them.",
         "steps": [],
     }
-    for name in ("ttt_linear", "ttt_mlp", "llama_sdpa", "llama_sdpa_compiled"):
+    for name in ("ttt_linear", "ttt_linear_compiled", "ttt_mlp", "llama_sdpa", "llama_sdpa_compiled"):
         torch.manual_seed(0)
         model = build(name).to(run.device).train()
         result.setdefault("params_M", {})[name] = sum(p.numel() for p in model.parameters()) / 1e6
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        for B, T in cases[:1] if name == "llama_sdpa_compiled" else cases:  # compiling again per shape costs minutes
+        for B, T in cases[:1] if name.endswith("_compiled") else cases:  # compiling again per shape costs minutes
             row = next((r for r in result["steps"] if (r["B"], r["T"]) == (B, T)), None)
             if row is None:
                 row = {"B": B, "T": T}
@@ -393,9 +435,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         byte_shape, byte_batch, byte_window = dict(train_gpu.SHAPE), train_gpu.COMMON["batch_size"], train_gpu.WINDOW
     print(f"{results['provenance']['gpu']}: writing {out}", flush=True)
+    peaks = None
+    if cuda:
+        results["peaks"] = peaks = bench.measure_peaks()
     sections = [
         ("gradients", lambda: gradients(run, check_cases)),
-        ("op_fwd_bwd", lambda: op_level(run, op_cases, H, D)),
+        ("op_fwd_bwd", lambda: op_level(run, op_cases, H, D, peaks)),
         ("mlp_op_fwd_bwd", lambda: mlp_op_level(run, op_cases, H, D)),
         ("model_training", lambda: model_training(run, model_cases, preset, vocab)),
         ("byte_level_25m", lambda: byte_level_training(run, byte_shape, byte_batch, byte_window, reference=True)),

@@ -8,6 +8,7 @@ Each test draws fresh random inputs; the seed is in every assertion message to r
 """
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -31,8 +32,9 @@ interpreter_only = pytest.mark.skipif(
     torch.cuda.is_available(), reason="float64 exactness checks run in the interpreter (CI); GPUs check fp32/bf16"
 )
 
-KINDS = {
-    "linear": (ttt_linear_train, ops.ttt_linear, ("W0", "b0")),
+KINDS = {  # TTT-Linear under both schedules of its kernels (auto picks one by B * H on a GPU)
+    "linear": (partial(ttt_linear_train, schedule="split"), ops.ttt_linear, ("W0", "b0")),
+    "linear-fused": (partial(ttt_linear_train, schedule="fused"), ops.ttt_linear, ("W0", "b0")),
     "mlp": (ttt_mlp_train, ops.ttt_mlp, ("W1", "b1", "W2", "b2")),
 }
 
@@ -101,7 +103,7 @@ def compare(kind: str, args: dict, b: int, gen: torch.Generator, tol: float, see
 
 
 @interpreter_only
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "linear-fused", "mlp"])
 @pytest.mark.parametrize(
     "B,H,T,b",
     [
@@ -115,7 +117,8 @@ def compare(kind: str, args: dict, b: int, gen: torch.Generator, tol: float, see
 )
 def test_gradients_match_reference_float64(kind, B, H, T, b, rng):
     seed = rng.initial_seed()
-    compare(kind, make_inputs(kind, B, H, T, 16, b, rng), b, rng, EXACT, seed)
+    data_kind = kind.split("-")[0]
+    compare(kind, make_inputs(data_kind, B, H, T, 16, b, rng), b, rng, EXACT, seed)
 
 
 @interpreter_only
@@ -126,11 +129,11 @@ def test_mlp_other_hidden_width_and_head_dim(rng):
 
 
 @interpreter_only
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("kind", ["linear", "linear-fused", "mlp"])
 def test_gradcheck(kind, rng):
     """torch.autograd.gradcheck (finite differences) on a tiny case, every input and output."""
     train, _, names = KINDS[kind]
-    args = make_inputs(kind, 1, 1, 5, 16, 4, rng)
+    args = make_inputs(kind.split("-")[0], 1, 1, 5, 16, 4, rng)
     order = ["XQ", "XK", "XV", "eta", *names, "ln_weight", "ln_bias"]
     inputs = tuple(args[k].requires_grad_(True) for k in order) + (4, args["token_idx"].requires_grad_(True))
     assert torch.autograd.gradcheck(train, inputs, fast_mode=True), f"seed {rng.initial_seed()}"
@@ -214,6 +217,8 @@ def test_bad_inputs_raise_value_errors(rng):
         ttt_mlp_train(**{**mlp, "W2": mlp["W2"].transpose(-1, -2)})
     with pytest.raises(ValueError, match="multiple of 16"):
         ttt_mlp_train(**make_inputs("mlp", 1, 1, 4, 16, 16, rng, F=40))
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        ttt_linear_train(**lin, schedule="parallel")
 
 
 # ---------------------------------------------------------------- float32 and bfloat16 on a GPU
@@ -227,6 +232,8 @@ def test_bad_inputs_raise_value_errors(rng):
         ("linear", torch.float32, 128),  # the largest state: shared memory and registers
         ("linear", torch.bfloat16, 64),
         ("linear", torch.bfloat16, 128),
+        ("linear-fused", torch.float32, 64),
+        ("linear-fused", torch.bfloat16, 128),
         ("mlp", torch.float32, 64),
         ("mlp", torch.bfloat16, 128),
     ],
@@ -236,7 +243,7 @@ def test_gpu_gradients_match_reference(kind, dtype, D, rng):
     with the float64 reference on the rounded values. Each head dim and dtype compiles new
     programs, so only a few combinations run; bench_backward.py checks all of them."""
     seed = rng.initial_seed()
-    compare(kind, make_inputs(kind, 8, 16, 75, D, 16, rng, dtype=dtype), 16, rng, TOL[dtype], seed)
+    compare(kind, make_inputs(kind.split("-")[0], 8, 16, 75, D, 16, rng, dtype=dtype), 16, rng, TOL[dtype], seed)
 
 
 @needs_cuda

@@ -50,6 +50,27 @@ def kernel_applies(XQ: Tensor, mini_batch_size: int) -> bool:
     return supported and use_kernels(XQ)
 
 
+SCHEDULES = ("auto", "fused", "split")  # how the TTT-Linear training kernels split their work
+
+
+def training_schedule(schedule: str, programs: int, device: torch.device) -> str:
+    """The TTT-Linear training schedule for `programs` = B * H sequential chains on `device`.
+
+    "split" moves everything that does not depend on the state (or its adjoint) out of the
+    sequential loops into kernels parallel over mini-batches, at the cost of writing and reading
+    [B * H, T, D] intermediates; "fused" runs forward and backward as one sequential kernel each.
+    "auto" picks fused once the chains alone fill the GPU (B * H at least its number of SMs, e.g.
+    132 on an H200), where the split's extra memory traffic buys no parallelism, and split below.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule != "auto":
+        return schedule
+    if device.type != "cuda":
+        return "split"
+    return "fused" if programs >= torch.cuda.get_device_properties(device).multi_processor_count else "split"
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

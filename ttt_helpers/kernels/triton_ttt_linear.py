@@ -183,6 +183,7 @@ def ttt_linear_prefill_kernel(
     W_PRECISION: tl.constexpr,
     GRAD_PRECISION: tl.constexpr,
     SAVE_STATES: tl.constexpr,
+    WRITE_Z: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """TTT-Linear over a whole sequence for one (batch, head): program id = batch * H + head.
@@ -195,9 +196,10 @@ def ttt_linear_prefill_kernel(
     QK_PRECISION of xq xk^T (inputs only: exact in their own 16-bit type), W_PRECISION of the
     products with the state W, GRAD_PRECISION of those with the float32 gradients.
     SAVE_STATES (the training forward): W_START [B, H, NC, D, D] and B_START [B, H, NC, D],
-    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches,
-    and Z is not written: ttt_linear_output_kernel computes it from those states for every
-    mini-batch in parallel, which leaves only the state update in this sequential loop.
+    contiguous in ACC, receive W and b as they stand at the start of each of the NC mini-batches.
+    WRITE_Z: whether this loop also computes Z; the split training forward leaves it to
+    ttt_linear_output_kernel, parallel over mini-batches, so that only the state update stays in
+    this sequential loop.
     ACC: the dtype of the state and arithmetic (float32; float64 for float64 inputs).
     """
     pid = tl.program_id(0)
@@ -236,7 +238,7 @@ def ttt_linear_prefill_kernel(
         z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
         grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
 
-        if not SAVE_STATES:  # the training forward leaves Z to ttt_linear_output_kernel
+        if WRITE_Z:
             # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
             # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
             e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
@@ -551,6 +553,8 @@ def ttt_linear_bwd_inputs_kernel(
     DZ,
     DW_END,
     DB_END,  # inputs: the forward's, its saved states, the gradient of Z, the adjoint at each end
+    DW,
+    DB,  # SEQUENTIAL only: in, the gradient of the final state; out, that of the initial state
     DXQ,
     DXK,
     DXV,
@@ -579,85 +583,113 @@ def ttt_linear_bwd_inputs_kernel(
     QK_PRECISION: tl.constexpr,
     W_PRECISION: tl.constexpr,
     GRAD_PRECISION: tl.constexpr,
+    SEQUENTIAL: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Last pass of the TTT-Linear backward: the gradients of the inputs, every mini-batch at once
-    (program ids: mini-batch, batch * H + head), from its start state (W_START, B_START) and the
-    adjoint of its end state (DW_END, DB_END, from ttt_linear_bwd_state_kernel).
+    """The gradients of the inputs of one mini-batch, from its start state (W_START, B_START) and
+    the adjoint (dW', db') of its end state.
+
+    Two schedules. Split (SEQUENTIAL false): the last pass of the three-kernel backward, every
+    mini-batch at once (program ids: mini-batch, batch * H + head), reading the adjoint from
+    DW_END, DB_END (ttt_linear_bwd_state_kernel's). Fused (SEQUENTIAL true): the whole backward
+    in one program per (batch, head) (program ids: 0, batch * H + head), mini-batches in reverse,
+    carrying the adjoint in registers from DW, DB and updating it as ttt_linear_bwd_state_kernel
+    does; DW_END, DB_END are not read.
 
     DXQ, DXK, DXV: [B, H, T, D]; DETA [B, H, T] contiguous; DLN_W, DLN_B [B * H * NC, D] and
-    DTOKEN_IDX [B * H * NC, BLOCK_MB] receive this mini-batch's share, summed by the caller.
+    DTOKEN_IDX [B * H * NC, BLOCK_MB] receive each mini-batch's share, summed by the caller.
     From the recomputed forward (_recompute_chunk), given dout and (dW', db'):
     - dz from LN's backward; dxq = dout + dz W^T + (dM * e) xk with dM = -dz grad^T;
     - grad gets -M^T dz from z and e_last du from the commit, du = -(xk dW' + db');
     - dz1 from the backward of the closed-form gradient; xk collects all three paths;
     - e[i, s] = token_idx[i] eta[s] gives d eta and d token_idx from de = dM * (xq xk^T + 1)
-      and d e_last = sum over D of du * grad.
+      and d e_last = sum over D of du * grad;
+    - fused: the adjoint of the start state, dW = dW' + xq^T dz + xk^T dz1, db likewise.
     dM and du, which reach eta and token_idx through sums over many terms, are taken at
     W_PRECISION (tf32 for 16-bit inputs) rather than GRAD_PRECISION. Padded rows (past T) have
     eta = 0 and dout = 0, so every term they could add is zero.
     """
-    c = tl.program_id(0)
     pid = tl.program_id(1)
     bi = pid // H
     hi = pid % H
     rows = tl.arange(0, BLOCK_MB)
     cols = tl.arange(0, D)
-    t, valid, n = _chunk_rows(T, c, MB, rows)
     gamma = tl.load(LN_W + hi * D + cols).to(ACC)
     beta = tl.load(LN_B + hi * D + cols).to(ACC)
     token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
     causal = rows[None, :] <= rows[:, None]
-
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
-    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
-    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
-    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
-    eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
-    dout = _load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
-    chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
-    state_offs = chunk * D * D + cols[:, None] * D + cols[None, :]
-    W = tl.load(W_START + state_offs)
-    bias = tl.load(B_START + chunk * D + cols)
-    dW = tl.load(DW_END + state_offs)
-    db = tl.load(DB_END + chunk * D + cols)
-
-    z1, grad, e, attn1, z = _recompute_chunk(
-        xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps, QK_PRECISION, W_PRECISION, GRAD_PRECISION
-    )
-    z_hat, rstd = _normalize(z, D, eps)
-    # out = xq + LN(z)
-    dgamma = _sum(dout * z_hat, axis=0)
-    dbeta = _sum(dout, axis=0)
-    dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
-    # z = xq W + b - M grad, M = e * (xq xk^T + 1)
-    dM = -_dot(dz, tl.trans(grad), W_PRECISION)
-    de = tl.where(causal, dM * attn1, 0.0)
-    dxq = dout + _dot(dz, tl.trans(W), W_PRECISION) + _dot(dM * e, xk, GRAD_PRECISION)
-    dxk = _dot(tl.trans(dM * e), xq, GRAD_PRECISION)
-    # the commit: W' = W - xk^T u, b' = b - sum_s u_s with u = e_last grad
-    tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
-    e_last = tau_last * eta
-    du = -(_dot(xk, dW, W_PRECISION) + db[None, :])
-    dxk -= _dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
-    dgrad = e_last[:, None] * du - _dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
-    de_last = _sum(du * grad, axis=1)
-    # grad = LN-L2-grad(z1, xv - xk), z1 = xk W + b
-    dz1, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad, grad, z1, target, gamma, beta, D, eps)
-    dxk += _dot(dz1, tl.trans(W), W_PRECISION) - dtarget
-    # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
-    deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
-    dtoken_idx = _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
-
     g_base = bi.to(tl.int64) * sg_b + hi * sg_h
-    goffs = g_base + t[:, None] * sg_t + cols[None, :]
-    tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
-    tl.store(DXK + goffs, dxk.to(DXK.dtype.element_ty), mask=valid[:, None])
-    tl.store(DXV + goffs, dtarget.to(DXV.dtype.element_ty), mask=valid[:, None])
-    tl.store(DETA + pid.to(tl.int64) * T + t, deta.to(DETA.dtype.element_ty), mask=valid)
-    tl.store(DLN_W + chunk * D + cols, dgamma + dgamma_g)
-    tl.store(DLN_B + chunk * D + cols, dbeta + dbeta_g)
-    tl.store(DTOKEN_IDX + chunk * BLOCK_MB + rows, dtoken_idx)
+    cells = cols[:, None] * D + cols[None, :]
+    NC = tl.cdiv(T, MB)
+    if SEQUENTIAL:
+        dW = tl.load(DW + pid.to(tl.int64) * D * D + cells).to(ACC)
+        db = tl.load(DB + pid * D + cols).to(ACC)
+        steps = NC
+    else:
+        dW = tl.zeros([D, D], dtype=ACC)
+        db = tl.zeros([D], dtype=ACC)
+        steps = 1
+    for step in range(0, steps):
+        if SEQUENTIAL:
+            c = NC - 1 - step
+        else:
+            c = tl.program_id(0)
+        t, valid, n = _chunk_rows(T, c, MB, rows)
+        xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
+        xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
+        target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+        eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
+        dout = _load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
+        chunk = pid.to(tl.int64) * NC + c
+        W = tl.load(W_START + chunk * D * D + cells)
+        bias = tl.load(B_START + chunk * D + cols)
+        if not SEQUENTIAL:
+            dW = tl.load(DW_END + chunk * D * D + cells)
+            db = tl.load(DB_END + chunk * D + cols)
+
+        z1, grad, e, attn1, z = _recompute_chunk(
+            xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps,
+            QK_PRECISION, W_PRECISION, GRAD_PRECISION,
+        )  # fmt: skip
+        z_hat, rstd = _normalize(z, D, eps)
+        # out = xq + LN(z)
+        dgamma = _sum(dout * z_hat, axis=0)
+        dbeta = _sum(dout, axis=0)
+        dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
+        # z = xq W + b - M grad, M = e * (xq xk^T + 1)
+        dM = -_dot(dz, tl.trans(grad), W_PRECISION)
+        de = tl.where(causal, dM * attn1, 0.0)
+        dxq = dout + _dot(dz, tl.trans(W), W_PRECISION) + _dot(dM * e, xk, GRAD_PRECISION)
+        dxk = _dot(tl.trans(dM * e), xq, GRAD_PRECISION)
+        # the commit: W' = W - xk^T u, b' = b - sum_s u_s with u = e_last grad
+        tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
+        e_last = tau_last * eta
+        du = -(_dot(xk, dW, W_PRECISION) + db[None, :])
+        dxk -= _dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
+        dgrad = e_last[:, None] * du - _dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
+        de_last = _sum(du * grad, axis=1)
+        # grad = LN-L2-grad(z1, xv - xk), z1 = xk W + b
+        dz1, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad, grad, z1, target, gamma, beta, D, eps)
+        dxk += _dot(dz1, tl.trans(W), W_PRECISION) - dtarget
+        # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
+        deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
+        dtoken_idx = _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
+        if SEQUENTIAL:  # the adjoint of this mini-batch's start state, for the one before it
+            dW += _dot(tl.trans(xq), dz, GRAD_PRECISION) + _dot(tl.trans(xk), dz1, GRAD_PRECISION)
+            db += _sum(dz + dz1, axis=0)
+
+        goffs = g_base + t[:, None] * sg_t + cols[None, :]
+        tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
+        tl.store(DXK + goffs, dxk.to(DXK.dtype.element_ty), mask=valid[:, None])
+        tl.store(DXV + goffs, dtarget.to(DXV.dtype.element_ty), mask=valid[:, None])
+        tl.store(DETA + pid.to(tl.int64) * T + t, deta.to(DETA.dtype.element_ty), mask=valid)
+        tl.store(DLN_W + chunk * D + cols, dgamma + dgamma_g)
+        tl.store(DLN_B + chunk * D + cols, dbeta + dbeta_g)
+        tl.store(DTOKEN_IDX + chunk * BLOCK_MB + rows, dtoken_idx)
+    if SEQUENTIAL:
+        tl.store(DW + pid.to(tl.int64) * D * D + cells, dW)
+        tl.store(DB + pid * D + cols, db)
 
 
 @triton.jit(do_not_specialize=["pos_value"])  # one compiled program for every position

@@ -27,6 +27,7 @@ from .common import (
     precisions,
     prepare_decode,
     prepare_prefill,
+    training_schedule,
 )
 from .graph_decode import capture_step
 
@@ -45,6 +46,7 @@ def _state_shapes(B: int, H: int, D: int) -> tuple[tuple[int, ...], ...]:
     return (B, H, D, D), (B, H, 1, D)
 
 
+@torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
 def ttt_linear_prefill(
     XQ: Tensor,
     XK: Tensor,
@@ -88,11 +90,13 @@ def _launch_prefill(
     Z: Tensor,
     *,
     save_states: bool = False,
+    schedule: str = "split",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run the prefill kernel on checked arguments, writing Z. Returns Z, W_T, b_T and, when
-    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]. Then
-    the sequential kernel only updates the state and a second one, parallel over mini-batches,
-    computes Z from the saved states (training forwards are short of programs: B * H of them)."""
+    save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]. With
+    schedule "split" the sequential kernel then only updates the state and a second one, parallel
+    over mini-batches, computes Z from the saved states (a training forward with few (batch, head)
+    chains is short of programs); "fused" computes Z in the sequential kernel."""
     B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
@@ -101,6 +105,7 @@ def _launch_prefill(
     W_start = torch.empty((B, H, NC, D, D), dtype=acc, device=XQ.device) if save_states else W_T
     b_start = torch.empty((B, H, NC, D), dtype=acc, device=XQ.device) if save_states else b_T
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
+    write_z = not save_states or schedule == "fused"
     _programs().ttt_linear_prefill_kernel[(B * H,)](
         XQ,
         XK,
@@ -133,11 +138,12 @@ def _launch_prefill(
         W_PRECISION=w_precision,
         GRAD_PRECISION=grad_precision,
         SAVE_STATES=save_states,
+        WRITE_Z=write_z,
         ACC=acc_tl,
         num_warps=num_warps(D),
     )
-    if not save_states:
-        return Z, W_T, b_T, None, None
+    if write_z:
+        return Z, W_T, b_T, (W_start if save_states else None), (b_start if save_states else None)
     _programs().ttt_linear_output_kernel[(NC, B * H)](
         XQ, XK, XV, eta, W_start, b_start, ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous(), Z,
         T, H, eps, *XQ.stride()[:3], *Z.stride()[:3], *eta.stride(),
@@ -159,8 +165,11 @@ class TTTLinearFunction(torch.autograd.Function):
     to what a model's training step holds anyway. Everything else inside a mini-batch (z1, the
     gradient, the dual form's products, LN statistics) is recomputed from its start state.
 
-    The backward is three kernels, so that the sequential part (one program per (batch, head),
-    B * H programs for the GPU's 100+ SMs) does as little as possible per mini-batch:
+    Two schedules (`common.training_schedule`). "split", for fewer (batch, head) chains than the
+    GPU has SMs: the forward's sequential kernel only updates the state and saves it, and
+    ttt_linear_output_kernel computes Z for every mini-batch in parallel; the backward is three
+    kernels, so that the sequential part (one program per (batch, head)) does as little as
+    possible per mini-batch:
     1. ttt_linear_bwd_local_kernel, parallel over mini-batches: from each start state, the terms
        that do not depend on the adjoint of the state (dz through the output LN, -M^T dz, and
        the rows of LN-L2-grad(z1)), written out as [B * H, T, D] tiles;
@@ -170,21 +179,28 @@ class TTTLinearFunction(torch.autograd.Function):
        adjoint at every mini-batch end ([B * H, NC, D, D], as large as the saved states);
     3. ttt_linear_bwd_inputs_kernel, parallel over mini-batches: from the start state and the
        adjoint at the end, every input gradient of the mini-batch.
-    Before: one sequential kernel recomputed the mini-batch's forward and all of its gradients
-    at every step: about 14 products of [b, D] tiles per step of the chain where step 2 has 3.
+    "fused", once the B * H chains alone fill the GPU: the forward's sequential kernel also
+    writes Z, and the backward is ttt_linear_bwd_inputs_kernel alone, one program per chain
+    walking the mini-batches in reverse with the adjoint in registers. It does about 14 products
+    of [b, D] tiles per step of the chain where the split's step 2 has 3, but writes and reads no
+    intermediates: with every SM busy anyway, the split's parallelism gains nothing and its
+    memory traffic costs (measured in benchmarks/results/backward_h200.json).
     """
 
     @staticmethod
-    def forward(ctx, XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps):
+    def forward(ctx, XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps, schedule):
         XQ, XK, XV, token_idx, Z = prepare_prefill(
             XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx,
             TRAIN_DTYPES,
         )  # fmt: skip
+        schedule = training_schedule(schedule, XQ.shape[0] * XQ.shape[1], XQ.device)
         Z, W_T, b_T, W_start, b_start = _launch_prefill(
-            XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z, save_states=True
-        )
+            XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z,
+            save_states=True, schedule=schedule,
+        )  # fmt: skip
         ctx.save_for_backward(XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, W_start, b_start)
         ctx.mini_batch_size, ctx.eps, ctx.state_dtypes = mini_batch_size, eps, (W0.dtype, b0.dtype)
+        ctx.schedule = schedule
         return Z, W_T, b_T
 
     @staticmethod
@@ -202,35 +218,39 @@ class TTTLinearFunction(torch.autograd.Function):
         consts = dict(D=D, MB=b, BLOCK_MB=block, ACC=acc_tl, num_warps=num_warps(D))
         programs = _programs()
 
-        # 1. per mini-batch, in parallel: what the adjoint recurrence reads (dz, -M^T dz, LN-L2-grad's rows)
-        local = torch.empty((4, B * H, T, D), dtype=acc, device=device)
-        stats = torch.empty((3, B * H, T), dtype=acc, device=device)
-        programs.ttt_linear_bwd_local_kernel[(NC, B * H)](
-            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, *local, stats,
-            T, B * H, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *eta.stride(),
-            QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, **consts,
-        )  # fmt: skip
-        # 2. the adjoint of the state through the mini-batches in reverse, one program per (batch, head)
+        precision = dict(QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision)
         dW = torch.empty((B, H, D, D), dtype=acc, device=device).copy_(dW_T)  # becomes the gradient of W0
         db = torch.empty((B, H, D), dtype=acc, device=device).copy_(db_T.view(B, H, D))
-        dW_end = torch.empty((B * H, NC, D, D), dtype=acc, device=device)
-        db_end = torch.empty((B * H, NC, D), dtype=acc, device=device)
-        programs.ttt_linear_bwd_state_kernel[(B * H,)](
-            XQ, XK, eta, ln_weight, token_idx, *local, stats, dW, db, dW_end, db_end,
-            T, B * H, H, *XQ.stride()[:3], *eta.stride(),
-            GRAD_PRECISION=grad_precision, num_stages=2, **consts,
-        )  # fmt: skip
-        del local, stats
-        # 3. per mini-batch, in parallel: the gradients of the inputs
+        if ctx.schedule == "fused":
+            dW_end, db_end, grid = dW, db, (1, B * H)  # one sequential pass carries the adjoint itself
+        else:
+            # 1. per mini-batch, in parallel: what the adjoint recurrence reads (dz, -M^T dz, LN-L2-grad's rows)
+            local = torch.empty((4, B * H, T, D), dtype=acc, device=device)
+            stats = torch.empty((3, B * H, T), dtype=acc, device=device)
+            programs.ttt_linear_bwd_local_kernel[(NC, B * H)](
+                XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, *local, stats,
+                T, B * H, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *eta.stride(), **precision, **consts,
+            )  # fmt: skip
+            # 2. the adjoint of the state through the mini-batches in reverse, one program per (batch, head)
+            dW_end = torch.empty((B * H, NC, D, D), dtype=acc, device=device)
+            db_end = torch.empty((B * H, NC, D), dtype=acc, device=device)
+            programs.ttt_linear_bwd_state_kernel[(B * H,)](
+                XQ, XK, eta, ln_weight, token_idx, *local, stats, dW, db, dW_end, db_end,
+                T, B * H, H, *XQ.stride()[:3], *eta.stride(),
+                GRAD_PRECISION=grad_precision, num_stages=2, **consts,
+            )  # fmt: skip
+            del local, stats
+            grid = (NC, B * H)
+        # 3. the gradients of the inputs: per mini-batch in parallel (split) or in reverse (fused)
         dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=device) for x in (XQ, XK, XV))
         deta = torch.empty((B, H, T), dtype=eta.dtype, device=device)
         dln_w, dln_b = (torch.empty((B * H * NC, D), dtype=acc, device=device) for _ in range(2))
         dtoken_idx = torch.empty((B * H * NC, block), dtype=acc, device=device)
-        programs.ttt_linear_bwd_inputs_kernel[(NC, B * H)](
-            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, dW_end, db_end,
+        programs.ttt_linear_bwd_inputs_kernel[grid](
+            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, dW_end, db_end, dW, db,
             dXQ, dXK, dXV, deta, dln_w, dln_b, dtoken_idx,
             T, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *dXQ.stride()[:3], *eta.stride(),
-            QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, **consts,
+            SEQUENTIAL=ctx.schedule == "fused", **precision, **consts,
         )  # fmt: skip
         W_dtype, b_dtype = ctx.state_dtypes
         return (
@@ -245,9 +265,11 @@ class TTTLinearFunction(torch.autograd.Function):
             dtoken_idx.sum(0)[:b].to(token_idx.dtype),
             None,
             None,
+            None,
         )
 
 
+@torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
 def ttt_linear_train(
     XQ: Tensor,
     XK: Tensor,
@@ -260,16 +282,22 @@ def ttt_linear_train(
     mini_batch_size: int = 16,
     token_idx: Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    schedule: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`ops.ttt_linear` with a Triton forward and backward (`TTTLinearFunction`): what training runs.
 
     Arguments and results as in `ttt_linear_prefill`; dtypes float16, bfloat16, float32 or
     float64. Gradients reach XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias and token_idx, and a
     gradient on the returned final state flows back (a streamed segment whose state is used later).
+    schedule: "auto", "fused" or "split", how the kernels divide the work (`common.training_schedule`);
+    the results are the same.
     """
     if token_idx is None:
         token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
-    return TTTLinearFunction.apply(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps)
+    return TTTLinearFunction.apply(
+        XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps, schedule
+    )
 
 
 def ttt_linear_decode(

@@ -58,6 +58,7 @@ def _chunk(F: int) -> int:
     return 32 if F % 32 == 0 else 16
 
 
+@torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
 def ttt_mlp_prefill(
     XQ: Tensor,
     XK: Tensor,
@@ -252,6 +253,7 @@ class TTTMLPFunction(torch.autograd.Function):
         )
 
 
+@torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
 def ttt_mlp_train(
     XQ: Tensor,
     XK: Tensor,
