@@ -237,6 +237,7 @@ def test_bad_inputs_raise_value_errors(rng):
         ("mlp", torch.float32, 64),
         ("mlp", torch.bfloat16, 128),
     ],
+    ids=lambda v: str(v).removeprefix("torch."),
 )
 def test_gpu_gradients_match_reference(kind, dtype, D, rng):
     """Many programs (B * H = 128), a partial last mini-batch; inputs rounded to dtype, compared
