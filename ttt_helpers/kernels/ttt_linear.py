@@ -165,8 +165,8 @@ class TTTLinearFunction(torch.autograd.Function):
     to what a model's training step holds anyway. Everything else inside a mini-batch (z1, the
     gradient, the dual form's products, LN statistics) is recomputed from its start state.
 
-    Two schedules (`common.training_schedule`). "split", for fewer (batch, head) chains than the
-    GPU has SMs: the forward's sequential kernel only updates the state and saves it, and
+    Two schedules (`common.training_schedule`). "split", for fewer (batch, head) chains than half
+    the GPU's SMs: the forward's sequential kernel only updates the state and saves it, and
     ttt_linear_output_kernel computes Z for every mini-batch in parallel; the backward is three
     kernels, so that the sequential part (one program per (batch, head)) does as little as
     possible per mini-batch:
@@ -179,7 +179,7 @@ class TTTLinearFunction(torch.autograd.Function):
        adjoint at every mini-batch end ([B * H, NC, D, D], as large as the saved states);
     3. ttt_linear_bwd_inputs_kernel, parallel over mini-batches: from the start state and the
        adjoint at the end, every input gradient of the mini-batch.
-    "fused", once the B * H chains alone fill the GPU: the forward's sequential kernel also
+    "fused", once the B * H chains alone keep half the SMs busy: the forward's sequential kernel also
     writes Z, and the backward is ttt_linear_bwd_inputs_kernel alone, one program per chain
     walking the mini-batches in reverse with the adjoint in registers. It does about 14 products
     of [b, D] tiles per step of the chain where the split's step 2 has 3, but writes and reads no
