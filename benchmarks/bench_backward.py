@@ -196,7 +196,7 @@ def op_level(run: Runner, cases: list, H: int, D: int, peaks: dict | None) -> li
         row = {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16", "state_dtype": "float32", "mini_batch_size": 16}
         print(f"op B={B} T={T}", flush=True)
         args = bench.ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
-        row["ours_schedule"] = training_schedule("auto", B * H, torch.device(run.device))
+        row["ours_schedule"] = training_schedule("auto", args["XQ"])
         for schedule in ("split", "fused"):
             train = partial(ttt_linear_train, schedule=schedule)
             ours, _, _ = fwd_bwd(train, args)

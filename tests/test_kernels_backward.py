@@ -19,6 +19,7 @@ pytest.importorskip("triton", reason="the kernels need the triton package (pip i
 
 from ttt_helpers import ops  # noqa: E402
 from ttt_helpers.kernels import ttt_linear_train, ttt_mlp_train  # noqa: E402
+from ttt_helpers.kernels.common import training_schedule  # noqa: E402
 from ttt_helpers.layers import TTTMLP, TTTLinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,6 +220,31 @@ def test_bad_inputs_raise_value_errors(rng):
         ttt_mlp_train(**make_inputs("mlp", 1, 1, 4, 16, 16, rng, F=40))
     with pytest.raises(ValueError, match="schedule must be one of"):
         ttt_linear_train(**lin, schedule="parallel")
+
+
+def test_fused_schedule_refused_where_it_does_not_fit(rng, monkeypatch):
+    """As on a GPU (the interpreter has no shared-memory limit): float32 at D = 128 refuses the
+    fused schedule before any launch, and auto picks split for it and for CPU tensors."""
+    from ttt_helpers.kernels import common
+
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    XQ = torch.zeros(1, 1, 4, 128)
+    with pytest.raises(ValueError, match="schedule='fused' does not fit in shared memory at head dim 128"):
+        training_schedule("fused", XQ)
+    assert training_schedule("auto", XQ) == "split"
+    assert training_schedule("fused", XQ.bfloat16()) == "fused"
+    assert training_schedule("auto", torch.zeros(64, 12, 4, 64)) == "split"  # not on a GPU
+
+
+@needs_cuda
+def test_gpu_fused_schedule_refused_where_it_does_not_fit(rng):
+    """float32 inputs at D = 128: the fused backward needs more shared memory than a GPU has, so
+    asking for it is an error naming the argument, and auto runs the split schedule."""
+    args = make_inputs("linear", 8, 16, 40, 128, 16, rng, dtype=torch.float32)
+    with pytest.raises(ValueError, match="schedule='fused' does not fit"):
+        ttt_linear_train(**args, schedule="fused")
+    assert training_schedule("auto", args["XQ"]) == "split"
+    assert training_schedule("auto", args["XQ"].bfloat16()) == "fused"  # B * H = 128 chains
 
 
 # ---------------------------------------------------------------- float32 and bfloat16 on a GPU

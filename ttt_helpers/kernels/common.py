@@ -53,8 +53,9 @@ def kernel_applies(XQ: Tensor, mini_batch_size: int) -> bool:
 SCHEDULES = ("auto", "fused", "split")  # how the TTT-Linear training kernels split their work
 
 
-def training_schedule(schedule: str, programs: int, device: torch.device) -> str:
-    """The TTT-Linear training schedule for `programs` = B * H sequential chains on `device`.
+def training_schedule(schedule: str, XQ: Tensor) -> str:
+    """The TTT-Linear training schedule for XQ: [B, H, T, D], whose B * H (batch, head) pairs are
+    each one sequential chain.
 
     "split" moves everything that does not depend on the state (or its adjoint) out of the
     sequential loops into kernels parallel over mini-batches, at the cost of writing and reading
@@ -62,15 +63,24 @@ def training_schedule(schedule: str, programs: int, device: torch.device) -> str
     "auto" picks fused once the chains alone keep half the GPU's SMs busy (B * H >= 66 on an
     H200's 132), where the split's extra memory traffic costs more than its parallelism gains, and
     split below. Measured on an H200 (H = 12, D = 64, bf16, benchmarks/results/backward_h200.json):
-    at B * H = 24 split is 2.1x faster; at 96, 384 and 192 fused is 1.18x, 1.22x and 1.35x faster.
+    at B * H = 24 split is 2.1x faster; at 96 they tie; at 192 and 384 fused is 1.35x and 1.5x faster.
+    The fused backward holds more at once: at D = 128 with 32- or 64-bit inputs it needs 273 KiB of
+    shared memory where an H200 has 227 KiB, so there it is refused and auto picks split.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    fits = XQ.shape[-1] < 128 or XQ.element_size() <= 2 or interpreting()
+    if schedule == "fused" and not fits:
+        raise ValueError(
+            f"schedule='fused' does not fit in shared memory at head dim {XQ.shape[-1]} with {XQ.dtype} inputs: "
+            "use 'split' (or 'auto', which picks it)"
+        )
     if schedule != "auto":
         return schedule
-    if device.type != "cuda":
+    if not XQ.is_cuda or not fits:
         return "split"
-    return "fused" if 2 * programs >= torch.cuda.get_device_properties(device).multi_processor_count else "split"
+    sms = torch.cuda.get_device_properties(XQ.device).multi_processor_count
+    return "fused" if 2 * XQ.shape[0] * XQ.shape[1] >= sms else "split"
 
 
 def interpreting() -> bool:

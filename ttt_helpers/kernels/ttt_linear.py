@@ -193,7 +193,7 @@ class TTTLinearFunction(torch.autograd.Function):
             XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx,
             TRAIN_DTYPES,
         )  # fmt: skip
-        schedule = training_schedule(schedule, XQ.shape[0] * XQ.shape[1], XQ.device)
+        schedule = training_schedule(schedule, XQ)
         Z, W_T, b_T, W_start, b_start = _launch_prefill(
             XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z,
             save_states=True, schedule=schedule,
