@@ -45,7 +45,15 @@ OFFICIAL_DEFAULTS: dict = dict(
     scan_checkpoint_group_size=0,
 )
 # keys of a saved config.json that describe the file, not the model
-BOOKKEEPING = ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
+BOOKKEEPING = (
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+)
 SEQ = "seq_modeling_block"  # their name of the TTT layer inside a block
 
 

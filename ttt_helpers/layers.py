@@ -198,7 +198,9 @@ class TTTLayer(nn.Module):
         """
         checks.boolean("primal", primal)
         if self.share_qk and state is not None:
-            raise ValueError("state: a share_qk layer continues a sequence through forward_stream (it has a conv state)")
+            raise ValueError(
+                "state: a share_qk layer continues a sequence through forward_stream (it has a conv state)"
+            )
         XQ, XK, XV, eta, _ = self._inputs(x)
         if state is None:
             state = self.initial_state(x.shape[0])
