@@ -90,11 +90,11 @@ def test_bad_input_shape():
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-@pytest.mark.parametrize("use_gate", [False, True])
-def test_forward_stream_token_by_token(kind, use_gate, rng):
+@pytest.mark.parametrize("use_gate,share_qk", [(False, False), (True, False), (True, True)])
+def test_forward_stream_token_by_token(kind, use_gate, share_qk, rng):
     """Prefill a ragged prefix, then decode one token at a time: same outputs as one forward."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    layer = LAYERS[kind](24, 3, mini_batch_size=8, use_gate=use_gate).double()
+    layer = LAYERS[kind](24, 3, mini_batch_size=8, use_gate=use_gate, share_qk=share_qk).double()
     x = torch.randn(2, 21, 24, dtype=torch.float64, generator=rng)
     y, _ = layer(x)
     state, position = layer.initial_stream_state(2), 0
@@ -106,3 +106,41 @@ def test_forward_stream_token_by_token(kind, use_gate, rng):
         pieces.append(y_t)
     assert position == 21 % 8
     assert torch.allclose(torch.cat(pieces, 1), y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("share_qk", [False, True])
+def test_stream_any_split(share_qk, rng):
+    """Pieces of every length (some ending inside a mini-batch, longer than one) give one forward's outputs."""
+    layer = make_layer("linear", rng)
+    if share_qk:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+        layer = TTTLinear(24, 3, mini_batch_size=8, share_qk=True, use_gate=True).double()
+    x = torch.randn(2, 40, 24, dtype=torch.float64, generator=rng)
+    y, _ = layer(x)
+    state, position, pieces, start = layer.initial_stream_state(2), 0, [], 0
+    for size in (3, 10, 1, 7, 12, 2, 5):
+        out, state, position = layer.forward_stream(x[:, start : start + size], state, position)
+        pieces.append(out)
+        start += size
+    assert start == 40 and position == 0
+    err = (torch.cat(pieces, 1) - y).abs().max().item()
+    assert err < 1e-12, f"seed {rng.initial_seed()}: {err:.2e}"
+
+
+def test_rope_rotates_pairs_by_position_in_the_mini_batch(rng):
+    """RoPE against its definition: pair (2i, 2i+1) turned by (t mod b) theta^(-2i/D); norms kept."""
+    from ttt_helpers.layers import apply_rope, rope_tables
+
+    x = torch.randn(2, 3, 20, 8, dtype=torch.float64, generator=rng)
+    positions = torch.arange(20) % 16
+    cos, sin = rope_tables(positions, 8, 10000.0, torch.float64)
+    y = apply_rope(x, cos, sin)
+    for t in (0, 5, 17):
+        for i in range(4):
+            angle = torch.tensor((t % 16) * 10000.0 ** (-2 * i / 8), dtype=torch.float32)
+            c, s = angle.cos().double(), angle.sin().double()
+            a, b = x[..., t, 2 * i], x[..., t, 2 * i + 1]
+            assert torch.allclose(y[..., t, 2 * i], a * c - b * s, rtol=0, atol=1e-6)
+            assert torch.allclose(y[..., t, 2 * i + 1], b * c + a * s, rtol=0, atol=1e-6)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=0)  # the table is float32
+    assert torch.equal(y[..., 0, :], x[..., 0, :]) and torch.equal(y[..., 16, :], x[..., 16, :])

@@ -27,6 +27,20 @@ def test_presets_instantiate(name, millions):
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
 
 
+def test_default_config_is_the_1b_preset_and_backbones_map_onto_the_options():
+    assert TTTConfig() == TTTConfig(**TTT_STANDARD_CONFIGS["1b"])
+    c = TTTConfig()
+    assert (c.rope_theta, c.mini_batch_size, c.ttt_base_lr, c.conv_kernel) == (10000.0, 16, 1.0, 4)
+    assert (c.pre_conv, c.share_qk, c.use_gate, c.backbone) == (False, False, False, "transformer")
+    m = TTTConfig(**TINY, backbone="mamba")
+    assert (m.pre_conv, m.share_qk, m.use_gate) == (True, True, True)
+    assert TTTConfig(**TINY, pre_conv=True, share_qk=True, use_gate=True).backbone == "mamba"
+    assert TTTConfig(**TINY, pre_conv=True).backbone == "custom"
+    assert TTTConfig(**TINY, scan_checkpoint_group_size=4, max_position_embeddings=8192).scan_checkpoint_group_size == 4
+    reloaded = TTTConfig.from_dict(TTTConfig(**TINY, share_qk=True).to_dict())
+    assert (reloaded.backbone, reloaded.share_qk, reloaded.pre_conv) == ("custom", True, False)
+
+
 def test_auto_classes():
     config = AutoConfig.for_model("ttt", **TINY)
     assert isinstance(config, TTTConfig)
@@ -48,6 +62,24 @@ def test_prefill_then_decode_equals_one_forward(layer_type, backbone, T, k, rng)
             pieces.append(model(ids[:, t : t + 1], **cache_kwargs(cache)).logits)
     assert cache.seen_tokens == T and cache.nbytes() == size  # the state does not grow
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+def test_streaming_any_split_is_exact_in_float64(layer_type, backbone, rng):
+    """Pieces that end inside a mini-batch and continue with several tokens, then single tokens:
+    the logits of one forward, in float64, through the convolution states and RoPE positions."""
+    model = tiny_model(rng, ttt_layer_type=layer_type, backbone=backbone).double()
+    ids = torch.randint(0, 97, (2, 50), generator=rng)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache, pieces, start = None, [], 0
+        for size in (5, 14, 3, 16, 1, 1, 10):
+            out = model(ids[:, start : start + size], use_cache=True, **cache_kwargs(cache))
+            cache, start = output_cache(out), start + size
+            pieces.append(out.logits)
+    err = (torch.cat(pieces, 1) - full).abs().max().item()
+    assert start == 50 and err < 1e-12, f"seed {rng.initial_seed()}: {err:.2e}"
 
 
 def test_generate_greedy_and_sampling(rng):
@@ -117,6 +149,10 @@ def test_padding_is_refused(rng):
         (dict(hidden_size=30), "hidden_size"),
         (dict(backbone="rnn"), "backbone"),
         (dict(ttt_base_lr=-1.0), "ttt_base_lr"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(hidden_act="relu"), "hidden_act"),
+        (dict(scan_checkpoint_group_size=-1), "scan_checkpoint_group_size"),
+        (dict(backbone="transformer", pre_conv=True), "pre_conv"),
     ],
 )
 def test_bad_config(kwargs, field):

@@ -1,9 +1,10 @@
 """TTT layers as `nn.Module`s around the functional ops in `ttt_helpers.ops`.
 
-A layer projects tokens to queries, keys and values per head, computes a learnable per-token
-inner learning rate, runs the TTT op (the hidden state is a model trained while reading),
-then normalises and projects the result back. The state can be passed in and out to stream
-a sequence in pieces.
+A layer projects tokens to queries, keys and values per head (optionally one query projection
+through two causal convolutions, `share_qk`), rotates queries and keys by their position inside
+the mini-batch (RoPE), computes a learnable per-token inner learning rate, runs the TTT op (the
+hidden state is a model trained while reading), then normalises, optionally gates, and projects
+the result back. The state can be passed in and out to stream a sequence in pieces.
 """
 
 from __future__ import annotations
@@ -17,12 +18,53 @@ State = tuple[Tensor, ...]
 IMPLS = ("auto", "kernel", "reference")
 
 
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles positions[t] * theta^(-2i/D): [T, D/2] each, in `dtype`.
+
+    The angles and their cos and sin are computed in float32 whatever `dtype` is, as the
+    authors' model does, so a float64 model uses the same table as theirs.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) of the last dimension by its angle. x: [..., T, D]; cos, sin: [T, D/2]."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+
+
+class CausalConv(nn.Conv1d):
+    """Depthwise causal convolution over time (with a bias); its state holds the last k - 1 inputs."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__(channels, channels, kernel, groups=channels, bias=True)
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        """Zeros [B, k-1, C] for x: [B, T, C]: the sequence starts after k - 1 zero inputs."""
+        return x.new_zeros(x.shape[0], self.kernel_size[0] - 1, x.shape[2])
+
+    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C], state: [B, k-1, C] (None: zeros) -> (y: [B, T, C], the new state)."""
+        if state is None:
+            state = self.initial_state(x)
+        padded = torch.cat([state.to(x.dtype), x], dim=1)
+        y = super().forward(padded.transpose(1, 2)).transpose(1, 2)
+        return y, padded[:, padded.shape[1] - state.shape[1] :]
+
+
 class TTTLayer(nn.Module):
     """Shared machinery of `TTTLinear` and `TTTMLP`; subclasses define the inner model.
 
     hidden_size C = num_heads * head_dim D. `base_lr` scales the sigmoid gate of the inner
     learning rate: eta = base_lr * sigmoid(gate(x)) / D per token and head (None: the kind's
-    `default_base_lr`, 1.0 for TTT-Linear and 0.1 for TTT-MLP).
+    `default_base_lr`, 1.0 for TTT-Linear and 0.1 for TTT-MLP). `rope_theta`: XQ and XK are
+    rotated (RoPE, base rope_theta) by their position inside the mini-batch, t mod
+    mini_batch_size; None rotates nothing. `share_qk`: no key projection; the query projection
+    feeds two depthwise causal convolutions of width `conv_kernel`, one giving XQ and one XK
+    (the Mamba backbone). `use_gate`: the output is multiplied by gelu(g_proj(x)) before o_proj.
     """
 
     kind = ""
@@ -39,6 +81,10 @@ class TTTLayer(nn.Module):
         eps: float = 1e-6,
         use_gate: bool = False,
         impl: str = "auto",
+        *,
+        share_qk: bool = False,
+        conv_kernel: int = 4,
+        rope_theta: float | None = 10000.0,
     ) -> None:
         super().__init__()
         base_lr = self.default_base_lr if base_lr is None else base_lr
@@ -51,11 +97,21 @@ class TTTLayer(nn.Module):
         base_lr = checks.positive("base_lr", base_lr)
         eps = checks.positive("eps", eps)
         checks.boolean("use_gate", use_gate)
+        checks.boolean("share_qk", share_qk)
+        checks.integer("conv_kernel", conv_kernel, 1)
+        if rope_theta is not None:
+            rope_theta = checks.positive("rope_theta", rope_theta)
+        if rope_theta is not None and (hidden_size // num_heads) % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got hidden_size // num_heads = {hidden_size // num_heads}")
+        self.share_qk, self.rope_theta = share_qk, rope_theta
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.mini_batch_size, self.base_lr, self.eps, self.impl = mini_batch_size, base_lr, eps, impl
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        # share_qk: XQ and XK are two convolutions of the one query projection
+        self.k_proj = None if share_qk else nn.Linear(hidden_size, hidden_size, bias=False)
+        self.conv_q = CausalConv(hidden_size, conv_kernel) if share_qk else None
+        self.conv_k = CausalConv(hidden_size, conv_kernel) if share_qk else None
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.lr_gate = nn.Linear(hidden_size, num_heads)  # one inner learning-rate gate per head
         self.token_idx_offset = nn.Parameter(torch.zeros(mini_batch_size))
@@ -96,12 +152,11 @@ class TTTLayer(nn.Module):
         """eta = base_lr * sigmoid(gate(x)) / D. x: [B, T, C] -> [B, H, T]"""
         return self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim
 
-    def _heads(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """XQ, XK, XV: [B, H, T, D] and eta: [B, H, T] for x: [B, T, C]."""
+    def _inputs(
+        self, x: Tensor, position: int = 0, conv_state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """XQ, XK, XV: [B, H, T, D], eta: [B, H, T] and the new convolution state (share_qk; else
+        None) for x: [B, T, C] whose first token sits at `position` in its mini-batch."""
         checks.tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
@@ -109,7 +164,22 @@ class TTTLayer(nn.Module):
             raise ValueError(f"x must hold at least one row and one token (B, T >= 1), got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor (hidden states, not token ids), got {x.dtype}")
-        return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), self.inner_lr(x)
+        q = self.q_proj(x)
+        if self.share_qk:
+            XQ, _ = self.conv_q(q, conv_state)
+            XK, conv_state = self.conv_k(q, conv_state)
+            XQ, XK = self._heads(XQ), self._heads(XK)
+        else:
+            XQ, XK = self._heads(q), self._heads(self.k_proj(x))
+        if self.rope_theta is not None:
+            positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
+            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
+            XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
+        return XQ, XK, self._heads(self.v_proj(x)), self.inner_lr(x), conv_state
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _output(self, Z: Tensor, x: Tensor) -> Tensor:
         """Merge the heads of Z: [B, H, T, D], normalise, gate, project. -> [B, T, C]"""
@@ -123,10 +193,15 @@ class TTTLayer(nn.Module):
         """x: [B, T, C] -> (y: [B, T, C], final state). `state=None` starts from the learned state.
 
         Passing the returned state into the next call continues the sequence; splitting it at a
-        multiple of `mini_batch_size` gives the same outputs as one call.
+        multiple of `mini_batch_size` gives the same outputs as one call. A `share_qk` layer has a
+        convolution state too: continue it with `forward_stream`.
         """
         checks.boolean("primal", primal)
-        XQ, XK, XV, eta = self._inputs(x)
+        if self.share_qk and state is not None:
+            raise ValueError(
+                "state: a share_qk layer continues a sequence through forward_stream (it has a conv state)"
+            )
+        XQ, XK, XV, eta, _ = self._inputs(x)
         if state is None:
             state = self.initial_state(x.shape[0])
         n = len(self.initial_params())
@@ -156,17 +231,35 @@ class TTTLayer(nn.Module):
         return self._output(Z, x), tuple(new_state)
 
     def initial_stream_state(self, batch_size: int) -> State:
-        """The learned state plus zero gradient sums: the state `forward_stream` starts from."""
+        """The learned state plus zero gradient sums (and, with share_qk, the zero convolution
+        state [B, k-1, C]): the state `forward_stream` starts from."""
         params = self.initial_state(batch_size)
-        return params + tuple(torch.zeros_like(p) for p in params)
+        state = params + tuple(torch.zeros_like(p) for p in params)
+        if self.share_qk:
+            w = self.q_proj.weight
+            state += (w.new_zeros(batch_size, self.conv_q.kernel_size[0] - 1, self.hidden_size),)
+        return state
 
     def forward_stream(self, x: Tensor, state: State, position: int) -> tuple[Tensor, State, int]:
         """Continue from any token, also inside a mini-batch (prefill, then decode one token at a time).
 
-        x: [B, T, C]; state = (*params, *grads) from `initial_stream_state` or a previous call;
-        position: tokens already read in the current mini-batch. Returns y, the state, the position.
+        x: [B, T, C]; state = (*params, *grads[, conv]) from `initial_stream_state` or a previous
+        call; position: tokens already read in the current mini-batch. Returns y, the state, the position.
         """
-        XQ, XK, XV, eta = self._inputs(x)
+        conv_state = None
+        if self.share_qk:
+            if not isinstance(state, (tuple, list)) or not state:
+                raise ValueError("state must be the tuple of tensors from initial_stream_state or forward_stream")
+            *state, conv_state = state
+            state = tuple(state)
+        y, state, position = self._stream(x, state, position, conv_state)
+        return y, state, position
+
+    def _stream(self, x: Tensor, state: State, position: int, conv_state: Tensor | None) -> tuple[Tensor, State, int]:
+        """forward_stream on the TTT state alone; the new convolution state, if any, ends the returned state."""
+        checks.integer("position", position, 0, self.mini_batch_size - 1)
+        XQ, XK, XV, eta, conv_state = self._inputs(x, position, conv_state)
+        tail = () if conv_state is None else (conv_state,)
         token_idx, dual = self.token_idx(), None
         if self._use_kernel(XQ):
             ops.check_stream(
@@ -189,7 +282,7 @@ class TTTLayer(nn.Module):
             elif XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
                 state = tuple(t.contiguous() for t in state)
                 z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
-                return self._output(z, x), state, (position + 1) % self.mini_batch_size
+                return self._output(z, x), state + tail, (position + 1) % self.mini_batch_size
             else:
                 dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
         Z, state, position = ops.ttt_continue(
@@ -207,7 +300,7 @@ class TTTLayer(nn.Module):
             eps=self.eps,
             dual=dual,
         )
-        return self._output(Z, x), state, position
+        return self._output(Z, x), tuple(state) + tail, position
 
     def _kernels(self) -> tuple:
         """The Triton prefill, decode step and training op (forward and backward) of this layer's kind."""

@@ -1,8 +1,9 @@
 """A TTT language model that behaves like any other `transformers` model.
 
-`TTTConfig` and `TTTForCausalLM` follow the paper's architecture: a Llama-style stack whose
-self-attention is replaced by a TTT layer (TTT-Linear or TTT-MLP), with the paper's size
-presets in `TTT_STANDARD_CONFIGS`. The model is registered with `AutoConfig` and
+`TTTConfig` and `TTTForCausalLM` compute the function of the authors' PyTorch model
+(ttt-lm-pytorch): a Llama-style stack whose self-attention is replaced by a TTT layer (TTT-Linear
+or TTT-MLP), in the Transformer or the Mamba backbone, with the paper's size presets in
+`TTT_STANDARD_CONFIGS`; `ttt_helpers.convert` maps their checkpoints onto it. The model is registered with `AutoConfig` and
 `AutoModelForCausalLM`, saves and loads as safetensors, and `generate()` works with a
 `TTTCache` that carries the TTT state, so each decoded token costs the same at any context length.
 """
@@ -21,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checks
 from .compat import cache_kwargs, take_cache
-from .layers import IMPLS, TTTMLP, TTTLayer, TTTLinear
+from .layers import IMPLS, TTTMLP, CausalConv, TTTLayer, TTTLinear
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
 
@@ -34,15 +35,30 @@ TTT_STANDARD_CONFIGS: dict[str, dict] = {
 }
 
 
+BACKBONES = {  # the paper's two backbones as the authors' three options
+    "transformer": dict(pre_conv=False, share_qk=False, use_gate=False),
+    "mamba": dict(pre_conv=True, share_qk=True, use_gate=True),
+}
+
+
 class TTTConfig(PretrainedConfig):
-    """Configuration of `TTTForCausalLM`.
+    """Configuration of `TTTForCausalLM`: the authors' options under their names and with their
+    defaults (`TTTConfig()` is the 1b preset, `TTT_STANDARD_CONFIGS["1b"]`), plus two of ours.
 
     ttt_layer_type: "linear" (TTT-Linear) or "mlp" (TTT-MLP); mini_batch_size: tokens per inner
-    step; ttt_base_lr: base inner learning rate (default 1.0 for linear, 0.1 for mlp);
-    backbone: "transformer" (norm -> TTT -> residual, norm -> SwiGLU -> residual) or "mamba"
-    (a causal depthwise convolution before the TTT layer and a GELU output gate); ttt_impl:
-    "auto" runs the TTT layers through the Triton kernels on CUDA (the training kernels when a
-    gradient is needed) and through the reference ops otherwise, "kernel" or "reference" force one path.
+    step; ttt_base_lr: base inner learning rate (None: 1.0 for linear, 0.1 for mlp); rope_theta:
+    base of the rotary embedding of XQ and XK at positions t mod mini_batch_size;
+    max_position_embeddings: recorded only (RoPE never sees a position >= mini_batch_size).
+    The Mamba backbone is three options: pre_conv (a residual x + conv(RMSNorm(x)) before the
+    sequence norm, kernel conv_kernel), share_qk (one query projection through two convolutions,
+    conv_q and conv_k; V not convolved) and use_gate (a GELU gate on the normed input).
+    scan_checkpoint_group_size and pretraining_tp are accepted and recorded; they change memory
+    or the order of sums, not the function.
+
+    Ours: backbone, a short-hand: "transformer" (all three False) or "mamba" (all three True);
+    None reads it off the three options ("custom" for a mix). ttt_impl: "auto" runs the TTT layers
+    through the Triton kernels on CUDA (the training kernels when a gradient is needed) and through
+    the reference ops otherwise, "kernel" or "reference" force one path.
     """
 
     model_type = "ttt"
@@ -50,23 +66,31 @@ class TTTConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size: int = 32000,
-        hidden_size: int = 768,
-        intermediate_size: int = 2048,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        ttt_layer_type: str = "linear",
-        mini_batch_size: int = 16,
-        ttt_base_lr: float | None = None,
-        backbone: str = "transformer",
-        conv_kernel: int = 4,
-        ttt_impl: str = "auto",
-        rms_norm_eps: float = 1e-6,
+        hidden_size: int = 2048,
+        intermediate_size: int = 5504,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 32,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
         initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = 1,
         eos_token_id: int | None = 2,
+        pretraining_tp: int = 1,
         tie_word_embeddings: bool = True,
+        rope_theta: float = 10000.0,
+        use_gate: bool | None = None,
+        share_qk: bool | None = None,
+        ttt_layer_type: str = "linear",
+        ttt_base_lr: float | None = 1.0,
+        mini_batch_size: int = 16,
+        pre_conv: bool | None = None,
+        conv_kernel: int = 4,
+        scan_checkpoint_group_size: int = 0,
+        backbone: str | None = None,
+        ttt_impl: str = "auto",
         **kwargs,
     ) -> None:
         for field, value in (
@@ -77,30 +101,41 @@ class TTTConfig(PretrainedConfig):
             ("num_attention_heads", num_attention_heads),
             ("mini_batch_size", mini_batch_size),
             ("conv_kernel", conv_kernel),
+            ("max_position_embeddings", max_position_embeddings),
+            ("pretraining_tp", pretraining_tp),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        checks.integer("scan_checkpoint_group_size", scan_checkpoint_group_size, 0)
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
             )
+        if (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"hidden_size // num_attention_heads must be even for RoPE, got {hidden_size}")
         if ttt_layer_type not in LAYERS:
             raise ValueError(f"ttt_layer_type must be 'linear' or 'mlp', got {ttt_layer_type!r}")
         if ttt_impl not in IMPLS:
             raise ValueError(f"ttt_impl must be one of {IMPLS}, got {ttt_impl!r}")
-        if backbone not in ("transformer", "mamba"):
-            raise ValueError(f"backbone must be 'transformer' or 'mamba', got {backbone!r}")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (the SwiGLU feed-forward), got {hidden_act!r}")
+        flags = resolve_backbone(backbone, pre_conv=pre_conv, share_qk=share_qk, use_gate=use_gate)
         if ttt_base_lr is None:
             ttt_base_lr = LAYERS[ttt_layer_type].default_base_lr
         ttt_base_lr = checks.positive("ttt_base_lr", ttt_base_lr)
+        rope_theta = checks.positive("rope_theta", rope_theta)
         rms_norm_eps = checks.positive("rms_norm_eps", rms_norm_eps)
         initializer_range = checks.positive("initializer_range", initializer_range)
         checks.boolean("use_cache", use_cache)
         checks.boolean("tie_word_embeddings", tie_word_embeddings)
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.hidden_act, self.max_position_embeddings = hidden_act, max_position_embeddings
         self.ttt_layer_type, self.mini_batch_size, self.ttt_base_lr = ttt_layer_type, mini_batch_size, ttt_base_lr
-        self.backbone, self.conv_kernel, self.ttt_impl = backbone, conv_kernel, ttt_impl
+        self.rope_theta, self.conv_kernel, self.ttt_impl = rope_theta, conv_kernel, ttt_impl
+        self.pre_conv, self.share_qk, self.use_gate = flags["pre_conv"], flags["share_qk"], flags["use_gate"]
+        self.backbone = next((name for name, f in BACKBONES.items() if f == flags), "custom")
+        self.scan_checkpoint_group_size, self.pretraining_tp = scan_checkpoint_group_size, pretraining_tp
         self.rms_norm_eps, self.initializer_range, self.use_cache = rms_norm_eps, initializer_range, use_cache
         super().__init__(
             pad_token_id=pad_token_id,
@@ -111,14 +146,32 @@ class TTTConfig(PretrainedConfig):
         )
 
 
+def resolve_backbone(backbone: str | None, **flags: bool | None) -> dict[str, bool]:
+    """The three backbone options (pre_conv, share_qk, use_gate) from the short-hand `backbone`
+    and those given (None: not given). A given option that contradicts `backbone` is an error."""
+    if backbone not in (None, "custom", *BACKBONES):
+        raise ValueError(f"backbone must be 'transformer', 'mamba', 'custom' or None, got {backbone!r}")
+    implied = BACKBONES.get(backbone, dict.fromkeys(flags, False))
+    resolved = {}
+    for name, value in flags.items():
+        if value is None:
+            value = implied[name]
+        checks.boolean(name, value)
+        if backbone in BACKBONES and value != implied[name]:
+            raise ValueError(f"{name}={value} contradicts backbone={backbone!r}: pass backbone=None to mix options")
+        resolved[name] = value
+    return resolved
+
+
 @dataclass
 class TTTCache:
     """Everything a TTT model carries from one call to the next.
 
-    states[i]: layer i's TTT state (*params, *grads): the weights at the start of the current
-    mini-batch and the gradient sums inside it; conv_states[i]: the last conv_kernel - 1 inputs
-    of layer i's convolution [B, k-1, C] (None without the Mamba backbone); seen_tokens: tokens
-    read so far. Its size does not depend on seen_tokens.
+    states[i]: layer i's TTT state (*params, *grads[, qk]): the weights at the start of the current
+    mini-batch, the gradient sums inside it and, with share_qk, the last conv_kernel - 1 query
+    projections [B, k-1, C] that conv_q and conv_k read; conv_states[i]: the last conv_kernel - 1
+    inputs of layer i's pre_conv [B, k-1, C] (None without pre_conv); seen_tokens: tokens read so
+    far. Its size does not depend on seen_tokens.
     """
 
     states: list[tuple[Tensor, ...]]
@@ -149,22 +202,17 @@ class TTTCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class CausalConv(nn.Module):
-    """Depthwise causal convolution over time; the state holds the last k - 1 inputs."""
+class PreConv(nn.Module):
+    """The Mamba backbone's convolution branch: conv(RMSNorm(x)), added to x by the block."""
 
-    def __init__(self, channels: int, kernel: int) -> None:
+    def __init__(self, channels: int, kernel: int, eps: float) -> None:
         super().__init__()
-        self.kernel = kernel
-        self.conv = nn.Conv1d(channels, channels, kernel, groups=channels)
+        self.norm = nn.RMSNorm(channels, eps=eps)
+        self.conv = CausalConv(channels, kernel)
 
-    def initial_state(self, x: Tensor) -> Tensor:
-        return x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
-
-    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C], state: [B, k-1, C] -> (y: [B, T, C], new state)."""
-        padded = torch.cat([state, x], dim=1)
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - (self.kernel - 1) :]
+    def forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C], state: [B, k-1, C] (the last normed inputs; None: zeros) -> (conv output, new state)."""
+        return self.conv(self.norm(x), state)
 
 
 class SwiGLU(nn.Module):
@@ -181,33 +229,36 @@ class SwiGLU(nn.Module):
 
 
 class TTTBlock(nn.Module):
-    """One residual block: [conv ->] TTT layer, then the SwiGLU feed-forward, each pre-normed."""
+    """One residual block: [x + conv(norm(x)) ->] x + TTT(norm(x)), then x + SwiGLU(norm(x))."""
 
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
-        C, mamba = config.hidden_size, config.backbone == "mamba"
+        C = config.hidden_size
         layer_cls = LAYERS[config.ttt_layer_type]
+        self.pre_conv = PreConv(C, config.conv_kernel, config.rms_norm_eps) if config.pre_conv else None
         self.seq_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
-        self.conv = CausalConv(C, config.conv_kernel) if mamba else None
         self.ttt = layer_cls(
             C,
             config.num_attention_heads,
             config.mini_batch_size,
             config.ttt_base_lr,
-            use_gate=mamba,
+            use_gate=config.use_gate,
             impl=config.ttt_impl,
+            share_qk=config.share_qk,
+            conv_kernel=config.conv_kernel,
+            rope_theta=config.rope_theta,
         )
         self.ffn_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(C, config.intermediate_size)
 
     def forward(self, x: Tensor, cache: TTTCache | None, i: int) -> Tensor:
-        """x: [B, T, C]. With a cache, continue layer i's state from it and write it back."""
-        h = self.seq_norm(x)
-        if self.conv is not None:
-            conv_state = cache.conv_states[i] if cache is not None else None
-            h, conv_state = self.conv(h, self.conv.initial_state(h) if conv_state is None else conv_state)
+        """x: [B, T, C]. With a cache, continue layer i's states from it and write them back."""
+        if self.pre_conv is not None:
+            dx, conv_state = self.pre_conv(x, None if cache is None else cache.conv_states[i])
             if cache is not None:
                 cache.conv_states[i] = conv_state
+            x = x + dx
+        h = self.seq_norm(x)
         if cache is None:
             y, _ = self.ttt(h)
         else:
@@ -253,10 +304,14 @@ class TTTModel(TTTPreTrainedModel):
         self.embed_tokens = value
 
     def new_cache(self, batch_size: int) -> TTTCache:
-        """An empty cache: every layer at its learned initial state."""
-        return TTTCache(
-            [block.ttt.initial_stream_state(batch_size) for block in self.layers], [None] * len(self.layers)
-        )
+        """An empty cache: every layer at its learned initial state, every convolution at zeros."""
+        w = self.embed_tokens.weight
+        C = self.config.hidden_size
+        convs = [
+            None if block.pre_conv is None else w.new_zeros(batch_size, self.config.conv_kernel - 1, C)
+            for block in self.layers
+        ]
+        return TTTCache([block.ttt.initial_stream_state(batch_size) for block in self.layers], convs)
 
     def check_cache(self, cache: object, batch_size: int) -> None:
         """Raise unless `cache` is a TTTCache of this model for `batch_size` rows."""
@@ -305,6 +360,20 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         self.config.ttt_impl = impl
         for block in self.model.layers:
             block.ttt.impl = impl
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> TTTForCausalLM:
+        """As `PreTrainedModel.from_pretrained`; a local folder saved by the authors' code
+        (ttt-lm-pytorch: their parameter names) is read through `convert.from_official`."""
+        from . import convert  # convert imports this module
+
+        if convert.is_official_folder(pretrained_model_name_or_path):
+            model = convert.load_official_folder(pretrained_model_name_or_path)
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, torch.dtype):
+                model = model.to(dtype)
+            return model.eval()
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -5,7 +5,9 @@ launching them from Python takes longer than running them. Capturing the step on
 replaying it removes that cost. The TTT state is updated in place by the decode kernel, so a
 captured step keeps working on the live cache. The step differs with the token's position in
 its inner mini-batch (the last position commits the state), so one graph is captured per
-position and the graph of the current position is replayed.
+position and the graph of the current position is replayed. The convolution states of the Mamba
+backbone are new tensors after each step; the captured step copies them back into the cache's
+own tensors, so a replay reads and writes the same memory.
 """
 
 from __future__ import annotations
@@ -38,8 +40,7 @@ class CUDAGraphDecoder:
     """Decode one token per sequence at a time, from CUDA graphs. Greedy or teacher-forced:
     `step(tokens)` returns the logits, the caller picks the next tokens.
 
-    model: a `TTTForCausalLM` (TTT-Linear or TTT-MLP layers) with the Transformer backbone, on CUDA, in
-    eval mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
+    model: a `TTTForCausalLM` (TTT-Linear or TTT-MLP layers, either backbone), on CUDA, in eval mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
     (`compat.output_cache(model(prompt, use_cache=True))`), updated in place by every step.
     """
 
@@ -47,8 +48,6 @@ class CUDAGraphDecoder:
         if getattr(getattr(model, "config", None), "model_type", None) != "ttt":
             raise ValueError(f"model must be a TTTForCausalLM, got {type(model).__name__}")
         config = model.config
-        if config.backbone != "transformer":
-            raise ValueError(f"backbone must be 'transformer' for graph decoding, got {config.backbone!r}")
         if config.ttt_impl == "reference":
             raise ValueError("ttt_impl='reference' runs no kernels: use 'auto' or 'kernel'")
         device = next(model.parameters()).device
@@ -59,13 +58,28 @@ class CUDAGraphDecoder:
         self.model, self.cache = model, cache
         self.mini_batch_size = config.mini_batch_size
         cache.states = [tuple(t.contiguous() for t in s) for s in cache.states]  # updated in place from now on
+        cache.conv_states = [None if c is None else c.contiguous() for c in cache.conv_states]
         batch = cache.states[0][0].shape[0]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, Tensor] = {}
 
+    def _live(self) -> list[Tensor]:
+        """Every tensor of the cache, in a fixed order."""
+        cache = self.cache
+        return [t for s in cache.states for t in s] + [c for c in cache.conv_states if c is not None]
+
     def _forward(self) -> Tensor:
-        return self.model(self.tokens, cache=self.cache, use_cache=True).logits  # [B, 1, V]
+        """One step; tensors the model replaced (convolution states) are copied back into the old ones."""
+        cache = self.cache
+        states, convs = list(cache.states), list(cache.conv_states)
+        before = self._live()
+        logits = self.model(self.tokens, cache=cache, use_cache=True).logits  # [B, 1, V]
+        for old, new in zip(before, self._live()):
+            if new is not old:
+                old.copy_(new)
+        cache.states, cache.conv_states = states, convs
+        return logits
 
     @torch.no_grad()
     def _capture(self, position: int) -> None:
@@ -77,7 +91,7 @@ class CUDAGraphDecoder:
             cache.seen_tokens = at_position  # the model reads the position from it, and advances it
             return self._forward()
 
-        self.graphs[position], self.logits[position] = capture_step(step, [t for s in cache.states for t in s])
+        self.graphs[position], self.logits[position] = capture_step(step, self._live())
         cache.seen_tokens = seen
 
     @torch.no_grad()
