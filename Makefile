@@ -61,7 +61,24 @@ lock:
 	 awk 'NR == FNR { if (/^[a-z0-9]/) pinned[$$1]; next } /^[a-z0-9]/ { keep = !($$1 in pinned) } keep' \
 	   $(VENV)/main.lock $(VENV)/oldest.lock) > $(OLDEST_LOCK)
 
-book: $(STAMP)
+# The site serves MathJax, require.js and the ipywidgets manager itself (it reads offline): the npm
+# packages of web-assets.lock, fetched with `npm pack` and checked against their sha512 integrity.
+# npm is installed with apt-get where we are root (as on CI).
+WEB_ASSETS := _build/web-assets/.fetched
+$(WEB_ASSETS): web-assets.lock book/_ext/web_assets.py
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "Installing Debian's npm to fetch the site's web assets"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null || exit 1; \
+	  else \
+	    echo "npm is missing: it fetches the site's MathJax and widget scripts. Install it with: sudo apt-get install npm"; \
+	    exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) book/_ext/web_assets.py
+	touch $@
+
+book: $(STAMP) $(WEB_ASSETS)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 
 unit: $(STAMP)
@@ -94,8 +111,8 @@ site: $(STAMP)
 
 # ruff: lint rules and formatting (pyproject.toml) over the code and the notebooks' cells
 lint: $(STAMP)
-	$(BIN)/ruff check ttt_helpers tests site_tests benchmarks notebooks
-	$(BIN)/ruff format --check ttt_helpers tests site_tests benchmarks notebooks
+	$(BIN)/ruff check ttt_helpers tests site_tests benchmarks notebooks book/_ext
+	$(BIN)/ruff format --check ttt_helpers tests site_tests benchmarks notebooks book/_ext
 
 test: lint unit unit-oldest notebooks book site
 

@@ -1,6 +1,7 @@
-"""Every page of the built site in headless Chromium: it loads cleanly, its navigation works, and
-chapter pages show their figures and no error output. A full-page screenshot of each page is saved
-under `_build/screenshots/`."""
+"""Every page of the built site in headless Chromium, at a laptop's width: it loads cleanly and
+from the site alone (no request leaves it), its math is typeset, its code and outputs fit the page,
+its widgets are drawn, its navigation works, and chapter pages show their figures and no error
+output. A full-page screenshot of each page is saved under `_build/screenshots/`."""
 
 from __future__ import annotations
 
@@ -19,17 +20,10 @@ from playwright.sync_api import Browser, ConsoleMessage, Error, sync_playwright
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package `chromium`; Playwright never downloads one
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOTS = SITE.parent / "screenshots"
-
-# Errors that the book's toolchain (Jupyter Book 1.x and its themes) puts on every page, whatever
-# the content, matched in full so that any other error still fails:
-KNOWN_TOOLCHAIN_ERRORS = {
-    # sphinx-thebe's inline config script is emitted twice in <head>; the second copy's
-    # `const` re-declaration throws and is skipped, the first copy already did the work.
-    "Identifier 'THEBE_JS_URL' has already been declared",
-    # pydata-sphinx-theme logs this once per fresh browser profile (no stored light/dark mode)
-    # and then falls back to "auto", the mode it would have used anyway.
-    "Got invalid theme mode: . Resetting to auto.",
-}
+# The width at which the book is read on a laptop: the theme shows both sidebars from 1200 px on.
+VIEWPORT = {"width": 1280, "height": 800}
+# URLs that a page may load without leaving the machine; anything else is a request off the site.
+LOCAL_SCHEMES = ("data:", "blob:", "about:")
 
 # The links a reader navigates by: the table of contents in the left sidebar and the
 # previous/next buttons at the bottom of each page.
@@ -38,6 +32,38 @@ NAV_LINKS_JS = """() => [...document.querySelectorAll('.bd-sidebar-primary a[hre
 # Widths of the images inside notebook output cells (0 when an image failed to load or decode).
 FIGURES_JS = "() => [...document.querySelectorAll('.cell_output img')].map(img => img.naturalWidth)"
 OUTPUTS_JS = "() => [...document.querySelectorAll('.cell_output')].map(cell => cell.innerText)"
+# Math: waits for MathJax's first typesetting where MathJax started, then lists every formula
+# (Sphinx's `.math` elements) that holds no MathJax output, and every piece of text outside code
+# and outputs that still reads as TeX (delimiters, environments, or $...$ around a command,
+# subscript or superscript).
+MATH_JS = r"""async () => {
+    if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+    const snippet = (text) => text.replace(/\s+/g, ' ').trim().slice(0, 80);
+    const unrendered = [...document.querySelectorAll('.math')]
+        .filter(el => !el.querySelector('mjx-container')).map(el => snippet(el.textContent));
+    const tex = /\\\(|\\\)|\\\[|\\\]|\$\$|\\begin\{|\$[^$\s][^$]{0,80}[\\_^][^$]{0,80}\$/;
+    const skip = 'pre, code, script, style, textarea, mjx-container, .cell_output, .math';
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    const raw = [];
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+        if (!node.parentElement.closest(skip) && tex.test(node.textContent)) raw.push(snippet(node.textContent));
+    }
+    return {unrendered, raw};
+}"""
+# Code and outputs that do not fit the page: every <pre> (code cells, outputs, code blocks) and
+# every output or table that is wider than the box that shows it, so that part of it is hidden or
+# needs a horizontal scroll. Each is named by its first line and its widths in CSS pixels.
+CLIPPED_JS = """() => [...document.querySelectorAll(
+        '.bd-article pre, .bd-article .cell_output > .output, .bd-article table, .bd-article .cell')]
+    .filter(el => el.scrollWidth > el.clientWidth + 1)
+    .map(el => `${el.closest('.cell_output') ? 'output' : el.closest('.cell_input') ? 'code' : 'text'} `
+        + `${el.tagName.toLowerCase()} ${el.scrollWidth} px in ${el.clientWidth} px: `
+        + JSON.stringify((el.innerText.split('\\n').find(line => line.trim()) || '').slice(0, 130)))"""
+# ipywidgets: every widget view stored in a notebook's outputs must have been drawn by the widget
+# manager (which puts the widget's elements in front of its <script> tag).
+WIDGETS_JS = """() => [...document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]')]
+    .filter(tag => !tag.parentElement.querySelector('.jupyter-widgets, .widget-subarea'))
+    .map(tag => tag.textContent.trim().slice(0, 120))"""
 
 
 @dataclass
@@ -49,6 +75,11 @@ class Visit:
     nav_links: list[str] = field(default_factory=list)  # absolute URLs on the local server
     figure_widths: list[int] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)  # text of each notebook output cell
+    off_site: list[str] = field(default_factory=list)  # URLs requested outside the local server
+    unrendered_math: list[str] = field(default_factory=list)  # formulas with no MathJax output
+    raw_tex: list[str] = field(default_factory=list)  # text that still shows TeX source
+    clipped: list[str] = field(default_factory=list)  # code or outputs wider than their box
+    unrendered_widgets: list[str] = field(default_factory=list)  # widget views not drawn
 
 
 @pytest.fixture(scope="session")
@@ -72,35 +103,40 @@ def browser() -> Iterator[Browser]:
 def visit(browser: Browser, server: str) -> Callable[[str], Visit]:
     """Open a page (once, however many tests ask) and record what it showed."""
 
-    def record(errors: list[str], text: str, where: str) -> None:
-        if text not in KNOWN_TOOLCHAIN_ERRORS:
-            errors.append(f"{text} ({where})")
-
     def on_console(errors: list[str], message: ConsoleMessage) -> None:
-        source = message.location.get("url", "")
-        # Requests that leave the site (CDN scripts such as MathJax) are blocked below, so that the
-        # test is the same with or without internet; the errors of those blocked loads are skipped.
-        off_site = source.startswith(("http:", "https:")) and not source.startswith(server)
-        if message.type == "error" and not off_site:
-            record(errors, message.text, f"console error from {source}")
+        if message.type == "error":
+            errors.append(f"{message.text} (console error from {message.location.get('url', '')})")
+
+    def leaves_site(url: str) -> bool:
+        return not url.startswith(server) and not url.startswith(LOCAL_SCHEMES)
 
     @cache
     def open_page(page: str) -> Visit:
-        tab = browser.new_page()
+        tab = browser.new_page(viewport=VIEWPORT)
         errors: list[str] = []
+        off_site: list[str] = []
         tab.on("console", lambda message: on_console(errors, message))
-        tab.on("pageerror", lambda error: record(errors, error.message, f"uncaught {error.name}"))
-        tab.route(lambda url: not url.startswith(server), lambda route: route.abort())
+        tab.on("pageerror", lambda error: errors.append(f"{error.message} (uncaught {error.name})"))
+        tab.on("request", lambda request: off_site.append(request.url) if leaves_site(request.url) else None)
+        # Requests that leave the site are recorded above and then refused, so that a page behaves
+        # the same with or without internet; test_no_request_leaves_the_site fails on any of them.
+        tab.route(leaves_site, lambda route: route.abort())
         try:
             response = tab.goto(server + page)
             # Also lets the redirect of index.html land on the page it points to.
             tab.wait_for_load_state("networkidle")
+            math = tab.evaluate(MATH_JS)
             result = Visit(
                 status=response.status if response else None,
                 errors=errors,
                 nav_links=tab.evaluate(NAV_LINKS_JS),
                 figure_widths=tab.evaluate(FIGURES_JS),
                 outputs=tab.evaluate(OUTPUTS_JS),
+                off_site=off_site,
+                unrendered_math=math["unrendered"],
+                raw_tex=math["raw"],
+                clipped=tab.evaluate(CLIPPED_JS),
+                unrendered_widgets=tab.evaluate(WIDGETS_JS),
             )
             shot = SCREENSHOTS / Path(page).with_suffix(".png")
             shot.parent.mkdir(parents=True, exist_ok=True)
@@ -151,3 +187,28 @@ def test_no_error_in_outputs(page: str, visit: Callable[[str], Visit]) -> None:
     outputs = visit(page).outputs
     bad = [text for text in outputs if "Traceback" in text or "Error" in text]
     assert not bad, f"{page}: {len(bad)} output cell(s) show an error; the first:\n{bad[0][:2000]}"
+
+
+def test_no_request_leaves_the_site(page: str, visit: Callable[[str], Visit]) -> None:
+    """The page loads everything it needs (scripts, fonts, math, widgets) from the site itself."""
+    off_site = sorted(set(visit(page).off_site))
+    assert not off_site, f"{page}: {len(off_site)} request(s) outside the site:\n" + "\n".join(off_site)
+
+
+def test_math_is_rendered(page: str, visit: Callable[[str], Visit]) -> None:
+    """Every formula of the page is typeset by MathJax, and no TeX source is left in its text."""
+    unrendered, raw = visit(page).unrendered_math, visit(page).raw_tex
+    assert not unrendered, f"{page}: {len(unrendered)} formula(s) not typeset, the first: {unrendered[:3]}"
+    assert not raw, f"{page}: {len(raw)} piece(s) of text show TeX source, the first: {raw[:3]}"
+
+
+def test_code_and_outputs_fit_the_page(page: str, visit: Callable[[str], Visit]) -> None:
+    """No code cell, output or table is wider than the page shows at book width (no horizontal scroll)."""
+    clipped = visit(page).clipped
+    assert not clipped, f"{page}: {len(clipped)} element(s) wider than the page:\n" + "\n".join(clipped)
+
+
+def test_widgets_are_rendered(page: str, visit: Callable[[str], Visit]) -> None:
+    """Every widget stored in a notebook's outputs (progress bars, say) is drawn by the widget manager."""
+    missing = visit(page).unrendered_widgets
+    assert not missing, f"{page}: {len(missing)} widget view(s) not drawn, the first: {missing[0]}"
