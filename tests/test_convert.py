@@ -68,7 +68,9 @@ def official_state_dict(config: dict, gen: torch.Generator) -> dict:
 
 
 def rms(x, w, eps=1e-6):
-    return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """RMSNorm as the authors (and Llama) compute it: normalised in float32, cast back, then scaled."""
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def ln(x, w, b, eps=1e-6):

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import ops
+from .layers import TTTLayer
 from .model import TTTConfig, TTTForCausalLM
 
 # The authors' config keys with their defaults; a key missing from their config.json means this.
@@ -151,7 +153,10 @@ def from_official(state_dict: dict[str, Tensor], config_dict: dict) -> TTTForCau
     ours = {b: _to_ours(a, theirs[a]) for a, b in pairs}
     model.load_state_dict(ours, strict=False, assign=True)
     model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    for module in model.modules():  # buffers are not in a state dict: 1/(1..b) in the weights' dtype
+        if isinstance(module, TTTLayer):
+            module.token_idx_base = ops.default_token_idx(module.mini_batch_size, dtype=dtype)
+    leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if leftover:
         raise ValueError(f"state_dict left parameters unset: {leftover[:5]}")
     return model.to(dtype)

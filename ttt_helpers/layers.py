@@ -115,6 +115,10 @@ class TTTLayer(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.lr_gate = nn.Linear(hidden_size, num_heads)  # one inner learning-rate gate per head
         self.token_idx_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        # 1/(1..b), made here in the default dtype as in the authors' model: one built in float32
+        # and cast to float64 keeps float32-rounded values, as theirs does
+        base = ops.default_token_idx(mini_batch_size, dtype=self.token_idx_offset.dtype)
+        self.register_buffer("token_idx_base", base, persistent=False)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.post_norm = nn.LayerNorm(hidden_size, eps=eps)
@@ -143,10 +147,7 @@ class TTTLayer(nn.Module):
 
     def token_idx(self) -> Tensor:
         """Per-position step scale of a mini-batch: 1/(1..b) plus a learned offset, kept >= 0. [b]"""
-        base = ops.default_token_idx(
-            self.mini_batch_size, dtype=self.token_idx_offset.dtype, device=self.token_idx_offset.device
-        )
-        return (base + self.token_idx_offset).clamp(min=0.0)
+        return (self.token_idx_base + self.token_idx_offset).clamp(min=0.0)
 
     def inner_lr(self, x: Tensor) -> Tensor:
         """eta = base_lr * sigmoid(gate(x)) / D. x: [B, T, C] -> [B, H, T]"""

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import checks
+from . import checks, ops
 from .compat import cache_kwargs, take_cache
 from .layers import IMPLS, TTTMLP, CausalConv, TTTLayer, TTTLinear
 
@@ -202,12 +202,28 @@ class TTTCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, x: [..., C]. The normalisation runs in float32 and is
+    cast back to x's dtype before the weight multiplies it, as in the authors' model (and Llama's),
+    so a float64 model matches theirs exactly and a bf16 one normalises in float32."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
 class PreConv(nn.Module):
     """The Mamba backbone's convolution branch: conv(RMSNorm(x)), added to x by the block."""
 
     def __init__(self, channels: int, kernel: int, eps: float) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(channels, eps=eps)
+        self.norm = RMSNorm(channels, eps)
         self.conv = CausalConv(channels, kernel)
 
     def forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -236,7 +252,7 @@ class TTTBlock(nn.Module):
         C = config.hidden_size
         layer_cls = LAYERS[config.ttt_layer_type]
         self.pre_conv = PreConv(C, config.conv_kernel, config.rms_norm_eps) if config.pre_conv else None
-        self.seq_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
+        self.seq_norm = RMSNorm(C, config.rms_norm_eps)
         self.ttt = layer_cls(
             C,
             config.num_attention_heads,
@@ -248,7 +264,7 @@ class TTTBlock(nn.Module):
             conv_kernel=config.conv_kernel,
             rope_theta=config.rope_theta,
         )
-        self.ffn_norm = nn.RMSNorm(C, eps=config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(C, config.rms_norm_eps)
         self.mlp = SwiGLU(C, config.intermediate_size)
 
     def forward(self, x: Tensor, cache: TTTCache | None, i: int) -> Tensor:
@@ -277,6 +293,8 @@ class TTTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, TTTLayer):
+            base = ops.default_token_idx(module.mini_batch_size, dtype=module.token_idx_base.dtype)
+            init.copy_(module.token_idx_base, base)  # a buffer, not in checkpoints: made again on loading
             std = self.config.initializer_range
             for name, p in module.named_parameters(recurse=False):
                 if name in ("W0", "W1", "W2"):
@@ -294,7 +312,7 @@ class TTTModel(TTTPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(TTTBlock(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
