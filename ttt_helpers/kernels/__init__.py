@@ -14,8 +14,10 @@ place, so it can be replayed from a CUDA graph):
 
 Training runs through `ttt_linear_train` and `ttt_mlp_train`, autograd Functions whose forward
 saves the state at the start of every mini-batch and whose backward carries the state's adjoint
-through the mini-batches in reverse (TTT-Linear moves everything else into kernels parallel over
-mini-batches). `ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; the layers (and so
+through the mini-batches in reverse. TTT-Linear has two schedules: with few (batch, head)
+chains everything but the adjoint's recurrence runs in kernels parallel over mini-batches
+("split"); once the chains fill half the GPU, one sequential kernel each way does it all
+("fused"); `schedule="auto"` picks. `ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; the layers (and so
 `TTTForCausalLM`, through `TTTConfig.ttt_impl`) make the same choice for both kinds.
 `CUDAGraphDecoder` replays a whole model's decode step from CUDA graphs; `TTTLinearDecoder`
 does it for one TTT-Linear op.
