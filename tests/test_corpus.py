@@ -96,15 +96,17 @@ def test_build_is_deterministic_and_round_trips(trees, tokenizer_file, tmp_path)
     assert a["sizes"]["total"]["tokens"] == loaded.tokens.size
 
 
-def test_transfer_files_restore_the_tokens(trees, tokenizer_file, tmp_path):
+@pytest.mark.parametrize("files", [store.TRANSFER_FILES, store.TEXT_TRANSFER_FILES])
+def test_transfer_files_restore_the_tokens(trees, tokenizer_file, tmp_path, files):
     store.build_corpus(tmp_path / "full", fake_documents(*trees), tokenizer_file, versions={}, heldout=HELDOUT)
     sent = tmp_path / "sent"
     sent.mkdir()
-    for name in store.TRANSFER_FILES:
+    for name in files:
         shutil.copy(tmp_path / "full" / name, sent / name)
-    loaded = store.load_corpus(sent)  # tokenizes text.xz again and checks both hashes
+    loaded = store.load_corpus(sent)  # unpacks the tokens, or tokenizes text.xz again, and checks the hashes
     assert (sent / "tokens.u16").read_bytes() == (tmp_path / "full" / "tokens.u16").read_bytes()
     assert loaded.tokens.size == loaded.offsets[-1]
+    assert sorted(p.name for p in sent.iterdir()) == sorted([*files, "tokens.u16"])  # no temporary file left
 
 
 def test_a_changed_file_is_refused(trees, tokenizer_file, tmp_path):
@@ -116,6 +118,11 @@ def test_a_changed_file_is_refused(trees, tokenizer_file, tmp_path):
     with pytest.raises(ValueError, match="token hash"):
         store.load_corpus(out)
     (out / "tokens.u16").unlink()
+    manifest["tokens_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="tokens.u16.xz does not match"):
+        store.load_corpus(out)
+    (out / "tokens.u16.xz").unlink()
     manifest["documents"][0]["name"] = "shakespeare/Macbeth"
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="content hash"):

@@ -35,8 +35,9 @@ def build(args: argparse.Namespace) -> None:
         tokenizer_file = tokens.save_smollm2_tokenizer(Path(tmp) / "tokenizer.json")
         manifest = store.build_corpus(out, documents, tokenizer_file, versions=versions, overwrite=args.overwrite)
     print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    sent = sum((out / name).stat().st_size for name in store.TRANSFER_FILES)
-    print(f"transfer files {', '.join(store.TRANSFER_FILES)}: {sent / 2**20:.1f} MiB")
+    for files in (store.TRANSFER_FILES, store.TEXT_TRANSFER_FILES):
+        sent = sum((out / name).stat().st_size for name in files)
+        print(f"transfer {' + '.join(files)}: {sent / 2**20:.1f} MiB")
     print_sizes(manifest, time.perf_counter() - start)
 
 

@@ -5,9 +5,11 @@ A corpus folder holds
                   (name, kind, source, unit, split, bytes, tokens) in order
   tokens.u16      the token ids of all documents, concatenated in manifest order: [T] little-endian uint16
   text.xz         the UTF-8 text of all documents, concatenated in the same order (xz)
+  tokens.u16.xz   tokens.u16 compressed (xz): smaller than text.xz, and needs no tokenizer to use
   tokenizer.json  the tokenizer that made tokens.u16
-What travels to a machine without the packages is TRANSFER_FILES (no tokens.u16): `load_corpus`
-there checks the text against the content hash, tokenizes it again and checks the token hash.
+What travels to a machine without the packages is TRANSFER_FILES: `load_corpus` there unpacks the
+tokens and checks them against the manifest's token hash. With TEXT_TRANSFER_FILES instead it checks
+the text against the content hash, tokenizes it again and checks the token hash.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import numpy as np
 from . import code, corpus, tokens
 
 FORMAT = 1
-TRANSFER_FILES = ("manifest.json", "tokenizer.json", "text.xz")
+TRANSFER_FILES = ("manifest.json", "tokens.u16.xz")
+TEXT_TRANSFER_FILES = ("manifest.json", "tokenizer.json", "text.xz")
 XZ_PRESET = 6
 
 
@@ -105,11 +108,16 @@ def build_corpus(
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         entries, token_hash = [], hashlib.sha256()
         texts = [d.text for d, _ in kept]
-        with open(tmp / "tokens.u16", "wb") as tok, lzma.open(tmp / "text.xz", "wb", preset=XZ_PRESET) as xz:
+        with (
+            open(tmp / "tokens.u16", "wb") as tok,
+            lzma.open(tmp / "tokens.u16.xz", "wb", preset=XZ_PRESET) as tok_xz,
+            lzma.open(tmp / "text.xz", "wb", preset=XZ_PRESET) as text_xz,
+        ):
             for (doc, split), ids in zip(kept, tokens.encode_documents(tokenizer, texts)):
                 raw = doc.text.encode("utf-8")
-                xz.write(raw)
-                tok.write(ids.tobytes())
+                text_xz.write(raw)
+                for f in (tok, tok_xz):
+                    f.write(ids.tobytes())
                 token_hash.update(ids.tobytes())
                 entries.append(
                     {"name": doc.name, "kind": doc.kind, "source": doc.source, "unit": doc.unit}
@@ -180,6 +188,23 @@ def read_texts(folder: Path, manifest: dict) -> list[str]:
     return texts
 
 
+def _unpack_tokens(folder: Path, manifest: dict) -> None:
+    """Decompress tokens.u16.xz into tokens.u16 (atomically) once its hash matches the manifest's."""
+    h = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=".tokens.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f, lzma.open(folder / "tokens.u16.xz", "rb") as xz:
+            for block in iter(lambda: xz.read(1 << 22), b""):
+                f.write(block)
+                h.update(block)
+        if h.hexdigest() != manifest["tokens_sha256"]:
+            raise ValueError(f"{folder / 'tokens.u16.xz'} does not match the manifest's token hash")
+        os.replace(tmp, folder / "tokens.u16")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _restore_tokens(folder: Path, manifest: dict) -> None:
     """Tokenize text.xz again with tokenizer.json and write tokens.u16 (atomically) once every
     document's token count and the token hash match the manifest."""
@@ -203,8 +228,9 @@ def _restore_tokens(folder: Path, manifest: dict) -> None:
 
 
 def load_corpus(folder, *, verify: bool = True) -> Corpus:
-    """Open a corpus folder. Where tokens.u16 is missing (only TRANSFER_FILES travelled) it is made
-    from text.xz and tokenizer.json and checked; verify=True also checks an existing one's hash."""
+    """Open a corpus folder. Where tokens.u16 is missing (only TRANSFER_FILES or TEXT_TRANSFER_FILES
+    travelled) it is made from tokens.u16.xz, else from text.xz and tokenizer.json, and checked against
+    the manifest's hashes; verify=True also checks an existing tokens.u16."""
     if not isinstance(folder, (str, Path)) or not Path(folder).is_dir():
         raise ValueError(f"folder must be an existing corpus folder, got {folder!r}")
     folder = Path(folder)
@@ -213,10 +239,16 @@ def load_corpus(folder, *, verify: bool = True) -> Corpus:
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{folder / 'manifest.json'} has format {manifest.get('format')!r}, expected {FORMAT}")
-    if _sha256_file(folder / "tokenizer.json") != manifest["tokenizer_sha256"]:
-        raise ValueError(f"{folder / 'tokenizer.json'} is not the tokenizer the manifest names")
+    tokenizer = folder / "tokenizer.json"
+    if tokenizer.is_file() and _sha256_file(tokenizer) != manifest["tokenizer_sha256"]:
+        raise ValueError(f"{tokenizer} is not the tokenizer the manifest names")
     if not (folder / "tokens.u16").is_file():
-        _restore_tokens(folder, manifest)
+        if (folder / "tokens.u16.xz").is_file():
+            _unpack_tokens(folder, manifest)
+        elif (folder / "text.xz").is_file() and tokenizer.is_file():
+            _restore_tokens(folder, manifest)
+        else:
+            raise FileNotFoundError(f"{folder} has neither tokens.u16(.xz) nor text.xz with tokenizer.json")
     elif verify and _sha256_file(folder / "tokens.u16") != manifest["tokens_sha256"]:
         raise ValueError(f"{folder / 'tokens.u16'} does not match the manifest's token hash")
     offsets = np.concatenate([[0], np.cumsum([e["tokens"] for e in manifest["documents"]])]).astype(np.int64)
