@@ -1,0 +1,236 @@
+"""Does TTT use long context? Train one language model of the 125M shape at one context length
+on the registry corpus (`python -m ttt_helpers.data build-corpus`), and record its held-out loss
+by token index, on English and on code separately, inside the trained context and past it.
+
+    python3 benchmarks/train_long.py --corpus corpus/ --model ttt-linear-m --context 8192 --tokens 100e6
+    python3 benchmarks/train_long.py --dry-run --model ttt-linear-m   # tiny shapes, random tokens, CPU
+    python3 benchmarks/train_long.py --dry-run --model llama --corpus corpus/   # tiny shapes, the corpus
+
+Models share the width, depth, heads, feed-forward width and SmolLM2's vocabulary (49,152):
+  llama            a Llama (RoPE, SDPA attention)
+  ttt-linear-m     TTT-Linear in the Mamba backbone (the paper's "TTT-Linear (M)")
+  ttt-mlp-m        TTT-MLP in the Mamba backbone
+  ttt-linear-m-lr0 the control: ttt-linear-m with every TTT layer's base_lr set to 0 after it is
+                   built, so eta = 0 and the inner state never leaves its learned W0
+  gated-deltanet   flash-linear-attention's GatedDeltaNet (its Mamba2 needs mamba-ssm for speed)
+Training reads random windows of context + 1 tokens from the training documents (English and
+code, each split concatenated in manifest order with a separator token between documents, so a
+window of code reads neighbouring files of one package); every model sees the same windows in the
+same order (one seed). Evaluation reads the first windows of eval_factor x context tokens of the
+held-out English and code streams and averages the loss at each token index. Each call adds its
+model to --out under its context length, rewriting the JSON atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM  # noqa: E402
+
+MODELS = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "gated-deltanet")
+SEPARATOR = 0  # <|endoftext|> in SmolLM2's vocabulary
+VOCAB = 49152
+DRY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def build(name: str, shape: dict, vocab: int, context: int) -> torch.nn.Module:
+    """The model `name` of the given shape (hidden_size, intermediate_size, layers, heads)."""
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        heads = shape["num_attention_heads"]
+        config = LlamaConfig(**shape, num_key_value_heads=heads, vocab_size=vocab, tie_word_embeddings=True,
+                             max_position_embeddings=context, attn_implementation="sdpa")  # fmt: skip
+        return LlamaForCausalLM(config)
+    if name == "gated-deltanet":
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+        C, H = shape["hidden_size"], shape["num_attention_heads"]
+        config = GatedDeltaNetConfig(
+            hidden_size=C, num_hidden_layers=shape["num_hidden_layers"], num_heads=H // 2, head_dim=2 * C // H,
+            intermediate_size=shape["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
+        )  # fmt: skip
+        return GatedDeltaNetForCausalLM(config)
+    kind = "mlp" if name.startswith("ttt-mlp") else "linear"
+    model = TTTForCausalLM(TTTConfig(**shape, vocab_size=vocab, ttt_layer_type=kind, backbone="mamba"))
+    if name.endswith("-lr0"):
+        for block in model.model.layers:
+            block.ttt.base_lr = 0.0
+    return model
+
+
+def stream(corpus, split: str, kind: str) -> np.ndarray:
+    """The documents of a split and kind, in manifest order, joined by SEPARATOR: [N] int64."""
+    parts = []
+    for i in corpus.select(split, kind):
+        parts += [np.asarray(corpus.document_tokens(i), dtype=np.int64), np.array([SEPARATOR])]
+    return np.concatenate(parts)
+
+
+def load_streams(args) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """Training stream (English then code), held-out streams by kind, and the corpus's provenance."""
+    if args.corpus is None:  # a dry run without a corpus
+        rng = np.random.default_rng(1)
+        fake = lambda n: rng.integers(1, args.vocab, n)  # noqa: E731
+        return fake(50_000), {"english": fake(4_000), "code": fake(4_000)}, {"corpus": "random tokens (dry run)"}
+    from ttt_helpers.data.store import load_corpus
+
+    corpus = load_corpus(args.corpus)
+    m = corpus.manifest
+    train = np.concatenate([stream(corpus, "train", k) for k in ("english", "code")])
+    heldout = {k: stream(corpus, "heldout", k) for k in ("english", "code")}
+    info = {key: m.get(key) for key in ("content_sha256", "tokens_sha256", "versions")}
+    info["train_tokens"], info["heldout_tokens"] = int(train.size), {k: int(v.size) for k, v in heldout.items()}
+    return train, heldout, info
+
+
+def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss at every position of ids [B, T]: [T - 1], mean over the rows."""
+    logits = model(input_ids=ids).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return loss.mean(0)
+
+
+def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins: int) -> dict:
+    """Loss by token index over the first `windows` windows of `length` tokens of each held-out
+    stream, in `bins` equal bins, and the mean loss up to each power of two of positions."""
+    result = {}
+    model.eval()
+    for kind, tokens in heldout.items():
+        n = min(windows, tokens.size // length)
+        if n == 0:
+            result[kind] = f"skipped: fewer than {length} held-out tokens"
+            continue
+        total = torch.zeros(length - 1, dtype=torch.float64)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            for w in range(n):
+                ids = torch.from_numpy(tokens[w * length : (w + 1) * length].copy()).to(device)[None]
+                total += per_position_loss(model, ids).double().cpu()
+        curve = total / n
+        edges = np.linspace(0, length - 1, bins + 1).astype(int)
+        marks = [2**k for k in range(6, int(math.log2(length - 1)) + 1)]
+        result[kind] = {
+            "windows": n,
+            "bin_edges": edges.tolist(),
+            "binned": [float(curve[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])],
+            "mean_up_to": {str(m): float(curve[:m].mean()) for m in marks},
+            "mean_at": {str(m): float(curve[m // 2 : m].mean()) for m in marks},  # positions m/2 to m
+        }
+    model.train()
+    return result
+
+
+def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
+    """AdamW with warm-up and cosine decay under bf16 autocast (on CUDA), gradient clipping at 1;
+    each optimizer step reads args.step_tokens tokens in micro-batches of args.batch windows."""
+    rng = np.random.default_rng(args.seed)
+    window = args.context + 1
+    accum = max(1, args.step_tokens // (args.batch * args.context))
+    steps = max(1, int(args.tokens) // (accum * args.batch * args.context))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 10)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    losses, started = [], time.perf_counter()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(steps):
+        step_loss = 0.0
+        for _ in range(accum):
+            starts = rng.integers(0, train_tokens.size - window, args.batch)
+            ids = torch.from_numpy(np.stack([train_tokens[s : s + window] for s in starts])).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss / accum
+            loss.backward()
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            raise RuntimeError(f"the training loss is {step_loss} at step {step + 1}")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(step_loss, 5))
+        if step % max(1, steps // 20) == 0 or step == steps - 1:
+            print(f"  step {step + 1}/{steps}: loss {step_loss:.4f}", flush=True)
+    seconds = time.perf_counter() - started
+    tokens = steps * accum * args.batch * args.context
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "windows_per_step": accum * args.batch,
+        "losses": losses,
+        "train_seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--corpus", type=Path, help="a corpus folder (manifest.json and tokens.u16[.xz])")
+    parser.add_argument("--context", type=int, default=8192, help="training context in tokens")
+    parser.add_argument("--tokens", type=float, default=100e6, help="training tokens (rounded down to whole steps)")
+    parser.add_argument("--batch", type=int, default=8, help="windows per micro-batch")
+    parser.add_argument("--step-tokens", type=int, default=2**19, help="tokens per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-factor", type=int, default=4, help="evaluation windows of this many contexts")
+    parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows per kind")
+    parser.add_argument("--out", type=Path, default=None, help="JSON (default results/long_context_<gpu>.json)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes and random tokens, on the CPU if need be")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not args.dry_run and (not cuda or args.corpus is None):
+        parser.error("a real run needs a CUDA GPU and --corpus; --dry-run runs it tiny anywhere")
+    if args.context < 16 or args.batch < 1 or args.tokens <= 0 or args.eval_factor < 1:
+        parser.error("--context must be >= 16, --batch >= 1, --tokens > 0 and --eval-factor >= 1")
+    if args.dry_run:
+        args.context, args.tokens, args.batch, args.step_tokens, args.eval_windows = 64, 2 * 64 * 2, 2, 128, 2
+        if not cuda:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    args.vocab = 256 if args.dry_run and args.corpus is None else VOCAB
+    device = "cuda" if cuda else "cpu"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_kernels import provenance, results_path
+
+    prov = (
+        provenance() if cuda else {"gpu": "none (dry run)", "command": " ".join(sys.argv), "torch": torch.__version__}
+    )
+    out = args.out or (Path("/tmp/long_context_dry_run.json") if args.dry_run else results_path("long_context", prov))
+    train_tokens, heldout, corpus_info = load_streams(args)
+    torch.manual_seed(args.seed)
+    shape = DRY_SHAPE if args.dry_run else TTT_STANDARD_CONFIGS["125m"]
+    model = build(args.model, shape, args.vocab, args.context).to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {params / 1e6:.1f}M parameters, context {args.context}, {prov['gpu']}", flush=True)
+    run = {"model": args.model, "parameters": params, "shape": shape, "context": args.context, "lr": args.lr}
+    run["training"] = train(args, model, train_tokens, device)
+    length = args.eval_factor * args.context
+    run["heldout"] = evaluate(model, heldout, length, args.eval_windows, device, bins=64 * args.eval_factor)
+    run["corpus"], run["provenance"] = corpus_info, prov
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.setdefault(str(args.context), {})[args.model] = run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    partial.replace(out)  # never a half-written JSON
+    t = run["training"]
+    print(f"wrote {out}: {t['tokens']:,} tokens at {t['tokens_per_s']:,.0f} tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
