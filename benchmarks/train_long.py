@@ -120,7 +120,7 @@ def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins:
                 ids = torch.from_numpy(tokens[w * length : (w + 1) * length].copy()).to(device)[None]
                 total += per_position_loss(model, ids).double().cpu()
         curve = total / n
-        edges = np.linspace(0, length - 1, bins + 1).astype(int)
+        edges = np.linspace(0, length - 1, min(bins, length - 1) + 1).astype(int)  # no empty bin
         marks = [2**k for k in range(6, int(math.log2(length - 1)) + 1)]
         result[kind] = {
             "windows": n,

@@ -1,0 +1,42 @@
+"""benchmarks/train_long.py on the CPU: its control really turns the inner loop off, and a dry run
+writes a complete result."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import train_long  # noqa: E402
+
+
+def test_zero_learning_rate_control_keeps_the_initial_state(rng):
+    torch.manual_seed(rng.initial_seed() % 2**31)
+    model = train_long.build("ttt-linear-m-lr0", train_long.DRY_SHAPE, 256, 64).eval()
+    ids = torch.randint(0, 256, (2, 40), generator=rng)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    for block, state in zip(model.model.layers, cache.states):
+        assert block.ttt.base_lr == 0.0
+        assert torch.equal(state[0], block.ttt.W0.expand_as(state[0])), f"seed {rng.initial_seed()}"
+
+
+def test_dry_run_writes_training_and_heldout_curves(tmp_path):
+    out = tmp_path / "long.json"
+    train_long.main(["--dry-run", "--model", "llama", "--out", str(out)])
+    run = json.loads(out.read_text())["64"]["llama"]
+    assert run["training"]["tokens"] == 256 and len(run["training"]["losses"]) == run["training"]["steps"]
+    for kind in ("english", "code"):
+        curve = run["heldout"][kind]
+        assert len(curve["binned"]) == len(curve["bin_edges"]) - 1 == 255  # 4 x 64 tokens: 255 predictions
+        assert all(0 < v < 10 for v in curve["binned"]) and curve["windows"] == 2
+    assert not out.with_suffix(".json.partial").exists()
+
+
+def test_bad_arguments_are_usage_errors():
+    with pytest.raises(SystemExit):
+        train_long.main(["--dry-run", "--model", "llama", "--context", "8"])
+    with pytest.raises(SystemExit):
+        train_long.main(["--model", "no-such-model"])
