@@ -262,44 +262,21 @@ class TTTLayer(nn.Module):
         XQ, XK, XV, eta, conv_state = self._inputs(x, position, conv_state)
         tail = () if conv_state is None else (conv_state,)
         token_idx, dual = self.token_idx(), None
+        stream = (self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias)
         if self._use_kernel(XQ):
-            ops.check_stream(
-                self.kind,
-                XQ,
-                XK,
-                XV,
-                eta,
-                state,
-                position,
-                self.ln_weight,
-                self.ln_bias,
-                self.mini_batch_size,
-                token_idx,
-                self.eps,
-            )  # the kernels check nothing; the reference path is checked in ttt_continue
             prefill, decode, train = self._kernels()
             if self._needs_grad(XQ, XK, XV, eta, *state):
                 dual = train  # whole mini-batches through the training kernels; ragged edges by reference
             elif XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
+                # the only path that skips ttt_continue, which checks the others; the kernel checks nothing
+                ops.check_stream(*stream, self.mini_batch_size, token_idx, self.eps)
                 state = tuple(t.contiguous() for t in state)
                 z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
                 return self._output(z, x), state + tail, (position + 1) % self.mini_batch_size
             else:
                 dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
         Z, state, position = ops.ttt_continue(
-            self.kind,
-            XQ,
-            XK,
-            XV,
-            eta,
-            state,
-            position,
-            self.ln_weight,
-            self.ln_bias,
-            mini_batch_size=self.mini_batch_size,
-            token_idx=token_idx,
-            eps=self.eps,
-            dual=dual,
+            *stream, mini_batch_size=self.mini_batch_size, token_idx=token_idx, eps=self.eps, dual=dual
         )
         return self._output(Z, x), tuple(state) + tail, position
 
