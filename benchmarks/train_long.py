@@ -148,14 +148,15 @@ def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for _ in range(accum):
             starts = rng.integers(0, train_tokens.size - window, args.batch)
             ids = torch.from_numpy(np.stack([train_tokens[s : s + window] for s in starts])).to(device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss / accum
             loss.backward()
-            step_loss += loss.item()
+            step_loss += loss.detach()
+        step_loss = step_loss.item()  # one host sync per optimizer step, not per micro-batch
         if not math.isfinite(step_loss):
             raise RuntimeError(f"the training loss is {step_loss} at step {step + 1}")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
