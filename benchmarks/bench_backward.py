@@ -380,18 +380,6 @@ def byte_level_training(run: Runner, shape: dict, batch_size: int, window: int, 
     return row
 
 
-def dry_provenance() -> dict:
-    import triton
-
-    return {
-        "gpu": "none (dry run on the CPU: Triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": sys.version.split()[0],
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/backward_<gpu>.json)")
@@ -404,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     run = Runner("cuda" if cuda else "cpu")
     started = time.perf_counter()
-    results = {"provenance": bench.provenance() if cuda else dry_provenance(), "fla_note": bench.FLA_NOTE}
+    results = {"provenance": bench.provenance() if cuda else bench.dry_provenance(), "fla_note": bench.FLA_NOTE}
     results["dry_run"] = args.dry_run
     results["reference_max_tokens"] = (
         f"the reference under autograd is timed only where B * T <= {REFERENCE_MAX_TOKENS} "

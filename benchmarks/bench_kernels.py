@@ -172,6 +172,18 @@ def provenance() -> dict:
     }
 
 
+def dry_provenance() -> dict:
+    import triton
+
+    return {
+        "gpu": "none (dry run on the CPU: Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
 def results_path(name: str, prov: dict) -> Path:
     """benchmarks/results/<name>_<gpu>.json, the GPU's name in lower case with underscores."""
     gpu = re.sub(r"[^a-z0-9]+", "_", prov["gpu"].lower()).strip("_")

@@ -206,11 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     args.vocab = 256 if args.dry_run and args.corpus is None else VOCAB
     device = "cuda" if cuda else "cpu"
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_kernels import provenance, results_path
+    from bench_kernels import dry_provenance, provenance, results_path
 
-    prov = (
-        provenance() if cuda else {"gpu": "none (dry run)", "command": " ".join(sys.argv), "torch": torch.__version__}
-    )
+    prov = provenance() if cuda else dry_provenance()
     out = args.out or (Path("/tmp/long_context_dry_run.json") if args.dry_run else results_path("long_context", prov))
     train_tokens, heldout, corpus_info = load_streams(args)
     torch.manual_seed(args.seed)
