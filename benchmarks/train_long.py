@@ -12,13 +12,16 @@ Models share the width, depth, heads, feed-forward width and SmolLM2's vocabular
   ttt-mlp-m        TTT-MLP in the Mamba backbone
   ttt-linear-m-lr0 the control: ttt-linear-m with every TTT layer's base_lr set to 0 after it is
                    built, so eta = 0 and the inner state never leaves its learned W0
-  gated-deltanet   flash-linear-attention's GatedDeltaNet (its Mamba2 needs mamba-ssm for speed)
-Training reads random windows of context + 1 tokens from the training documents (English and
+  gated-deltanet   flash-linear-attention's GatedDeltaNet (its Mamba2 needs mamba-ssm for speed),
+                   heads of 128 and values as wide as keys (expand_v=1), which puts it within 8% of
+                   the others' parameters (its default expand_v=2 has a third more)
+Training reads random windows of context tokens from the training documents (English and
 code, each split concatenated in manifest order with a separator token between documents, so a
 window of code reads neighbouring files of one package); every model sees the same windows in the
 same order (one seed). Evaluation reads the first windows of eval_factor x context tokens of the
-held-out English and code streams and averages the loss at each token index. Each call adds its
-model to --out under its context length, rewriting the JSON atomically.
+held-out English and code streams and averages the loss at each token index. Decoding is timed at
+batch 1 after prompts of --decode-lengths tokens: each model's own cache, one eager forward per
+token. Each call adds its model to --out under its context length, rewriting the JSON atomically.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def build(name: str, shape: dict, vocab: int, context: int) -> torch.nn.Module:
     if name == "gated-deltanet":
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
-        C, H = shape["hidden_size"], shape["num_attention_heads"]
+        C = shape["hidden_size"]
+        head_dim = min(128, C // 2)
         config = GatedDeltaNetConfig(
-            hidden_size=C, num_hidden_layers=shape["num_hidden_layers"], num_heads=H // 2, head_dim=2 * C // H,
-            intermediate_size=shape["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
+            hidden_size=C, num_hidden_layers=shape["num_hidden_layers"], num_heads=C // head_dim, head_dim=head_dim,
+            expand_v=1, intermediate_size=shape["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
         )  # fmt: skip
         return GatedDeltaNetForCausalLM(config)
     kind = "mlp" if name.startswith("ttt-mlp") else "linear"
@@ -99,7 +103,7 @@ def load_streams(args) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
 
 def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token loss at every position of ids [B, T]: [T - 1], mean over the rows."""
-    logits = model(input_ids=ids).logits.float()
+    logits = model(input_ids=ids, use_cache=False).logits.float()
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     return loss.mean(0)
 
@@ -133,18 +137,66 @@ def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins:
     return result
 
 
+def decode_cost(model, name: str, prompt: np.ndarray, lengths: list[int], device: str, steps: int = 32) -> dict:
+    """Per-token decode time (ms) and memory (MiB) at batch 1 after a prompt of each length: the
+    cache's bytes after the prefill (memory in use beyond the weights) and the peak while decoding.
+    One eager forward of one token per step, greedy, under bf16 autocast, each model with its own
+    cache (a KV cache for the Llama, the recurrent states for the others)."""
+    from ttt_helpers.compat import cache_kwargs, output_cache
+
+    def forward(ids: torch.Tensor, cache):
+        kw = {"past_key_values": cache} if name == "gated-deltanet" else cache_kwargs(cache)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
+        cache = out.past_key_values if name == "gated-deltanet" else output_cache(out)
+        return out.logits[:, -1].argmax(-1, keepdim=True), cache
+
+    result, cuda = {}, device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model.eval()
+    for length in lengths:
+        if prompt.size < length:
+            result[str(length)] = f"skipped: a prompt of {length} tokens needs more held-out tokens"
+            continue
+        ids = torch.from_numpy(prompt[:length].copy()).to(device)[None]
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            sync()
+            base = torch.cuda.memory_allocated() if cuda else 0
+            token, cache = forward(ids, None)
+            sync()
+            cache_bytes = torch.cuda.memory_allocated() - base if cuda else None
+            for _ in range(4):  # warm-up
+                token, cache = forward(token, cache)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            for _ in range(steps):
+                token, cache = forward(token, cache)
+            sync()
+            ms = (time.perf_counter() - started) / steps * 1e3
+        result[str(length)] = {
+            "ms_per_token": ms,
+            "cache_MiB": cache_bytes / 2**20 if cuda else None,
+            "decode_peak_MiB_beyond_weights": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
+        }
+        del cache, token
+    model.train()
+    return result
+
+
 def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
     """AdamW with warm-up and cosine decay under bf16 autocast (on CUDA), gradient clipping at 1;
     each optimizer step reads args.step_tokens tokens in micro-batches of args.batch windows."""
     rng = np.random.default_rng(args.seed)
-    window = args.context + 1
+    window = args.context
     accum = max(1, args.step_tokens // (args.batch * args.context))
     steps = max(1, int(args.tokens) // (accum * args.batch * args.context))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 10)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    losses, started = [], time.perf_counter()
+    losses, step_seconds = [], []
+    started = last = time.perf_counter()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
@@ -153,7 +205,7 @@ def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
             starts = rng.integers(0, train_tokens.size - window, args.batch)
             ids = torch.from_numpy(np.stack([train_tokens[s : s + window] for s in starts])).to(device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss / accum
+                loss = model(input_ids=ids, labels=ids).loss / accum  # the models shift the labels
             loss.backward()
             step_loss += loss.detach()
         step_loss = step_loss.item()  # one host sync per optimizer step, not per micro-batch
@@ -164,10 +216,14 @@ def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(step_loss, 5))
+        now = time.perf_counter()
+        step_seconds.append(round(now - last, 4))
+        last = now
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             print(f"  step {step + 1}/{steps}: loss {step_loss:.4f}", flush=True)
     seconds = time.perf_counter() - started
     tokens = steps * accum * args.batch * args.context
+    steady = step_seconds[3:] or step_seconds  # past the steps that compile kernels
     return {
         "steps": steps,
         "tokens": tokens,
@@ -175,8 +231,21 @@ def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
         "losses": losses,
         "train_seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        "steady_tokens_per_s": accum * args.batch * args.context / float(np.median(steady)),
+        "step_seconds": step_seconds,  # the first ones include compiling the kernels
         "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
+
+
+def lengths_list(text: str) -> list[int]:
+    """ "2048,8192" -> [2048, 8192]; argparse reports anything else as a usage error."""
+    try:
+        lengths = [int(n) for n in text.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive token counts separated by commas, got {text!r}")
+    return lengths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-factor", type=int, default=4, help="evaluation windows of this many contexts")
-    parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows per kind")
+    parser.add_argument("--eval-windows", type=int, default=24, help="held-out windows per kind (at most)")
+    parser.add_argument("--decode-lengths", type=lengths_list, default=[2048, 8192, 32768],
+                        help="prompt lengths (comma-separated) to time decoding after")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/long_context_<gpu>.json)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes and random tokens, on the CPU if need be")
     args = parser.parse_args(argv)
@@ -201,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--context must be >= 16, --batch >= 1, --tokens > 0 and --eval-factor >= 1")
     if args.dry_run:
         args.context, args.tokens, args.batch, args.step_tokens, args.eval_windows = 64, 2 * 64 * 2, 2, 128, 2
+        args.decode_lengths = [64, 128]
         if not cuda:
             os.environ.setdefault("TRITON_INTERPRET", "1")
     args.vocab = 256 if args.dry_run and args.corpus is None else VOCAB
@@ -220,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     run["training"] = train(args, model, train_tokens, device)
     length = args.eval_factor * args.context
     run["heldout"] = evaluate(model, heldout, length, args.eval_windows, device, bins=64 * args.eval_factor)
+    run["decode"] = decode_cost(model, args.model, heldout["code"], args.decode_lengths, device)
     run["corpus"], run["provenance"] = corpus_info, prov
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault(str(args.context), {})[args.model] = run

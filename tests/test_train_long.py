@@ -32,6 +32,7 @@ def test_dry_run_writes_training_and_heldout_curves(tmp_path):
         curve = run["heldout"][kind]
         assert len(curve["binned"]) == len(curve["bin_edges"]) - 1 == 255  # 4 x 64 tokens: 255 predictions
         assert all(0 < v < 10 for v in curve["binned"]) and curve["windows"] == 2
+    assert set(run["decode"]) == {"64", "128"} and all(d["ms_per_token"] > 0 for d in run["decode"].values())
     assert not out.with_suffix(".json.partial").exists()
 
 
@@ -40,3 +41,5 @@ def test_bad_arguments_are_usage_errors():
         train_long.main(["--dry-run", "--model", "llama", "--context", "8"])
     with pytest.raises(SystemExit):
         train_long.main(["--model", "no-such-model"])
+    with pytest.raises(SystemExit):
+        train_long.main(["--dry-run", "--model", "llama", "--decode-lengths", "2k"])
