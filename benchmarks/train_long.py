@@ -12,16 +12,16 @@ Models share the width, depth, heads, feed-forward width and SmolLM2's vocabular
   ttt-mlp-m        TTT-MLP in the Mamba backbone
   ttt-linear-m-lr0 the control: ttt-linear-m with every TTT layer's base_lr set to 0 after it is
                    built, so eta = 0 and the inner state never leaves its learned W0
-  gated-deltanet   flash-linear-attention's GatedDeltaNet (its Mamba2 needs mamba-ssm for speed),
-                   heads of 128 and values as wide as keys (expand_v=1), which puts it within 8% of
-                   the others' parameters (its default expand_v=2 has a third more)
+  deltanet         flash-linear-attention's DeltaNet, heads of 128 (its Mamba2 needs mamba-ssm for
+                   speed; its GatedDeltaNet refuses to train on Hopper GPUs with Triton < 3.7.1, as
+                   its gated backward kernel gives wrong gradients there)
 Training reads random windows of context tokens from the training documents (English and
 code, each split concatenated in manifest order with a separator token between documents, so a
 window of code reads neighbouring files of one package); every model sees the same windows in the
 same order (one seed). Evaluation reads the first windows of eval_factor x context tokens of the
-held-out English and code streams and averages the loss at each token index. Decoding is timed at
-batch 1 after prompts of --decode-lengths tokens: each model's own cache, one eager forward per
-token. Each call adds its model to --out under its context length, rewriting the JSON atomically.
+held-out English and code streams and averages the loss at each token index. Decoding is timed with
+bf16 weights at batches 1 and 16 after prompts of --decode-lengths tokens: each model's own
+cache, one eager forward per step. Each call adds its model to --out under its context length, rewriting the JSON atomically.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM  # noqa: E402
 
-MODELS = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "gated-deltanet")
+MODELS = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "deltanet")
 SEPARATOR = 0  # <|endoftext|> in SmolLM2's vocabulary
 VOCAB = 49152
 DRY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -58,16 +58,15 @@ def build(name: str, shape: dict, vocab: int, context: int) -> torch.nn.Module:
         config = LlamaConfig(**shape, num_key_value_heads=heads, vocab_size=vocab, tie_word_embeddings=True,
                              max_position_embeddings=context, attn_implementation="sdpa")  # fmt: skip
         return LlamaForCausalLM(config)
-    if name == "gated-deltanet":
-        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    if name == "deltanet":
+        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
         C = shape["hidden_size"]
-        head_dim = min(128, C // 2)
-        config = GatedDeltaNetConfig(
-            hidden_size=C, num_hidden_layers=shape["num_hidden_layers"], num_heads=C // head_dim, head_dim=head_dim,
-            expand_v=1, intermediate_size=shape["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
+        config = DeltaNetConfig(
+            hidden_size=C, num_hidden_layers=shape["num_hidden_layers"], num_heads=max(1, C // 128),
+            intermediate_size=shape["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
         )  # fmt: skip
-        return GatedDeltaNetForCausalLM(config)
+        return DeltaNetForCausalLM(config)
     kind = "mlp" if name.startswith("ttt-mlp") else "linear"
     model = TTTForCausalLM(TTTConfig(**shape, vocab_size=vocab, ttt_layer_type=kind, backbone="mamba"))
     if name.endswith("-lr0"):
@@ -137,11 +136,14 @@ def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins:
     return result
 
 
-def decode_cost(model, name: str, prompt: np.ndarray, lengths: list[int], device: str, steps: int = 32) -> dict:
-    """Per-token decode time (ms) and memory (MiB) at batch 1 after a prompt of each length: the
-    cache's bytes after the prefill (memory in use beyond the weights) and the peak while decoding.
-    One eager forward of one token per step, greedy, under bf16 autocast, each model with its own
-    cache (a KV cache for the Llama, the recurrent states for the others)."""
+def decode_cost(
+    model, name: str, prompt: np.ndarray, lengths: list[int], batches: tuple[int, ...], device: str, steps: int = 32
+) -> dict:
+    """Per-step decode time (ms) and memory (MiB) for each batch after prompts of each length (row r
+    reads prompt[r * length:]): the cache's bytes after the prefill (memory in use beyond the
+    weights) and the peak while decoding. One eager forward of one token per row and step, greedy,
+    in the model's own dtype, each model with its own cache (a KV cache for the Llama, the
+    recurrent states for the others)."""
     from ttt_helpers.compat import cache_kwargs, output_cache
 
     def forward(ids: torch.Tensor, cache):
@@ -153,12 +155,13 @@ def decode_cost(model, name: str, prompt: np.ndarray, lengths: list[int], device
     result, cuda = {}, device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model.eval()
-    for length in lengths:
-        if prompt.size < length:
-            result[str(length)] = f"skipped: a prompt of {length} tokens needs more held-out tokens"
+    for batch, length in ((b, n) for b in batches for n in lengths):
+        key = f"B{batch}_T{length}"
+        if prompt.size < batch * length:
+            result[key] = f"skipped: {batch} prompts of {length} tokens need more held-out tokens"
             continue
-        ids = torch.from_numpy(prompt[:length].copy()).to(device)[None]
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+        ids = torch.from_numpy(prompt[: batch * length].reshape(batch, length).copy()).to(device)
+        with torch.no_grad():
             sync()
             base = torch.cuda.memory_allocated() if cuda else 0
             token, cache = forward(ids, None)
@@ -174,8 +177,11 @@ def decode_cost(model, name: str, prompt: np.ndarray, lengths: list[int], device
                 token, cache = forward(token, cache)
             sync()
             ms = (time.perf_counter() - started) / steps * 1e3
-        result[str(length)] = {
-            "ms_per_token": ms,
+        result[key] = {
+            "batch": batch,
+            "prompt_tokens": length,
+            "ms_per_step": ms,
+            "tokens_per_s": batch / ms * 1e3,
             "cache_MiB": cache_bytes / 2**20 if cuda else None,
             "decode_peak_MiB_beyond_weights": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
         }
@@ -292,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     run["training"] = train(args, model, train_tokens, device)
     length = args.eval_factor * args.context
     run["heldout"] = evaluate(model, heldout, length, args.eval_windows, device, bins=64 * args.eval_factor)
-    run["decode"] = decode_cost(model, args.model, heldout["code"], args.decode_lengths, device)
+    if device == "cuda":
+        model.to(torch.bfloat16)  # decoding as a user would run it: the weights in bf16
+    run["decode"] = decode_cost(model, args.model, heldout["code"], args.decode_lengths, (1, 16), device)
     run["corpus"], run["provenance"] = corpus_info, prov
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault(str(args.context), {})[args.model] = run

@@ -61,6 +61,9 @@ def test_prefill_then_decode_equals_one_forward(layer_type, backbone, T, k, rng)
         for t in range(k, T):
             pieces.append(model(ids[:, t : t + 1], **cache_kwargs(cache)).logits)
     assert cache.seen_tokens == T and cache.nbytes() == size  # the state does not grow
+    # nor does the memory it keeps alive: no cached tensor is a view into a buffer as long as the prompt
+    tensors = [t for s in cache.states for t in s] + [c for c in cache.conv_states if c is not None]
+    assert all(t.untyped_storage().nbytes() <= t.numel() * t.element_size() for t in tensors)
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-4
 
 

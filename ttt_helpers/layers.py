@@ -52,7 +52,7 @@ class CausalConv(nn.Conv1d):
             state = self.initial_state(x)
         padded = torch.cat([state.to(x.dtype), x], dim=1)
         y = super().forward(padded.transpose(1, 2)).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - state.shape[1] :]
+        return y, padded[:, padded.shape[1] - state.shape[1] :].clone()  # a copy: a view would keep all T alive
 
 
 class TTTLayer(nn.Module):
