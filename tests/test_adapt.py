@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from ttt_helpers.adapt import (
+    activation_bytes,
     adapt_lora,
     adapted,
     answer_nll,
@@ -313,3 +314,15 @@ def test_smollm2_recalls_the_secret_only_while_adapted():
             assert result.trainable_params == 460_800  # r=8 on q_proj and v_proj of 30 layers
         assert "BlueSky99" not in greedy_answer(model, tokenizer, prompt)
     assert weights_checksum(model) == before
+
+
+def test_activation_bytes_grow_with_the_tokens_and_vanish_when_frozen(tiny, tok, rng):
+    ids = torch.randint(0, 100, (1, 64), generator=rng)
+    with adapted(tiny, tok, random_text(rng, 20), steps=1, lr=1e-2, rank=4) as run:
+        short, long = activation_bytes(run.model, ids[:, :32]), activation_bytes(run.model, ids)
+    assert 0 < short < long <= 2.2 * short  # about linear in T at these lengths (attention adds T^2 terms)
+    for p in tiny.parameters():
+        p.requires_grad_(False)
+    assert activation_bytes(tiny, ids) == 0  # nothing needs a gradient, so autograd keeps nothing
+    with pytest.raises(ValueError, match="input_ids"):
+        activation_bytes(tiny, ids[0])

@@ -311,3 +311,26 @@ def weights_checksum(model: nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def activation_bytes(model: nn.Module, input_ids: Tensor) -> int:
+    """Bytes that autograd keeps for the backward of the next-token loss on input_ids [B, T]: the
+    activations a training step holds at its peak, each storage counted once and the model's
+    parameters not counted. One forward with the model's own requires_grad flags, no backward:
+    a frozen model without an adapter keeps nothing."""
+    checks.module("model", model)
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be a [B, T] tensor of token ids with T >= 2, got {input_ids!r:.80}")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    del loss  # frees the graph and everything it kept
+    return sum(kept.values())
