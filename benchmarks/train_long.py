@@ -137,7 +137,7 @@ def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins:
 
 
 def decode_cost(
-    model, name: str, prompt: np.ndarray, lengths: list[int], batches: tuple[int, ...], device: str, steps: int = 32
+    model, prompt: np.ndarray, lengths: list[int], batches: tuple[int, ...], device: str, steps: int = 32
 ) -> dict:
     """Per-step decode time (ms) and memory (MiB) for each batch after prompts of each length (row r
     reads prompt[r * length:]): the cache's bytes after the prefill (memory in use beyond the
@@ -146,10 +146,12 @@ def decode_cost(
     recurrent states for the others)."""
     from ttt_helpers.compat import cache_kwargs, output_cache
 
+    fla = type(model).__module__.startswith("fla.")  # fla's models name the cache past_key_values on any release
+
     def forward(ids: torch.Tensor, cache):
-        kw = {"past_key_values": cache} if name == "gated-deltanet" else cache_kwargs(cache)
+        kw = {"past_key_values": cache} if fla else cache_kwargs(cache)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw)
-        cache = out.past_key_values if name == "gated-deltanet" else output_cache(out)
+        cache = out.past_key_values if fla else output_cache(out)
         return out.logits[:, -1].argmax(-1, keepdim=True), cache
 
     result, cuda = {}, device == "cuda"
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     run["heldout"] = evaluate(model, heldout, length, args.eval_windows, device, bins=64 * args.eval_factor)
     if device == "cuda":
         model.to(torch.bfloat16)  # decoding as a user would run it: the weights in bf16
-    run["decode"] = decode_cost(model, args.model, heldout["code"], args.decode_lengths, (1, 16), device)
+    run["decode"] = decode_cost(model, heldout["code"], args.decode_lengths, (1, 16), device)
     run["corpus"], run["provenance"] = corpus_info, prov
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault(str(args.context), {})[args.model] = run
