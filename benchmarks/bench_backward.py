@@ -28,8 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kernels as bench  # noqa: E402  (puts the checkout on sys.path too)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+from kernel_bench import counts, inputs, timing  # noqa: E402
+from kernel_bench.op import FLA_NOTE  # noqa: E402
+from kernel_bench.timing import Runner  # noqa: E402
 
+H, D, MB = 12, 64, 16  # heads, head dim and mini-batch size of the 125M model's TTT layers
 OP_CASES = [(8, 2048), (32, 512), (2, 8192), (16, 8192)]  # (B, T) at H = 12, D = 64, bf16
 MODEL_CASES = [(8, 2048), (32, 512)]  # (B, T) of the 125M training steps
 REFERENCE_MAX_TOKENS = 16384  # the reference under autograd takes seconds per step past B * T of this
@@ -43,38 +47,6 @@ DRY = {
     "D": 16,
     "byte_shape": dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, mini_batch_size=16),
 }
-
-
-class Runner:
-    """Timing and error capture on a GPU (bench_kernels' helpers), or their CPU stand-ins in a dry run."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.cuda = device, device == "cuda"
-
-    def fast_ms(self, fn) -> float:
-        """Median ms of a fast fn: triton.testing.do_bench on a GPU, one timed call on the CPU."""
-        return bench.bench_ms(fn, warmup=25, rep=100) if self.cuda else self.slow_ms(fn, repeats=1)
-
-    def slow_ms(self, fn, repeats: int = 3) -> float:
-        if self.cuda:
-            return bench.slow_ms(fn, repeats)
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[len(times) // 2]
-
-    def attempt(self, record: dict, key: str, fn):
-        if self.cuda:
-            return bench.attempt(record, key, fn)
-        try:  # bench.attempt synchronises CUDA, which a CPU-only torch cannot
-            record[key] = fn()
-        except Exception as exc:
-            record.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}".strip()[:2000]
-            print(f"  {key} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-        return record.get(key)
 
 
 def leaves(args: dict) -> dict:
@@ -131,8 +103,8 @@ def backward_roofline(B: int, H: int, T: int, D: int, b: int, peaks: dict, ms: f
     flops, nbytes = train_flops(B, H, T, D, b), train_bytes(B, H, T, D, b, 2)
     peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
     return {
-        "floor": bench.roofline(flops, nbytes["floor"], peak_flops, peak_bytes, ms),
-        "as_run": bench.roofline(flops, nbytes["as_run"], peak_flops, peak_bytes, ms),
+        "floor": counts.roofline(flops, nbytes["floor"], peak_flops, peak_bytes, ms),
+        "as_run": counts.roofline(flops, nbytes["as_run"], peak_flops, peak_bytes, ms),
         "us_per_mini_batch": ms * 1e3 / -(-T // b),
     }
 
@@ -149,9 +121,9 @@ def gradients(run: Runner, cases: list) -> list[dict]:
     rows = []
     dtypes = (torch.float32, torch.bfloat16) if run.cuda else (torch.float32,)
     for kind, train, reference, make in (
-        ("linear split", partial(ttt_linear_train, schedule="split"), ops.ttt_linear, bench.ttt_inputs),
-        ("linear fused", partial(ttt_linear_train, schedule="fused"), ops.ttt_linear, bench.ttt_inputs),
-        ("mlp", ttt_mlp_train, ops.ttt_mlp, bench.mlp_inputs),
+        ("linear split", partial(ttt_linear_train, schedule="split"), ops.ttt_linear, inputs.ttt_inputs),
+        ("linear fused", partial(ttt_linear_train, schedule="fused"), ops.ttt_linear, inputs.ttt_inputs),
+        ("mlp", ttt_mlp_train, ops.ttt_mlp, inputs.mlp_inputs),
     ):
         for dtype in dtypes:
             for B, H, T, D in cases:
@@ -160,13 +132,13 @@ def gradients(run: Runner, cases: list) -> list[dict]:
 
                 def check():
                     args = make(B, H, T, D, dtype, device=run.device)
-                    args["token_idx"] = ops.default_token_idx(bench.MB, device=run.device)
+                    args["token_idx"] = ops.default_token_idx(MB, device=run.device)
                     fn, inputs, cot = fwd_bwd(train, args)
                     got = fn()
-                    ref_inputs = leaves(bench.to64(args))
+                    ref_inputs = leaves(inputs.to64(args))
                     outs = reference(**ref_inputs)
                     want = torch.autograd.grad(outs, list(ref_inputs.values()), [c.double() for c in cot])
-                    return {k: bench.rel_err(g, w) for k, g, w in zip(inputs, got, want)}
+                    return {k: timing.rel_err(g, w) for k, g, w in zip(inputs, got, want)}
 
                 errs = run.attempt(row, "rel_err", check)
                 row["ok"] = bool(errs) and max(errs.values()) < row["tolerance"]
@@ -195,7 +167,7 @@ def op_level(run: Runner, cases: list, H: int, D: int, peaks: dict | None) -> li
     for B, T in cases:
         row = {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16", "state_dtype": "float32", "mini_batch_size": 16}
         print(f"op B={B} T={T}", flush=True)
-        args = bench.ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
+        args = inputs.ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
         row["ours_schedule"] = training_schedule("auto", args["XQ"])
         for schedule in ("split", "fused"):
             train = partial(ttt_linear_train, schedule=schedule)
@@ -262,7 +234,7 @@ def mlp_op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
     for B, T in cases:
         row = {"B": B, "T": T, "H": H, "D": D, "F": 4 * D, "dtype": "bfloat16", "state_dtype": "float32"}
         print(f"mlp op B={B} T={T}", flush=True)
-        args = bench.mlp_inputs(B, H, T, D, torch.bfloat16, device=run.device)
+        args = inputs.mlp_inputs(B, H, T, D, torch.bfloat16, device=run.device)
         row["saved_states_MiB"] = saved_state_bytes("mlp", B, H, T, D, 16) / 2**20
         ours, _, _ = fwd_bwd(ttt_mlp_train, args)
         run.attempt(row, "ours_fwd_bwd_ms", lambda: run.fast_ms(ours))
@@ -270,7 +242,7 @@ def mlp_op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
         with torch.no_grad():
             run.attempt(row, "ours_fwd_ms", lambda: run.fast_ms(lambda: ttt_mlp_train(**args)))
         if B * T <= REFERENCE_MAX_TOKENS:
-            ref_args = {k: (v.bfloat16() if k in bench.MLP_PARAMS else v) for k, v in args.items()}
+            ref_args = {k: (v.bfloat16() if k in inputs.MLP_PARAMS else v) for k, v in args.items()}
             ref, _, _ = fwd_bwd(ops.ttt_mlp, ref_args)
             run.attempt(row, "reference_fwd_bwd_ms", lambda: run.slow_ms(ref, repeats=1))
             del ref, ref_args
@@ -392,14 +364,14 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     run = Runner("cuda" if cuda else "cpu")
     started = time.perf_counter()
-    results = {"provenance": bench.provenance() if cuda else bench.dry_provenance(), "fla_note": bench.FLA_NOTE}
+    results = {"provenance": timing.provenance() if cuda else timing.dry_provenance(), "fla_note": FLA_NOTE}
     results["dry_run"] = args.dry_run
     results["reference_max_tokens"] = (
         f"the reference under autograd is timed only where B * T <= {REFERENCE_MAX_TOKENS} "
         "(one step after a warm-up); larger cases record 'skipped'"
     )
     dry_out = Path(tempfile.gettempdir()) / "bench_backward_dry_run.json"  # a dry run's numbers are no result
-    out = args.out or (dry_out if args.dry_run else bench.results_path("backward", results["provenance"]))
+    out = args.out or (dry_out if args.dry_run else timing.results_path("backward", results["provenance"]))
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -409,12 +381,12 @@ def main(argv: list[str] | None = None) -> None:
     from ttt_helpers.model import TTT_STANDARD_CONFIGS
 
     if args.dry_run:
-        H, D = DRY["H"], DRY["D"]
+        heads, dim = DRY["H"], DRY["D"]
         op_cases, model_cases, check_cases = DRY["op_cases"], DRY["model_cases"], DRY["check_cases"]
-        preset = dict(hidden_size=H * D, intermediate_size=64, num_hidden_layers=1, num_attention_heads=H)
+        preset = dict(hidden_size=heads * dim, intermediate_size=64, num_hidden_layers=1, num_attention_heads=heads)
         vocab = 64
     else:
-        H, D, op_cases, model_cases, check_cases = bench.H, bench.D, OP_CASES, MODEL_CASES, CHECK_CASES
+        heads, dim, op_cases, model_cases, check_cases = H, D, OP_CASES, MODEL_CASES, CHECK_CASES
         preset, vocab = TTT_STANDARD_CONFIGS["125m"], 32000
     import train_gpu  # chapter 5's byte-level shape, batch and window
 
@@ -425,11 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{results['provenance']['gpu']}: writing {out}", flush=True)
     peaks = None
     if cuda:
-        results["peaks"] = peaks = bench.measure_peaks()
+        results["peaks"] = peaks = timing.measure_peaks(run)
     sections = [
         ("gradients", lambda: gradients(run, check_cases)),
-        ("op_fwd_bwd", lambda: op_level(run, op_cases, H, D, peaks)),
-        ("mlp_op_fwd_bwd", lambda: mlp_op_level(run, op_cases, H, D)),
+        ("op_fwd_bwd", lambda: op_level(run, op_cases, heads, dim, peaks)),
+        ("mlp_op_fwd_bwd", lambda: mlp_op_level(run, op_cases, heads, dim)),
         ("model_training", lambda: model_training(run, model_cases, preset, vocab)),
         ("byte_level_25m", lambda: byte_level_training(run, byte_shape, byte_batch, byte_window, reference=True)),
     ]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import provenance, results_path  # noqa: E402
+from kernel_bench.timing import provenance, results_path  # noqa: E402
 
 from ttt_helpers import metrics  # noqa: E402
 from ttt_helpers.data import encode_bytes, load_plays, train_val_split  # noqa: E402

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     args.vocab = 256 if args.dry_run and args.corpus is None else VOCAB
     device = "cuda" if cuda else "cpu"
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_kernels import dry_provenance, provenance, results_path
+    from kernel_bench.timing import dry_provenance, provenance, results_path
 
     prov = provenance() if cuda else dry_provenance()
     out = args.out or (Path("/tmp/long_context_dry_run.json") if args.dry_run else results_path("long_context", prov))

@@ -15,45 +15,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import (  # noqa: E402
-    MLP_PARAMS,
-    attempt,
-    bench_ms,
-    decode_state,
-    decode_tokens,
-    mlp_inputs,
-    provenance,
-    rel_err,
-    results_path,
-    to64,
-    ttt_inputs,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+from kernel_bench.inputs import MLP_PARAMS, decode_state, decode_tokens, mlp_inputs, to64, ttt_inputs  # noqa: E402
+from kernel_bench.launch import with_launch  # noqa: E402
+from kernel_bench.timing import Runner, bench_ms, provenance, rel_err, results_path  # noqa: E402
+
+attempt = Runner("cuda").attempt  # record[key] = fn(), a failure recorded and the sweep goes on
 
 H, D, MB = 12, 64, 16
-
-
-class _Launch:
-    """kernel[grid](...) with some launch keywords replaced."""
-
-    def __init__(self, kernel, **overrides) -> None:
-        self.kernel, self.overrides = kernel, overrides
-
-    def __getitem__(self, grid):
-        launcher = self.kernel[grid]
-        return lambda *args, **kwargs: launcher(*args, **{**kwargs, **self.overrides})
-
-
-def with_launch(module, name: str, **overrides):
-    """Make `module`'s next launches of kernel `name` use `overrides`; returns a function that undoes it."""
-    real = module._programs
-
-    module._programs = lambda: SimpleNamespace(**{name: _Launch(getattr(real(), name), **overrides)})
-    return lambda: setattr(module, "_programs", real)
 
 
 def sweep_prefill(prefill, settings: list[dict], cases: dict, check: dict, Z_ref, label: str) -> list[dict]:

@@ -72,22 +72,29 @@ def reference(args: dict, mini_batch_size: int, **kw):
         (1, 1, 5, 32, 16),  # fewer tokens than one mini-batch
     ],
 )
-def test_prefill_fp32_matches_reference(B, H, T, D, b, rng):
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+def test_prefill_fp32_matches_reference(B, H, T, D, b, schedule, rng):
     args = make_inputs(B, H, T, D, torch.float32, rng)
-    Z, W, bias = ttt_linear_prefill(**args, mini_batch_size=b)
+    Z, W, bias = ttt_linear_prefill(**args, mini_batch_size=b, schedule=schedule)
     for out, ref in zip((Z, W, bias), reference(args, b)):
         assert out.dtype == torch.float32
         assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_prefill_bad_schedule(rng):
+    with pytest.raises(ValueError, match="schedule must be 'fused' or 'split'"):
+        ttt_linear_prefill(**make_inputs(1, 1, 16, 16, torch.float32, rng), schedule="auto")
 
 
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float32])
 def test_prefill_bf16_matches_reference(state_dtype, rng):
     """bf16 inputs; the final state comes back in W0's dtype (float32 keeps it unrounded)."""
     args = make_inputs(2, 2, 50, 64, torch.bfloat16, rng, state_dtype=state_dtype)
-    Z, W, bias = ttt_linear_prefill(**args)
-    assert Z.dtype == torch.bfloat16 and W.dtype == bias.dtype == state_dtype
-    for out, ref in zip((Z, W, bias), reference(args, 16)):
-        assert rel_err(out, ref) < TOL[torch.bfloat16]
+    for schedule in ("fused", "split"):
+        Z, W, bias = ttt_linear_prefill(**args, schedule=schedule)
+        assert Z.dtype == torch.bfloat16 and W.dtype == bias.dtype == state_dtype
+        for out, ref in zip((Z, W, bias), reference(args, 16)):
+            assert rel_err(out, ref) < TOL[torch.bfloat16], schedule
 
 
 def test_prefill_takes_layer_layouts_and_streams(rng):
@@ -270,7 +277,8 @@ def load_benchmark():
 
 def test_benchmark_formulas():
     """The benchmark imports without a GPU; its FLOP and byte counts follow their formulas."""
-    bench = load_benchmark()
+    main = load_benchmark()
+    from kernel_bench import counts as bench
     B, H, T, D, b = 2, 3, 64, 16, 16
     per_minibatch = 3 * 2 * b * D * D + 2 * 2 * b * b * D  # three [b,D]x[D,D] and two b x b products
     assert bench.ttt_linear_flops(B, H, T, D, b) == B * H * (T // b) * per_minibatch
@@ -283,9 +291,13 @@ def test_benchmark_formulas():
     assert line["bound"] == "compute"
     assert line["floor_ms"] == pytest.approx(2.0) and line["fraction_of_floor"] == pytest.approx(0.5)
     assert bench.roofline(flops=1e9, nbytes=4e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)["bound"] == "memory"
+    assert bench.kv_cache_bytes(2, 10, 8, 2) == 2 * 2 * 10 * 8 * 2
+    assert bench.model_decode_bytes(100, 7.0, 3) == 121
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-            bench.main([])
+            main.main([])
+    with pytest.raises(SystemExit, match="unknown section"):
+        main.main(["--only", "op,nonsense", "--dry-run"])
 
 
 # ---------------------------------------------------------------- the model's dispatch (TTTConfig.ttt_impl)
@@ -394,6 +406,48 @@ def test_cuda_graph_decoder_bad_input():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA device"):
             CUDAGraphDecoder(tiny_model("auto"), cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "mamba")])
+def test_cuda_graph_prefill_matches_eager(layer_type, backbone, rng):
+    """Replayed prefills against the eager forward at two shapes (one replayed twice with new ids):
+    the same last-token logits, and a cache that decodes as the eager one does."""
+    from ttt_helpers.kernels import CUDAGraphDecoder, CUDAGraphPrefill
+
+    model = tiny_model("auto", layer_type, backbone)
+    prefill = CUDAGraphPrefill(model)
+    with torch.no_grad():
+        for B, T in ((2, 37), (1, 16), (2, 37)):
+            ids = torch.randint(0, 64, (B, T + 5), generator=rng).to(DEVICE)
+            logits, cache = prefill(ids[:, :T])
+            eager = model(ids[:, :T], use_cache=True)
+            assert (logits - eager.logits[:, -1:]).abs().max().item() < 1e-5
+            assert cache.seen_tokens == T
+            eager_cache = output_cache(eager)
+            decoder = CUDAGraphDecoder(model, cache)
+            for t in range(T, T + 5):
+                want = model(ids[:, t : t + 1], cache=eager_cache, use_cache=True).logits
+                assert (decoder.step(ids[:, t : t + 1]) - want).abs().max().item() < 1e-5, f"token {t}"
+            no_cache, none = prefill(ids[:, :T], use_cache=False)
+            assert none is None and (no_cache - eager.logits[:, -1:]).abs().max().item() < 1e-5
+    assert len(prefill.captured) == 4  # (2, 37) and (1, 16), each with and without a cache
+
+
+def test_cuda_graph_prefill_bad_input():
+    from ttt_helpers.kernels import CUDAGraphPrefill
+
+    with pytest.raises(ValueError, match="ttt_impl='reference'"):
+        CUDAGraphPrefill(tiny_model("reference"))
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="CUDA device"):
+            CUDAGraphPrefill(tiny_model("auto"))
+    else:
+        prefill = CUDAGraphPrefill(tiny_model("auto"))
+        with pytest.raises(ValueError, match="input_ids"):
+            prefill(torch.full((1, 4), 64, device=DEVICE))  # outside the vocabulary
+        with pytest.raises(ValueError, match="device"):
+            prefill(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_set_ttt_impl_switches_every_layer():

@@ -19,12 +19,13 @@ chains everything but the adjoint's recurrence runs in kernels parallel over min
 ("split"); once the chains fill half the GPU, one sequential kernel each way does it all
 ("fused"); `schedule="auto"` picks. `ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; the layers (and so
 `TTTForCausalLM`, through `TTTConfig.ttt_impl`) make the same choice for both kinds.
-`CUDAGraphDecoder` replays a whole model's decode step from CUDA graphs; `TTTLinearDecoder`
-does it for one TTT-Linear op.
+`CUDAGraphDecoder` replays a whole model's decode step from CUDA graphs, `CUDAGraphPrefill` its
+prefill of one prompt shape; `TTTLinearDecoder` replays the decode step of one TTT-Linear op.
 """
 
 from .common import HEAD_DIMS, MAX_MINI_BATCH, kernel_applies, needs_grad, triton_available, use_kernels
 from .graph_decode import CUDAGraphDecoder
+from .graph_prefill import CUDAGraphPrefill
 from .ttt_linear import (
     TTTLinearDecoder,
     TTTLinearFunction,
@@ -37,6 +38,7 @@ from .ttt_mlp import TTTMLPFunction, ttt_mlp_decode, ttt_mlp_prefill, ttt_mlp_tr
 
 __all__ = [
     "CUDAGraphDecoder",
+    "CUDAGraphPrefill",
     "HEAD_DIMS",
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",

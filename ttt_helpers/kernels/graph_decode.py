@@ -36,6 +36,20 @@ def capture_step(step: Callable[[], Tensor], mutated: Sequence[Tensor]) -> tuple
     return graph, output
 
 
+def check_graph_model(model: nn.Module) -> torch.device:
+    """Raise unless `model` is a TTTForCausalLM that CUDA graphs can capture; returns its device."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "ttt":
+        raise ValueError(f"model must be a TTTForCausalLM, got {type(model).__name__}")
+    if model.config.ttt_impl == "reference":
+        raise ValueError("ttt_impl='reference' runs no kernels: use 'auto' or 'kernel'")
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
+    if model.training:
+        raise ValueError("model must be in eval mode (model.eval())")
+    return device
+
+
 class CUDAGraphDecoder:
     """Decode one token per sequence at a time, from CUDA graphs. Greedy or teacher-forced:
     `step(tokens)` returns the logits, the caller picks the next tokens.
@@ -45,18 +59,9 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model: nn.Module, cache) -> None:
-        if getattr(getattr(model, "config", None), "model_type", None) != "ttt":
-            raise ValueError(f"model must be a TTTForCausalLM, got {type(model).__name__}")
-        config = model.config
-        if config.ttt_impl == "reference":
-            raise ValueError("ttt_impl='reference' runs no kernels: use 'auto' or 'kernel'")
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
-        if model.training:
-            raise ValueError("model must be in eval mode (model.eval())")
+        device = check_graph_model(model)
         self.model, self.cache = model, cache
-        self.mini_batch_size = config.mini_batch_size
+        self.mini_batch_size = model.config.mini_batch_size
         cache.states = [tuple(t.contiguous() for t in s) for s in cache.states]  # updated in place from now on
         cache.conv_states = [None if c is None else c.contiguous() for c in cache.conv_states]
         batch = cache.states[0][0].shape[0]

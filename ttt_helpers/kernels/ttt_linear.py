@@ -59,9 +59,15 @@ def ttt_linear_prefill(
     mini_batch_size: int = 16,
     token_idx: Tensor | None = None,
     eps: float = 1e-6,
+    schedule: str = "fused",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`ops.ttt_linear` as one Triton kernel: one program per (batch, head) walks every mini-batch
     with the D x D state in registers.
+
+    schedule "fused" computes Z inside that sequential walk; "split" leaves the walk only the
+    state's recurrence, saving every mini-batch's start state (4 (D^2 + D) bytes per head and
+    mini-batch), and computes Z in a second kernel parallel over the mini-batches, which shortens
+    each step of the chain where few (batch, head) chains leave the GPU idle.
 
     XQ, XK, XV: [B, H, T, D] (any strides with a contiguous last dim, e.g. a [B, T, H, D] tensor
     transposed); eta: [B, H, T]; W0: [B, H, D, D], b0: [B, H, 1, D] (may be expanded over B);
@@ -69,10 +75,16 @@ def ttt_linear_prefill(
     Returns Z: [B, H, T, D] in XQ's dtype and layout, W_T: [B, H, D, D] and b_T: [B, H, 1, D]
     in W0's and b0's dtypes.
     """
+    if schedule not in ("fused", "split"):
+        raise ValueError(f"schedule must be 'fused' or 'split', got {schedule!r}")
     XQ, XK, XV, token_idx, Z = prepare_prefill(
         XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx
     )
-    return _launch_prefill(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z)[:3]
+    split = schedule == "split"
+    return _launch_prefill(
+        XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z,
+        save_states=split, schedule=schedule,
+    )[:3]  # fmt: skip
 
 
 def _launch_prefill(

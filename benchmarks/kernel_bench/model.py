@@ -1,0 +1,364 @@
+"""Whole 125M models, bf16: the TTT-Linear (and TTT-MLP) preset through its kernels against a
+same-size Llama as a user who wants speed runs it (compiled, CUDA graphs, a static cache),
+prefill and decode, with the decode's memory floor and where a decode step's time goes."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from collections import Counter
+
+import torch
+
+from .counts import decode_bytes, kv_cache_bytes, model_decode_bytes
+from .inputs import Scale
+from .timing import Runner
+
+PREFILL_NOTE = (
+    "forward with use_cache=False and the logits of the last token only. *_eager: the model as "
+    "built; *_compiled: torch.compile(model, dynamic=False), compiled before timing; *_graph: the "
+    "forward replayed from a CUDA graph captured for the shape (the TTT models through "
+    "kernels.CUDAGraphPrefill, the compiled Llama through the same capture). ttt_kernel runs "
+    "ttt_impl='kernel'; ttt_reference the same weights on the PyTorch ops."
+)
+DECODE_NOTE = (
+    "greedy decode after a prompt of `context` tokens read with the cache. llama_eager: a Python loop "
+    "of single-token forwards over the dynamic cache; llama_static: generate(cache_implementation="
+    "'static'), which compiles the decode step (torch.compile, mode 'reduce-overhead': CUDA graphs), "
+    "timed between its first and last step by CUDA events; ttt_kernel: a Python loop with "
+    "ttt_impl='kernel'; ttt_kernel_graph: CUDAGraphDecoder, every step replayed from a CUDA graph "
+    "(16 untimed steps capture them); ttt_reference: the PyTorch ops."
+)
+LLAMA_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def build_models(scale: Scale, layer_type: str = "linear", llama: bool = True) -> tuple:
+    """The TTT preset (random weights) and a Llama of its shape (SDPA, tied embeddings), bf16, eval."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ttt_helpers.model import TTTConfig, TTTForCausalLM
+
+    dtype = torch.bfloat16 if scale.device == "cuda" else torch.float32
+    ttt = TTTForCausalLM(TTTConfig(**scale.model, ttt_layer_type=layer_type)).to(scale.device, dtype).eval()
+    if not llama:
+        return ttt, None
+    shape = {k: scale.model[k] for k in LLAMA_SHAPE}
+    config = LlamaConfig(
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
+        vocab_size=ttt.config.vocab_size,
+        max_position_embeddings=65536,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return ttt, LlamaForCausalLM(config).to(scale.device, dtype).eval()
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters, each tied tensor once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph after one untimed run: returns the replay."""
+    from ttt_helpers.kernels.graph_decode import capture_step
+
+    graph, _ = capture_step(fn, [])
+    return graph.replay
+
+
+def compiled_blocks(ttt):
+    """A copy of the TTT model whose blocks run under torch.compile (dynamic=False): everything
+    around the TTT kernels fused by Inductor, the kernels' launches left eager (torch.compiler.disable),
+    and the model's own input checks outside the compiled code."""
+    compiled = copy.deepcopy(ttt)
+    for block in compiled.model.layers:
+        block.compile(dynamic=False)
+    return compiled
+
+
+def prefill_variants(run: Runner, models: dict, ids: torch.Tensor, with_reference: bool) -> dict:
+    """name -> a function that runs one prefill of `ids` (*_graph: a function that captures it and
+    returns the replay). models: "ttt", "llama", and on a GPU "llama_compiled", "ttt_compiled"."""
+    from ttt_helpers.kernels import CUDAGraphPrefill
+
+    def forward(model):
+        return lambda: model(ids, use_cache=False, logits_to_keep=1).logits
+
+    def graphed_ttt(model):
+        def capture():
+            prefill = CUDAGraphPrefill(model)
+            prefill(ids, use_cache=False)  # captures
+            return lambda: prefill(ids, use_cache=False)
+
+        return capture
+
+    variants = {}
+    if models["llama"] is not None:
+        variants["llama_eager"] = forward(models["llama"])
+        if run.cuda:
+            variants["llama_compiled"] = forward(models["llama_compiled"])
+            variants["llama_compiled_graph"] = lambda: _graphed(forward(models["llama_compiled"]))
+    variants["ttt_kernel"] = forward(models["ttt"])
+    if run.cuda:
+        variants["ttt_kernel_graph"] = graphed_ttt(models["ttt"])
+        if models["ttt_compiled"] is not None:
+            variants["ttt_compiled"] = forward(models["ttt_compiled"])
+            variants["ttt_compiled_graph"] = graphed_ttt(models["ttt_compiled"])
+    if with_reference:
+        variants["ttt_reference"] = forward(models["ttt"])
+    return variants
+
+
+def time_prefill(run: Runner, row: dict, name: str, fn, tokens: int, models: dict) -> None:
+    """row[name_ms] and row[name_tokens_per_s] of fn; a *_graph entry captures its replay first,
+    compiled ones run once first (compiling), the time of that first call recorded."""
+    for key in ("ttt", "ttt_compiled"):
+        if models.get(key) is not None:
+            models[key].set_ttt_impl("reference" if name == "ttt_reference" else "kernel")
+    if name.endswith("_graph"):
+        fn = run.attempt(row, f"{name}_capture", fn)
+        row.pop(f"{name}_capture", None)
+        if fn is None:
+            return
+    elif name.endswith("_compiled"):
+        if run.attempt(row, f"{name}_first_call_s", lambda: run.wall_s(fn)) is None:
+            return
+    timer = (lambda f: run.slow_ms(f, repeats=1)) if name == "ttt_reference" else run.fast_ms
+    ms = run.attempt(row, f"{name}_ms", lambda: timer(fn))
+    if ms is not None:
+        row[f"{name}_tokens_per_s"] = tokens / ms * 1e3
+
+
+class _StepClock:
+    """A stopping criterion that records a CUDA event at every generated token and never stops."""
+
+    def __init__(self) -> None:
+        self.events: list[torch.cuda.Event] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def tokens_per_s(self, batch: int) -> float:
+        torch.cuda.synchronize()
+        ms = self.events[0].elapsed_time(self.events[-1])
+        return batch * (len(self.events) - 1) / ms * 1e3
+
+
+def llama_static_tokens_per_s(llama, prompt: torch.Tensor, steps: int) -> float:
+    """Greedy generate() with a static cache (its decode step compiled): tokens/s between its first
+    and its last decode step."""
+    from transformers import StoppingCriteriaList
+
+    clock = _StepClock()
+    llama.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=steps + 1,
+        min_new_tokens=steps + 1,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+        stopping_criteria=StoppingCriteriaList([clock]),
+    )
+    return clock.tokens_per_s(prompt.shape[0])
+
+
+def ttt_decode_tokens_per_s(run: Runner, model, prompt: torch.Tensor, steps: int, graph: bool) -> float:
+    """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
+    graph: through CUDAGraphDecoder, after 16 untimed steps that capture every position's graph."""
+    from ttt_helpers.compat import output_cache
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    if graph:
+        decoder = CUDAGraphDecoder(model, cache)
+        for _ in range(16):
+            token = decoder.step(token)[:, -1:].argmax(-1)
+    gc.collect()
+    run.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        if graph:
+            token = decoder.step(token)[:, -1:].argmax(-1)
+        else:
+            out = model(token, cache=cache, use_cache=True)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    run.sync()
+    return prompt.shape[0] * steps / (time.perf_counter() - start)
+
+
+def llama_eager_tokens_per_s(run: Runner, llama, prompt: torch.Tensor, steps: int) -> float:
+    """A Python loop of single-token forwards over the dynamic KV cache."""
+    from ttt_helpers.compat import cache_kwargs, output_cache
+
+    out = llama(prompt, use_cache=True, logits_to_keep=1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    run.sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = llama(token, use_cache=True, **cache_kwargs(cache))
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    run.sync()
+    return prompt.shape[0] * steps / (time.perf_counter() - start)
+
+
+def decode_floor(ttt, llama, B: int, context: int, steps: int, copy_gbps: float) -> dict:
+    """The fewest bytes one decode step moves, and the time they take at the measured copy bandwidth:
+    the TTT model's weights plus its layers' states (read, and the gradient sums written); the
+    Llama's weights plus its KV cache at the middle of the timed steps (read)."""
+    cfg = ttt.config
+    H, C = cfg.num_attention_heads, cfg.hidden_size
+    ttt_layer = decode_bytes(B, H, C // H, cfg.mini_batch_size, 2, 4)  # state_elt: the float32 state
+    out = {"ttt_bytes": model_decode_bytes(param_bytes(ttt), ttt_layer, cfg.num_hidden_layers)}
+    if llama is not None:
+        kv = kv_cache_bytes(B, context + steps // 2, C, 2)
+        out["llama_bytes"] = model_decode_bytes(param_bytes(llama), kv, llama.config.num_hidden_layers)
+    for key in list(out):
+        out[key.replace("bytes", "floor_ms")] = out[key] / (copy_gbps * 1e9) * 1e3
+    out["weights_bytes_ttt"] = param_bytes(ttt)
+    return out
+
+
+def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) -> dict:
+    """Where one eager decode step's device time goes: kernels launched per step, the sum of their
+    device times, the largest kernels by total time (the CUDA-graph step runs the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ttt_helpers.compat import output_cache
+
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    run.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            out = model(token, cache=cache, use_cache=True)
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+        run.sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total: Counter = Counter()
+    for e in kernels:
+        total[e.name[:80]] += e.device_time
+    device_us = sum(total.values())
+    return {
+        "steps": steps,
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_us_per_step": device_us / steps,
+        "top_kernels": [
+            {"name": name, "us_per_step": us / steps, "share": us / device_us} for name, us in total.most_common(8)
+        ],
+    }
+
+
+def model_level(run: Runner, scale: Scale, peaks: dict) -> dict:
+    """The TTT-Linear preset against the Llama: prefill at every (B, T) of the scale, decode at the
+    decoding batch after each context, the decode's memory floor, and a decode step's profile."""
+    ttt, llama = build_models(scale)
+    result = {
+        "prefill_note": PREFILL_NOTE,
+        "decode_note": DECODE_NOTE,
+        "params_M": {"ttt": sum(p.numel() for p in ttt.parameters()) / 1e6},
+        "prefill": [],
+        "decode": [],
+    }
+    result["params_M"]["llama"] = sum(p.numel() for p in llama.parameters()) / 1e6
+    vocab = ttt.config.vocab_size
+    models = {"ttt": ttt, "llama": llama}
+    if run.cuda:
+        torch._dynamo.config.cache_size_limit = 64  # one compiled graph per prefill shape
+        models |= {"llama_compiled": torch.compile(llama, dynamic=False), "ttt_compiled": compiled_blocks(ttt)}
+    with torch.no_grad():
+        for B, T in scale.prefill_cases:
+            row = {"B": B, "T": T}
+            ids = torch.randint(0, vocab, (B, T), device=run.device)
+            variants = prefill_variants(run, models, ids, with_reference=B * T <= scale.reference_max_tokens // 16)
+            for name, fn in variants.items():
+                time_prefill(run, row, name, fn, B * T, models)
+            del variants
+            gc.collect()
+            result["prefill"].append(row)
+            print(f"  model prefill {row}", flush=True)
+        B, steps = scale.decode_batch, scale.decode_steps
+        for context in scale.decode_contexts:
+            prompt = torch.randint(0, vocab, (B, context), device=run.device)
+            row = {"B": B, "context": context, "steps": steps}
+            timed = {
+                "llama_eager": lambda: llama_eager_tokens_per_s(run, llama, prompt, steps),
+                "ttt_kernel": lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=False),
+            }
+            if run.cuda:
+                timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
+                timed["ttt_kernel_graph"] = lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
+            if context <= 512:  # the reference's per-token work does not depend on the context
+                timed["ttt_reference"] = lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
+            for name, fn in timed.items():
+                ttt.set_ttt_impl("reference" if name == "ttt_reference" else "kernel")
+                run.median_of_3(row, name, fn)
+            row["floor"] = decode_floor(ttt, llama, B, context, steps, peaks["copy_gbps"])
+            for name, key in (("ttt_kernel_graph", "ttt_floor_ms"), ("llama_static", "llama_floor_ms")):
+                if isinstance(row.get(f"{name}_tokens_per_s"), float):
+                    step_ms = B / row[f"{name}_tokens_per_s"] * 1e3
+                    row["floor"][f"{name}_fraction"] = row["floor"][key] / step_ms
+            result["decode"].append(row)
+            print(f"  model decode {row}", flush=True)
+            del prompt
+        ttt.set_ttt_impl("kernel")
+        prompt = torch.randint(
+            0, vocab, (B, scale.decode_contexts[min(1, len(scale.decode_contexts) - 1)]), device=run.device
+        )
+        if run.cuda:
+            run.attempt(result, "decode_profile", lambda: profile_decode(run, ttt, prompt))
+    ttt.set_ttt_impl("auto")
+    return result
+
+
+def mlp_model_level(run: Runner, scale: Scale) -> dict:
+    """The preset with TTT-MLP layers: prefill (eager and CUDA graphs) and decode (eager and
+    CUDAGraphDecoder) through the kernels, against the same weights on the reference ops."""
+
+    ttt, _ = build_models(scale, layer_type="mlp", llama=False)
+    models = {"ttt": ttt, "llama": None, "llama_compiled": None, "ttt_compiled": None}
+    result = {
+        "note": "as the TTT-Linear model section; the TTT layers are TTT-MLP (hidden width 4 x the head dim)",
+        "params_M": sum(p.numel() for p in ttt.parameters()) / 1e6,
+        "prefill": [],
+        "decode": [],
+    }
+    vocab = ttt.config.vocab_size
+    with torch.no_grad():
+        for B, T in scale.prefill_cases:
+            if B * T > 16384 * 2 and run.cuda:
+                continue  # the TTT-MLP prefill takes about 0.4 s per 16k tokens at batch 1
+            row = {"B": B, "T": T}
+            ids = torch.randint(0, vocab, (B, T), device=run.device)
+            variants = prefill_variants(run, models, ids, with_reference=B * T <= scale.reference_max_tokens // 16)
+            for name in ("ttt_kernel", "ttt_kernel_graph", "ttt_reference"):
+                if name in variants:
+                    time_prefill(run, row, name, variants[name], B * T, models)
+            row = {k.replace("ttt_", "ttt_mlp_"): v for k, v in row.items()}
+            del variants
+            gc.collect()
+            result["prefill"].append(row)
+            print(f"  mlp model prefill {row}", flush=True)
+        B, steps = scale.decode_batch, min(64, scale.decode_steps)
+        for context in scale.decode_contexts[:3]:
+            prompt = torch.randint(0, vocab, (B, context), device=run.device)
+            row = {"B": B, "context": context, "steps": steps}
+            timed = {"ttt_mlp_kernel": False}
+            if run.cuda:
+                timed["ttt_mlp_kernel_graph"] = True
+            if context <= 16:
+                timed["ttt_mlp_reference"] = False
+            for name, graph in timed.items():
+                ttt.set_ttt_impl("reference" if name.endswith("reference") else "kernel")
+                run.median_of_3(row, name, lambda g=graph: ttt_decode_tokens_per_s(run, ttt, prompt, steps, g))
+            result["decode"].append(row)
+            print(f"  mlp model decode {row}", flush=True)
+            del prompt
+    ttt.set_ttt_impl("auto")
+    return result
