@@ -5,8 +5,8 @@
     python benchmarks/bench_kernels.py --dry-run            # tiny shapes on the CPU (Triton's interpreter)
 
 Sections (benchmarks/kernel_bench, one module each): correctness, op, decode, precision (TTT-Linear
-op), mlp_correctness, mlp_op, mlp_decode (TTT-MLP op), step (the single-sequence bound), model,
-mlp_model (the 125M models against a Llama). Writes benchmarks/results/kernels_<gpu>.json after
+op), mlp_correctness, mlp_op, mlp_decode (TTT-MLP op), step (the single-sequence bound),
+model_prefill, model_decode, mlp_model (the 125M models against a Llama). Writes benchmarks/results/kernels_<gpu>.json after
 every section, so a run cut short keeps what it measured; a case that fails records its error
 and the run goes on. See benchmarks/README.md.
 """
@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, in
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SECTIONS = (
-    "correctness", "op", "decode", "precision", "mlp_correctness", "mlp_op", "mlp_decode", "step", "model", "mlp_model",
+    "correctness", "op", "decode", "precision", "mlp_correctness", "mlp_op", "mlp_decode", "step", "model_prefill",
+    "model_decode", "mlp_model",
 )  # fmt: skip
 
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mlp_op": lambda: mlp.mlp_op_level(run, scale, peaks),
         "mlp_decode": lambda: mlp.mlp_decode(run, scale),
         "step": lambda: step.step_latency(run, scale, clock_mhz),
-        "model": lambda: model.model_level(run, scale, peaks),
+        "model_prefill": lambda: model.model_prefill(run, scale),
+        "model_decode": lambda: model.model_decode(run, scale, peaks),
         "mlp_model": lambda: model.mlp_model_level(run, scale),
     }
     for name in sections:

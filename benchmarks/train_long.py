@@ -272,12 +272,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="prompt lengths (comma-separated) to time decoding after")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON (default results/long_context_<gpu>.json)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes and random tokens, on the CPU if need be")
+    parser.add_argument(
+        "--save-model", type=Path, default=None, help="a new folder for the trained model (safetensors)"
+    )
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not args.dry_run and (not cuda or args.corpus is None):
         parser.error("a real run needs a CUDA GPU and --corpus; --dry-run runs it tiny anywhere")
     if args.context < 16 or args.batch < 1 or args.tokens <= 0 or args.eval_factor < 1:
         parser.error("--context must be >= 16, --batch >= 1, --tokens > 0 and --eval-factor >= 1")
+    if args.save_model is not None and args.save_model.exists():
+        parser.error(f"--save-model {args.save_model} exists: give a new folder, a saved model is never overwritten")
     if args.dry_run:
         args.context, args.tokens, args.batch, args.step_tokens, args.eval_windows = 64, 2 * 64 * 2, 2, 128, 2
         args.decode_lengths = [64, 128]
@@ -298,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}: {params / 1e6:.1f}M parameters, context {args.context}, {prov['gpu']}", flush=True)
     run = {"model": args.model, "parameters": params, "shape": shape, "context": args.context, "lr": args.lr}
     run["training"] = train(args, model, train_tokens, device)
+    if args.save_model is not None:
+        model.save_pretrained(args.save_model)  # safetensors, float32
+        run["saved_model"] = str(args.save_model)
     length = args.eval_factor * args.context
     run["heldout"] = evaluate(model, heldout, length, args.eval_windows, device, bins=64 * args.eval_factor)
     if device == "cuda":

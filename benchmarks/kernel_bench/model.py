@@ -255,23 +255,26 @@ def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) ->
     }
 
 
-def model_level(run: Runner, scale: Scale, peaks: dict) -> dict:
-    """The TTT-Linear preset against the Llama: prefill at every (B, T) of the scale, decode at the
-    decoding batch after each context, the decode's memory floor, and a decode step's profile."""
+def _models(run: Runner, scale: Scale) -> dict:
+    """The TTT-Linear preset and the Llama, and on a GPU their compiled forms."""
     ttt, llama = build_models(scale)
-    result = {
-        "prefill_note": PREFILL_NOTE,
-        "decode_note": DECODE_NOTE,
-        "params_M": {"ttt": sum(p.numel() for p in ttt.parameters()) / 1e6},
-        "prefill": [],
-        "decode": [],
-    }
-    result["params_M"]["llama"] = sum(p.numel() for p in llama.parameters()) / 1e6
-    vocab = ttt.config.vocab_size
-    models = {"ttt": ttt, "llama": llama}
+    models = {"ttt": ttt, "llama": llama, "llama_compiled": None, "ttt_compiled": None}
     if run.cuda:
-        torch._dynamo.config.cache_size_limit = 64  # one compiled graph per prefill shape
+        torch._dynamo.config.cache_size_limit = 64  # one compiled graph per shape (and decode position)
         models |= {"llama_compiled": torch.compile(llama, dynamic=False), "ttt_compiled": compiled_blocks(ttt)}
+    return models
+
+
+def _params_M(models: dict) -> dict:
+    return {k: sum(p.numel() for p in models[k].parameters()) / 1e6 for k in ("ttt", "llama")}
+
+
+def model_prefill(run: Runner, scale: Scale) -> dict:
+    """The TTT-Linear preset against the Llama: prefill at every (B, T) of the scale, each model
+    eager, compiled, and replayed from CUDA graphs."""
+    models = _models(run, scale)
+    result = {"note": PREFILL_NOTE, "params_M": _params_M(models), "prefill": []}
+    vocab = models["ttt"].config.vocab_size
     with torch.no_grad():
         for B, T in scale.prefill_cases:
             row = {"B": B, "T": T}
@@ -283,7 +286,20 @@ def model_level(run: Runner, scale: Scale, peaks: dict) -> dict:
             gc.collect()
             result["prefill"].append(row)
             print(f"  model prefill {row}", flush=True)
-        B, steps = scale.decode_batch, scale.decode_steps
+    models["ttt"].set_ttt_impl("auto")
+    return result
+
+
+def model_decode(run: Runner, scale: Scale, peaks: dict) -> dict:
+    """Decode at the decoding batch after each context: the Llama eager and from a static cache,
+    the TTT model eager, from CUDA graphs, and with its blocks compiled inside the graphs; the
+    memory floor of a step, and where an eager step's device time goes."""
+    models = _models(run, scale)
+    ttt, llama, fused = models["ttt"], models["llama"], models["ttt_compiled"]
+    result = {"note": DECODE_NOTE, "params_M": _params_M(models), "decode": []}
+    vocab = ttt.config.vocab_size
+    B, steps = scale.decode_batch, scale.decode_steps
+    with torch.no_grad():
         for context in scale.decode_contexts:
             prompt = torch.randint(0, vocab, (B, context), device=run.device)
             row = {"B": B, "context": context, "steps": steps}
@@ -294,13 +310,20 @@ def model_level(run: Runner, scale: Scale, peaks: dict) -> dict:
             if run.cuda:
                 timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
                 timed["ttt_kernel_graph"] = lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
+                timed["ttt_compiled_graph"] = lambda: ttt_decode_tokens_per_s(run, fused, prompt, steps, graph=True)
             if context <= 512:  # the reference's per-token work does not depend on the context
                 timed["ttt_reference"] = lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
             for name, fn in timed.items():
-                ttt.set_ttt_impl("reference" if name == "ttt_reference" else "kernel")
+                for model in (ttt, fused):
+                    if model is not None:
+                        model.set_ttt_impl("reference" if name == "ttt_reference" else "kernel")
                 run.median_of_3(row, name, fn)
             row["floor"] = decode_floor(ttt, llama, B, context, steps, peaks["copy_gbps"])
-            for name, key in (("ttt_kernel_graph", "ttt_floor_ms"), ("llama_static", "llama_floor_ms")):
+            for name, key in (
+                ("ttt_kernel_graph", "ttt_floor_ms"),
+                ("ttt_compiled_graph", "ttt_floor_ms"),
+                ("llama_static", "llama_floor_ms"),
+            ):
                 if isinstance(row.get(f"{name}_tokens_per_s"), float):
                     step_ms = B / row[f"{name}_tokens_per_s"] * 1e3
                     row["floor"][f"{name}_fraction"] = row["floor"][key] / step_ms
@@ -308,11 +331,10 @@ def model_level(run: Runner, scale: Scale, peaks: dict) -> dict:
             print(f"  model decode {row}", flush=True)
             del prompt
         ttt.set_ttt_impl("kernel")
-        prompt = torch.randint(
-            0, vocab, (B, scale.decode_contexts[min(1, len(scale.decode_contexts) - 1)]), device=run.device
-        )
+        context = scale.decode_contexts[min(1, len(scale.decode_contexts) - 1)]
+        prompt = torch.randint(0, vocab, (B, context), device=run.device)
         if run.cuda:
-            run.attempt(result, "decode_profile", lambda: profile_decode(run, ttt, prompt))
+            run.attempt(result, "decode_profile", lambda: {"context": context, **profile_decode(run, ttt, prompt)})
     ttt.set_ttt_impl("auto")
     return result
 
