@@ -279,6 +279,7 @@ def test_benchmark_formulas():
     """The benchmark imports without a GPU; its FLOP and byte counts follow their formulas."""
     main = load_benchmark()
     from kernel_bench import counts as bench
+
     B, H, T, D, b = 2, 3, 64, 16, 16
     per_minibatch = 3 * 2 * b * D * D + 2 * 2 * b * b * D  # three [b,D]x[D,D] and two b x b products
     assert bench.ttt_linear_flops(B, H, T, D, b) == B * H * (T // b) * per_minibatch
@@ -359,6 +360,26 @@ def test_model_dispatch_choices(monkeypatch):
     calls.clear()
     tiny_model("auto").train()(ids, labels=ids).loss.backward()
     assert calls == (["ttt_linear_train"] * 2 if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_compiled_blocks_decode_as_eager(layer_type, rng):
+    """Blocks under torch.compile (dynamo's eager backend) run the kernels' launches outside the
+    compiled code, prefill and decode alike, and give the eager model's logits."""
+    import copy
+
+    model = tiny_model("kernel", layer_type, "mamba")
+    compiled = copy.deepcopy(model)
+    for block in compiled.model.layers:
+        block.compile(backend="eager")
+    ids = torch.randint(0, 64, (2, 24), generator=rng).to(DEVICE)
+    with torch.no_grad():
+        want, got = (m(ids[:, :18], use_cache=True) for m in (model, compiled))
+        assert (want.logits - got.logits).abs().max().item() < 1e-6
+        caches = output_cache(want), output_cache(got)
+        for t in range(18, 24):
+            a, b = (m(ids[:, t : t + 1], cache=c, use_cache=True).logits for m, c in zip((model, compiled), caches))
+            assert (a - b).abs().max().item() < 1e-6, f"token {t}"
 
 
 def test_model_dispatch_bad_input():

@@ -44,3 +44,28 @@ def test_bad_arguments_are_usage_errors():
         train_long.main(["--model", "no-such-model"])
     with pytest.raises(SystemExit):
         train_long.main(["--dry-run", "--model", "llama", "--decode-lengths", "2k"])
+
+
+def test_save_model_writes_a_loadable_model_and_never_overwrites(tmp_path):
+    from ttt_helpers.model import TTTForCausalLM
+
+    saved = tmp_path / "model"
+    train_long.main(
+        ["--dry-run", "--model", "ttt-linear-m", "--out", str(tmp_path / "r.json"), "--save-model", str(saved)]
+    )
+    model = TTTForCausalLM.from_pretrained(saved)
+    assert (saved / "model.safetensors").is_file() and model.config.num_hidden_layers == train_long.DRY_SHAPE[
+        "num_hidden_layers"
+    ]
+    before = (saved / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        train_long.main(["--dry-run", "--model", "ttt-linear-m", "--save-model", str(saved)])
+    assert (saved / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_model_distances_checkpoint_needs_a_model_folder_and_a_corpus(tmp_path):
+    import model_distances
+
+    for argv in (["--checkpoint", str(tmp_path)], ["--checkpoint", str(tmp_path), "--corpus", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            model_distances.main(["--device", "cpu", *argv])

@@ -279,6 +279,7 @@ def ttt_mlp_train(
     return TTTMLPFunction.apply(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, token_idx, mini_batch_size, eps)
 
 
+@torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
 def ttt_mlp_decode(
     xq: Tensor,
     xk: Tensor,
