@@ -382,6 +382,24 @@ def test_compiled_blocks_decode_as_eager(layer_type, rng):
             assert (a - b).abs().max().item() < 1e-6, f"token {t}"
 
 
+def test_left_padded_batch_through_the_kernels_matches_each_row_alone(rng):
+    """A left-padded batch runs its groups of rows through the kernels as each row alone would."""
+    model = tiny_model("kernel", "linear", "mamba")
+    model.generation_config.eos_token_id = None  # every row generates all its tokens
+    lengths = (20, 3, 9)
+    rows = [torch.randint(1, 64, (1, n), generator=rng).to(DEVICE) for n in lengths]
+    ids = torch.zeros(3, 20, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, 20 - row.shape[1] :], mask[i, 20 - row.shape[1] :] = row[0], 1
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for i, row in enumerate(rows):
+        alone = model.generate(row, attention_mask=torch.ones_like(row), **kw)
+        assert torch.equal(batch.sequences[i, 20:], alone.sequences[0, row.shape[1] :]), f"row {i}"
+        assert max((a[i] - b[0]).abs().max().item() for a, b in zip(batch.logits, alone.logits)) < 1e-4
+
+
 def test_model_dispatch_bad_input():
     from ttt_helpers.model import TTTConfig
 

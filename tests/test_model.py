@@ -135,13 +135,84 @@ def test_cache_detach_cuts_the_graph(rng):
     assert not detached.states[0][0].requires_grad and detached.seen_tokens == 16
 
 
-def test_padding_is_refused(rng):
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [1, L_i] as one left-padded batch: (ids [B, T] with 0 as padding, attention_mask)."""
+    T = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - r.shape[1] :], mask[i, T - r.shape[1] :] = r[0], 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "mamba")])
+def test_left_padded_generate_gives_each_row_its_own_continuation(layer_type, backbone, rng):
+    """Prompts of 37, 5, 21 and 16 tokens (their mini-batch positions all differ) in one left-padded
+    batch: 25 greedy tokens per row identical to the row alone, every step's logits within 1e-5."""
+    model = tiny_model(rng, ttt_layer_type=layer_type, backbone=backbone, eos_token_id=None)
+    rows = [torch.randint(1, 97, (1, n), generator=rng) for n in (37, 5, 21, 16)]
+    ids, mask = left_padded(rows)
+    kw = dict(max_new_tokens=25, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for i, row in enumerate(rows):
+        alone = model.generate(row, attention_mask=torch.ones_like(row), **kw)
+        assert torch.equal(batch.sequences[i, ids.shape[1] :], alone.sequences[0, row.shape[1] :]), f"row {i}"
+        worst = max((a[i] - b[0]).abs().max().item() for a, b in zip(batch.logits, alone.logits))
+        assert worst < 1e-5, f"row {i}: {worst}"
+
+
+def test_left_padded_forward_and_cache_match_the_rows_alone(rng):
+    model = tiny_model(rng, backbone="mamba")
+    rows = [torch.randint(1, 97, (1, n), generator=rng) for n in (19, 3, 19)]
+    ids, mask = left_padded(rows)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache = output_cache(out)
+        assert cache.starts == [0, 16, 0] and cache.seen_tokens == 19
+        assert torch.equal(out.logits[1, :16], torch.zeros_like(out.logits[1, :16]))  # padding
+        nxt = torch.randint(1, 97, (3, 2), generator=rng)
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), cache=cache).logits
+        assert cache.seen_tokens == 21
+        for i, row in enumerate(rows):
+            alone = model(row, use_cache=True)
+            n = row.shape[1]
+            assert (out.logits[i, -n:] - alone.logits[0]).abs().max().item() < 1e-5
+            cont = model(nxt[i : i + 1], cache=output_cache(alone)).logits
+            assert (step[i] - cont[0]).abs().max().item() < 1e-5, f"row {i}"
+        no_cache = model(ids, attention_mask=mask, use_cache=False).logits  # the whole-sequence path: rounding apart
+        assert (no_cache - out.logits).abs().max().item() < 1e-5
+
+
+def test_padding_other_than_a_prompts_left_padding_is_refused(rng):
     model = tiny_model(rng)
-    ids = torch.randint(0, 97, (2, 5), generator=rng)
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(ids, attention_mask=mask)
+    ids = torch.randint(1, 97, (2, 5), generator=rng)
+    right = torch.ones_like(ids)
+    right[0, -1] = 0
+    empty = torch.ones_like(ids)
+    empty[1] = 0
+    left = torch.ones_like(ids)
+    left[1, :2] = 0
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="attention_mask must pad on the left"):
+            model(ids, attention_mask=right)
+        with pytest.raises(ValueError, match="at least one token"):
+            model(ids, attention_mask=empty)
+        with pytest.raises(ValueError, match="attention_mask must have shape"):
+            model(ids, attention_mask=left[:, :3])
+        with pytest.raises(ValueError, match="labels"):
+            model(ids, attention_mask=left, labels=ids)
+        cache = output_cache(model(ids, use_cache=True))  # read without padding
+        with pytest.raises(ValueError, match="not the cache's"):
+            model(ids[:, :1], attention_mask=torch.cat([left, torch.ones_like(ids[:, :1])], 1), cache=cache)
+        with pytest.raises(ValueError, match="only the prompt"):
+            model(ids[:, :1], attention_mask=torch.zeros_like(ids[:, :1]), cache=cache)
+        ragged = output_cache(model(ids, attention_mask=left, use_cache=True))
+        with pytest.raises(ValueError, match="no padding"):
+            model(ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), cache=ragged)
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    with pytest.raises(ValueError, match="left-padded"):
+        CUDAGraphDecoder(model, ragged)
 
 
 @pytest.mark.parametrize(
@@ -205,23 +276,20 @@ def test_forward_takes_the_cache_under_either_name(rng):
             model(ids[:, 5:], cache=output_cache(out), past_key_values=output_cache(out))
 
 
-def test_padded_batches_are_refused_by_generate_and_pipeline(rng):
+def test_pipeline_batches_left_padded_prompts(rng):
+    """A text-generation pipeline pads a batch of prompts on the left: each gets what it gets alone."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, pipeline
 
-    model = tiny_model(rng)
-    ids = torch.randint(3, 97, (2, 6), generator=rng)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # row 1 is left-padded
-    with pytest.raises(ValueError, match="attention_mask"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+    model = tiny_model(rng, eos_token_id=None)
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w1"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", padding_side="left")
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    assert generator("w5 w6 w7", max_new_tokens=2, do_sample=False)  # one row: no padding, fine
-    with pytest.raises(ValueError, match="attention_mask"):
-        generator(["w5 w6 w7 w8", "w9"], batch_size=2, max_new_tokens=2, do_sample=False)
+    prompts = ["w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21", "w9"]
+    batched = generator(prompts, batch_size=2, max_new_tokens=6, do_sample=False)
+    alone = [generator(p, max_new_tokens=6, do_sample=False) for p in prompts]
+    assert [b[0]["generated_text"] for b in batched] == [a[0]["generated_text"] for a in alone]
 
 
 @pytest.mark.parametrize(

@@ -171,12 +171,14 @@ class TTTCache:
     mini-batch, the gradient sums inside it and, with share_qk, the last conv_kernel - 1 query
     projections [B, k-1, C] that conv_q and conv_k read; conv_states[i]: the last conv_kernel - 1
     inputs of layer i's pre_conv [B, k-1, C] (None without pre_conv); seen_tokens: tokens read so
-    far. Its size does not depend on seen_tokens.
+    far, padding included; starts: for a left-padded batch, how many of them were padding in each
+    row (row i has read seen_tokens - starts[i] tokens). Its size does not depend on seen_tokens.
     """
 
     states: list[tuple[Tensor, ...]]
     conv_states: list[Tensor | None]
     seen_tokens: int = 0
+    starts: list[int] | None = None  # left padding per row of a ragged batch (None: no padding)
     # What generate() asks of a cache it is given: not a static KV cache to compile (the CUDA-graph
     # decoder of `kernels` captures decoding instead), every layer a recurrent state, its length.
     is_compileable: ClassVar[bool] = False
@@ -194,7 +196,37 @@ class TTTCache:
             [tuple(t.detach() for t in s) for s in self.states],
             [None if c is None else c.detach() for c in self.conv_states],
             self.seen_tokens,
+            self.starts,
         )
+
+    def rows(self, index: Tensor, seen_tokens: int) -> TTTCache:
+        """The cache of the rows `index` (copies), as if each had read `seen_tokens` tokens."""
+        return TTTCache(
+            [tuple(t[index] for t in s) for s in self.states],
+            [None if c is None else c[index] for c in self.conv_states],
+            seen_tokens,
+        )
+
+    @staticmethod
+    def join(parts: list[tuple[list[int], TTTCache]], seen_tokens: int, starts: list[int]) -> TTTCache:
+        """One cache from the caches of groups of rows: parts = [(row indices, their cache)]."""
+        order = torch.tensor([i for rows, _ in parts for i in rows])
+        inverse = torch.argsort(order)
+        caches = [c for _, c in parts]
+
+        def gather(tensors: list[Tensor]) -> Tensor:
+            joined = torch.cat(tensors)
+            return joined[inverse.to(joined.device)]
+
+        states = [
+            tuple(gather([c.states[j][k] for c in caches]) for k in range(len(s)))
+            for j, s in enumerate(caches[0].states)
+        ]
+        convs = [
+            None if c is None else gather([p.conv_states[j] for p in caches])
+            for j, c in enumerate(caches[0].conv_states)
+        ]
+        return TTTCache(states, convs, seen_tokens, starts)
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors."""
@@ -417,8 +449,14 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         With `cache` (a TTTCache; `past_key_values` is its name before transformers 5.24, and either
         is accepted) the tokens continue that sequence and the cache is updated in place;
         `use_cache=True` without one starts a new cache. The output carries the cache under the
-        installed transformers' name (`compat.output_cache` reads it on any release). Padding is not
-        supported: every token, padded or not, would train the state.
+        installed transformers' name (`compat.output_cache` reads it on any release).
+
+        attention_mask: [B, T], or [B, seen + T] covering every token read so far (as generate()
+        passes it). Left padding in the prompt (each row 0s, then 1s) gives each row what it would
+        get alone: the prompt runs in groups of rows that share their padding, each from its first
+        token, and later calls in groups of rows at the same position in their mini-batch (at most
+        mini_batch_size groups). The logits at padded positions are 0. Right padding, padding after
+        the prompt, and labels with padding are refused.
         """
         cache = take_cache({"cache": cache, "past_key_values": past_key_values})
         if (input_ids is None) == (inputs_embeds is None):
@@ -431,25 +469,94 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if x.dim() != 3 or x.shape[1] == 0:
             name = "input_ids" if inputs_embeds is None else "inputs_embeds"
             raise ValueError(f"{name} must hold at least one token per row, got shape {list(x.shape)}")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("attention_mask must be all ones: a TTT state cannot skip padded tokens")
+        if cache is not None:
+            self.model.check_cache(cache, x.shape[0])
+        starts = self._left_padding(attention_mask, cache, x.shape[0], x.shape[1])
+        if starts is not None and labels is not None:
+            raise ValueError("labels: training on a padded batch is not supported (the loss would read the padding)")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if cache is None and use_cache:
-            cache = self.model.new_cache(x.shape[0])
-        elif cache is not None:
-            self.model.check_cache(cache, x.shape[0])
-        hidden = self.model(x, cache)
+        if starts is not None:
+            hidden, cache = self._forward_ragged(x, cache, starts, use_cache)
+        else:
+            if cache is None and use_cache:
+                cache = self.model.new_cache(x.shape[0])
+            hidden = self.model(x, cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(cache))
 
+    def _left_padding(self, attention_mask: Tensor | None, cache: TTTCache | None, B: int, T: int) -> list[int] | None:
+        """How many padding tokens start each row (None: no padding), from attention_mask [B, T] or
+        [B, seen + T] and the cache's own record; refuses any other padding than a prompt's left padding."""
+        seen = 0 if cache is None else cache.seen_tokens
+        known = None if cache is None else cache.starts
+        if attention_mask is None:
+            return known
+        checks.tensor("attention_mask", attention_mask, 2)
+        if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, seen + T):
+            raise ValueError(
+                f"attention_mask must have shape [{B}, {seen + T}] (every token so far) or [{B}, {T}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        mask = attention_mask.bool()
+        if seen and not bool(mask[:, -T:].all()):
+            raise ValueError("attention_mask: only the prompt (the first call) may be padded; later tokens must be 1s")
+        if seen and attention_mask.shape[1] == T:
+            return known  # a mask of the new tokens only: all 1s
+        if bool(mask.all()):
+            if known is not None:
+                raise ValueError(
+                    f"attention_mask has no padding, but the cache's rows started with {known} padding tokens"
+                )
+            return None
+        if bool((mask.int().diff(dim=1) < 0).any()):
+            raise ValueError("attention_mask must pad on the left (each row 0s, then 1s): pad prompts on the left")
+        starts = (~mask).sum(dim=1).tolist()
+        if max(starts) >= seen + T:
+            raise ValueError("attention_mask: every row needs at least one token that is not padding")
+        if seen and starts != known:
+            raise ValueError(
+                f"attention_mask's padding {starts} is not the cache's ({known}): the cache read those tokens"
+            )
+        return starts
+
+    def _forward_ragged(self, x: Tensor, cache: TTTCache | None, starts: list[int], use_cache: bool):
+        """A left-padded batch, in groups of rows that run together exactly as each would alone:
+        the prompt by shared padding (from each row's first token), later calls by the position
+        in the mini-batch. -> (hidden states [B, T, C], 0 at padding; the cache or None)"""
+        B, T, _ = x.shape
+        seen, b = (0 if cache is None else cache.seen_tokens), self.config.mini_batch_size
+        groups: dict[int, list[int]] = {}
+        for i, start in enumerate(starts):
+            groups.setdefault(start if seen == 0 else (seen - start) % b, []).append(i)
+        hidden = x.new_zeros(x.shape[0], T, self.config.hidden_size)
+        parts = []
+        for key, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            if seen == 0:
+                part = self.model.new_cache(len(rows)) if use_cache else None
+                hidden[index, key:] = self.model(x[index, key:], part)
+            else:
+                part = cache.rows(index, seen - starts[rows[0]])
+                hidden[index] = self.model(x[index], part)
+            parts.append((rows, part))
+        if not use_cache:
+            return hidden, None
+        joined = TTTCache.join(parts, seen + T, starts)
+        if cache is None:
+            return hidden, joined
+        cache.states, cache.conv_states, cache.seen_tokens, cache.starts = (
+            joined.states, joined.conv_states, joined.seen_tokens, joined.starts,
+        )  # fmt: skip
+        return hidden, cache
+
     def prepare_inputs_for_generation(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = True, **kwargs
     ) -> dict:
-        """Feed only the tokens the cache has not read yet; the mask goes through, so padding is refused."""
+        """Feed only the tokens the cache has not read yet; the mask goes through (left padding works)."""
         cache = take_cache(kwargs)
         if cache is not None:
             input_ids = input_ids[:, cache.seen_tokens :]

@@ -59,6 +59,11 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, model: nn.Module, cache) -> None:
+        if getattr(cache, "starts", None) is not None:
+            raise ValueError(
+                "cache: a left-padded batch decodes through the model's forward (its rows run in groups that "
+                "change from step to step); CUDAGraphDecoder needs every row at the same position"
+            )
         device = check_graph_model(model)
         self.model, self.cache = model, cache
         self.mini_batch_size = model.config.mini_batch_size
