@@ -81,7 +81,7 @@ def saved_state_bytes(kind: str, B: int, H: int, T: int, D: int, b: int) -> int:
 
 def train_flops(B: int, H: int, T: int, D: int, b: int) -> int:
     """Matrix-product FLOPs of TTT-Linear's forward + backward as the fused schedule runs them,
-    per token and head 22 D^2 + 16 b D: the forward's 6 D^2 + 4 b D (bench_kernels.ttt_linear_flops);
+    per token and head 22 D^2 + 16 b D: the forward's 6 D^2 + 4 b D (kernel_bench.counts.ttt_linear_flops);
     in the backward eight [b, D] x [D, D] products (x_k W and x_q W recomputed, dz W^T, x_k dW',
     (e_last grad) dW'^T, dz1 W^T, x_q^T dz, x_k^T dz1) and six b x b blocks (x_q x_k^T and
     (e * A) grad recomputed, dz grad^T, (dM * e) x_k, its transpose with x_q, M^T dz)."""
@@ -98,7 +98,7 @@ def train_bytes(B: int, H: int, T: int, D: int, b: int, elt: int) -> dict[str, i
 
 
 def backward_roofline(B: int, H: int, T: int, D: int, b: int, peaks: dict, ms: float) -> dict:
-    """bench_kernels.roofline of one forward + backward (bf16 matmul peak, device-copy bandwidth),
+    """kernel_bench.counts.roofline of one forward + backward (bf16 matmul peak, device-copy bandwidth),
     for the floor's bytes and for those as run, and the time per step of the sequential chain."""
     flops, nbytes = train_flops(B, H, T, D, b), train_bytes(B, H, T, D, b, 2)
     peak_flops, peak_bytes = peaks["bf16_matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9

@@ -1,7 +1,7 @@
 """Benchmark the TTT Triton kernels and the models built on them on one GPU, and write the JSON.
 
-    python benchmarks/bench_kernels.py                      # every section (about 15 minutes on an H200)
-    python benchmarks/bench_kernels.py --only model,step    # some sections, kept beside an existing --out
+    python benchmarks/bench_kernels.py                      # every section (over 12 minutes on an H200)
+    python benchmarks/bench_kernels.py --only step,model_decode  # some sections, the others kept in --out
     python benchmarks/bench_kernels.py --dry-run            # tiny shapes on the CPU (Triton's interpreter)
 
 Sections (benchmarks/kernel_bench, one module each): correctness, op, decode, precision (TTT-Linear

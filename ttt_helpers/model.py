@@ -529,21 +529,22 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         in the mini-batch. -> (hidden states [B, T, C], 0 at padding; the cache or None)"""
         B, T, _ = x.shape
         seen, b = (0 if cache is None else cache.seen_tokens), self.config.mini_batch_size
+        keep = use_cache or cache is not None  # a cache given is continued, as without padding
         groups: dict[int, list[int]] = {}
         for i, start in enumerate(starts):
             groups.setdefault(start if seen == 0 else (seen - start) % b, []).append(i)
-        hidden = x.new_zeros(x.shape[0], T, self.config.hidden_size)
+        hidden = x.new_zeros(B, T, self.config.hidden_size)
         parts = []
         for key, rows in groups.items():
             index = torch.tensor(rows, device=x.device)
             if seen == 0:
-                part = self.model.new_cache(len(rows)) if use_cache else None
+                part = self.model.new_cache(len(rows)) if keep else None
                 hidden[index, key:] = self.model(x[index, key:], part)
             else:
                 part = cache.rows(index, seen - starts[rows[0]])
                 hidden[index] = self.model(x[index], part)
             parts.append((rows, part))
-        if not use_cache:
+        if not keep:
             return hidden, None
         joined = TTTCache.join(parts, seen + T, starts)
         if cache is None:
