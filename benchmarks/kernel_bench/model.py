@@ -17,7 +17,8 @@ from .timing import Runner
 
 PREFILL_NOTE = (
     "forward with use_cache=False and the logits of the last token only. *_eager: the model as "
-    "built; *_compiled: torch.compile(model, dynamic=False), compiled before timing; *_graph: the "
+    "built; *_compiled: torch.compile(dynamic=False) of the Llama, of each block of the TTT model (its "
+    "kernels' launches left eager), compiled before timing; *_graph: the "
     "forward replayed from a CUDA graph captured for the shape (the TTT models through "
     "kernels.CUDAGraphPrefill, the compiled Llama through the same capture). ttt_kernel runs "
     "ttt_impl='kernel'; ttt_reference the same weights on the PyTorch ops."
@@ -28,7 +29,8 @@ DECODE_NOTE = (
     "'static'), which compiles the decode step (torch.compile, mode 'reduce-overhead': CUDA graphs), "
     "timed between its first and last step by CUDA events; ttt_kernel: a Python loop with "
     "ttt_impl='kernel'; ttt_kernel_graph: CUDAGraphDecoder, every step replayed from a CUDA graph "
-    "(16 untimed steps capture them); ttt_reference: the PyTorch ops."
+    "(16 untimed steps capture them); ttt_compiled_graph: the same with the blocks compiled; "
+    "ttt_reference: the PyTorch ops."
 )
 LLAMA_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
