@@ -129,22 +129,28 @@ def main(argv: list[str] | None = None) -> None:
     n = PREFILL + DECODE
     rows = [doc[doc.numel() // 3 + k * n :][:n] for doc in val_docs for k in range(per_doc)]
     ids = torch.stack(rows).to(args.device)
-    results = {
+    model_info = {
+        "layer_type": args.layer_type,
+        "train_steps": args.train_steps,
+        "shape": {k: COMMON[k] for k in ("hidden_size", "num_layers")},
+    }
+    results = new_results(prov, model_info, "both paths read the same held-out bytes")
+    by_dtype(model, ids, (torch.bfloat16, torch.float32), results)
+    write(results, out, started)
+
+
+def new_results(prov: dict, model_info: dict, passages: str) -> dict:
+    """The result's header, and an empty by_dtype for `by_dtype` to fill."""
+    return {
         "provenance": prov,
-        "model": {
-            "layer_type": args.layer_type,
-            "train_steps": args.train_steps,
-            "shape": {k: COMMON[k] for k in ("hidden_size", "num_layers")},
-        },
+        "model": model_info,
         "B": B,
         "prefill": PREFILL,
         "decode": DECODE,
-        "note": "teacher-forced: both paths read the same held-out bytes; position i < prefill comes from the "
-        "prefill, the rest from single-token decode steps",
+        "note": f"teacher-forced: {passages}; position i < prefill comes from the prefill, the rest from "
+        "single-token decode steps",
         "by_dtype": {},
     }
-    by_dtype(model, ids, (torch.bfloat16, torch.float32), results)
-    write(results, out, started)
 
 
 def by_dtype(model: torch.nn.Module, ids: torch.Tensor, dtypes: tuple, results: dict) -> None:
@@ -173,21 +179,14 @@ def main_checkpoint(args, prov: dict, started: float) -> None:
     model = TTTForCausalLM.from_pretrained(args.checkpoint).to(args.device).eval()
     ids = heldout_passages(args.corpus, B, PREFILL + DECODE).to(args.device)
     config = model.config
-    results = {
-        "provenance": prov,
-        "model": {
-            "checkpoint": str(args.checkpoint),
-            "layer_type": config.ttt_layer_type,
-            "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "shape": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
-        },
-        "B": B,
-        "prefill": PREFILL,
-        "decode": DECODE,
-        "note": "teacher-forced on held-out corpus passages (half English, half code); position i < prefill comes "
-        "from the prefill, the rest from single-token decode steps; both paths run the whole model in the dtype",
-        "by_dtype": {},
+    model_info = {
+        "checkpoint": str(args.checkpoint),
+        "layer_type": config.ttt_layer_type,
+        "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "shape": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
     }
+    passages = "held-out corpus passages (half English, half code); both paths run the whole model in the dtype"
+    results = new_results(prov, model_info, passages)
     by_dtype(model, ids, (torch.float16, torch.bfloat16), results)
     write(results, out, started)
 

@@ -5,9 +5,7 @@ The interpreter computes tl.dot in float32 for every input dtype and truncates (
 rounds) when it casts to bfloat16, so its bfloat16 error (about 3e-3) sits above a GPU's.
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -265,40 +263,6 @@ def test_bad_inputs_raise_value_errors(rng):
                 ttt_linear_prefill(**args)
         finally:
             os.environ["TRITON_INTERPRET"] = "1"
-
-
-def load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_formulas():
-    """The benchmark imports without a GPU; its FLOP and byte counts follow their formulas."""
-    main = load_benchmark()
-    from kernel_bench import counts as bench
-
-    B, H, T, D, b = 2, 3, 64, 16, 16
-    per_minibatch = 3 * 2 * b * D * D + 2 * 2 * b * b * D  # three [b,D]x[D,D] and two b x b products
-    assert bench.ttt_linear_flops(B, H, T, D, b) == B * H * (T // b) * per_minibatch
-    assert bench.ttt_linear_bytes(B, H, T, D, 2, 4) == B * H * (T * (4 * D + 1) * 2 + 2 * (D * D + D) * 4)
-    assert bench.sdpa_flops(B, H, T, D) == 2 * B * H * T * T * D
-    F = 4 * D  # TTT-MLP: eight [b, D] x [D, F] products and four b x b blocks per mini-batch
-    assert bench.ttt_mlp_flops(B, H, T, D, b, F) == B * H * (T // b) * (8 * 2 * b * D * F + 2 * b * b * (2 * D + 2 * F))
-    assert bench.ttt_mlp_bytes(B, H, T, D, F, 2, 4) == B * H * (T * (4 * D + 1) * 2 + 2 * (2 * D * F + F + D) * 4)
-    line = bench.roofline(flops=2e12, nbytes=1e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)
-    assert line["bound"] == "compute"
-    assert line["floor_ms"] == pytest.approx(2.0) and line["fraction_of_floor"] == pytest.approx(0.5)
-    assert bench.roofline(flops=1e9, nbytes=4e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)["bound"] == "memory"
-    assert bench.kv_cache_bytes(2, 10, 8, 2) == 2 * 2 * 10 * 8 * 2
-    assert bench.model_decode_bytes(100, 7.0, 3) == 121
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-            main.main([])
-    with pytest.raises(SystemExit, match="unknown section"):
-        main.main(["--only", "op,nonsense", "--dry-run"])
 
 
 # ---------------------------------------------------------------- the model's dispatch (TTTConfig.ttt_impl)

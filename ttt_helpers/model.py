@@ -502,16 +502,14 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                 f"got {list(attention_mask.shape)}"
             )
         mask = attention_mask.bool()
-        if seen and not bool(mask[:, -T:].all()):
-            raise ValueError("attention_mask: only the prompt (the first call) may be padded; later tokens must be 1s")
-        if seen and attention_mask.shape[1] == T:
-            return known  # a mask of the new tokens only: all 1s
-        if bool(mask.all()):
-            if known is not None:
+        if bool(mask.all()):  # the common case: one read of the mask
+            if known is not None and attention_mask.shape[1] == seen + T:
                 raise ValueError(
                     f"attention_mask has no padding, but the cache's rows started with {known} padding tokens"
                 )
-            return None
+            return known
+        if seen and not bool(mask[:, -T:].all()):
+            raise ValueError("attention_mask: only the prompt (the first call) may be padded; later tokens must be 1s")
         if bool((mask.int().diff(dim=1) < 0).any()):
             raise ValueError("attention_mask must pad on the left (each row 0s, then 1s): pad prompts on the left")
         starts = (~mask).sum(dim=1).tolist()

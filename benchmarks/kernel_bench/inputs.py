@@ -32,10 +32,6 @@ class Scale:
     decode_steps: int
     step_lengths: tuple[int, ...]
 
-    @property
-    def dry(self) -> bool:
-        return self.device != "cuda"
-
 
 def full_scale() -> Scale:
     from ttt_helpers.model import TTT_STANDARD_CONFIGS
@@ -61,7 +57,7 @@ def full_scale() -> Scale:
             (16, 8192),
             (16, 16384),
             (16, 32768),
-        ),  # fmt: skip
+        ),
         decode_contexts=(16, 512, 2048, 8192),
         decode_steps=96,
         step_lengths=(2048, 8192, 32768),
@@ -87,7 +83,7 @@ def dry_scale() -> Scale:
             num_attention_heads=2,
             mini_batch_size=16,
             max_position_embeddings=256,
-        ),  # fmt: skip
+        ),
         prefill_cases=((1, 40), (2, 24)),
         decode_contexts=(16,),
         decode_steps=3,

@@ -170,14 +170,29 @@ def llama_static_tokens_per_s(llama, prompt: torch.Tensor, steps: int) -> float:
     return clock.tokens_per_s(prompt.shape[0])
 
 
-def ttt_decode_tokens_per_s(run: Runner, model, prompt: torch.Tensor, steps: int, graph: bool) -> float:
-    """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
-    graph: through CUDAGraphDecoder, after 16 untimed steps that capture every position's graph."""
+def _read_prompt(model, prompt: torch.Tensor) -> tuple:
+    """Prefill `prompt` with a cache: (the cache, the greedy next token [B, 1])."""
     from ttt_helpers.compat import output_cache
-    from ttt_helpers.kernels import CUDAGraphDecoder
 
     out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    return output_cache(out), out.logits[:, -1:].argmax(-1)
+
+
+def _greedy_step(model, token: torch.Tensor, cache) -> tuple:
+    """One single-token forward over the cache (either model's): (the cache, the next token)."""
+    from ttt_helpers.compat import cache_kwargs, output_cache
+
+    out = model(token, use_cache=True, **cache_kwargs(cache))
+    return output_cache(out), out.logits[:, -1:].argmax(-1)
+
+
+def decode_tokens_per_s(run: Runner, model, prompt: torch.Tensor, steps: int, graph: bool = False) -> float:
+    """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
+    A Python loop of single-token forwards (the Llama's over its dynamic cache); graph: a TTT model
+    through CUDAGraphDecoder, after 16 untimed steps that capture every position's graph."""
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    cache, token = _read_prompt(model, prompt)
     if graph:
         decoder = CUDAGraphDecoder(model, cache)
         for _ in range(16):
@@ -189,23 +204,7 @@ def ttt_decode_tokens_per_s(run: Runner, model, prompt: torch.Tensor, steps: int
         if graph:
             token = decoder.step(token)[:, -1:].argmax(-1)
         else:
-            out = model(token, cache=cache, use_cache=True)
-            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-    run.sync()
-    return prompt.shape[0] * steps / (time.perf_counter() - start)
-
-
-def llama_eager_tokens_per_s(run: Runner, llama, prompt: torch.Tensor, steps: int) -> float:
-    """A Python loop of single-token forwards over the dynamic KV cache."""
-    from ttt_helpers.compat import cache_kwargs, output_cache
-
-    out = llama(prompt, use_cache=True, logits_to_keep=1)
-    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-    run.sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = llama(token, use_cache=True, **cache_kwargs(cache))
-        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+            cache, token = _greedy_step(model, token, cache)
     run.sync()
     return prompt.shape[0] * steps / (time.perf_counter() - start)
 
@@ -217,13 +216,14 @@ def decode_floor(ttt, llama, B: int, context: int, steps: int, copy_gbps: float)
     cfg = ttt.config
     H, C = cfg.num_attention_heads, cfg.hidden_size
     ttt_layer = decode_bytes(B, H, C // H, cfg.mini_batch_size, 2, 4)  # state_elt: the float32 state
-    out = {"ttt_bytes": model_decode_bytes(param_bytes(ttt), ttt_layer, cfg.num_hidden_layers)}
+    weights = param_bytes(ttt)
+    out = {"ttt_bytes": model_decode_bytes(weights, ttt_layer, cfg.num_hidden_layers)}
     if llama is not None:
         kv = kv_cache_bytes(B, context + steps // 2, C, 2)
         out["llama_bytes"] = model_decode_bytes(param_bytes(llama), kv, llama.config.num_hidden_layers)
     for key in list(out):
         out[key.replace("bytes", "floor_ms")] = out[key] / (copy_gbps * 1e9) * 1e3
-    out["weights_bytes_ttt"] = param_bytes(ttt)
+    out["weights_bytes_ttt"] = weights
     return out
 
 
@@ -232,15 +232,11 @@ def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) ->
     device times, the largest kernels by total time (the CUDA-graph step runs the same kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ttt_helpers.compat import output_cache
-
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    cache, token = _read_prompt(model, prompt)
     run.sync()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            out = model(token, cache=cache, use_cache=True)
-            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+            cache, token = _greedy_step(model, token, cache)
         run.sync()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total: Counter = Counter()
@@ -306,15 +302,15 @@ def model_decode(run: Runner, scale: Scale, peaks: dict) -> dict:
             prompt = torch.randint(0, vocab, (B, context), device=run.device)
             row = {"B": B, "context": context, "steps": steps}
             timed = {
-                "llama_eager": lambda: llama_eager_tokens_per_s(run, llama, prompt, steps),
-                "ttt_kernel": lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=False),
+                "llama_eager": lambda: decode_tokens_per_s(run, llama, prompt, steps),
+                "ttt_kernel": lambda: decode_tokens_per_s(run, ttt, prompt, steps),
             }
             if run.cuda:
                 timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
-                timed["ttt_kernel_graph"] = lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
-                timed["ttt_compiled_graph"] = lambda: ttt_decode_tokens_per_s(run, fused, prompt, steps, graph=True)
+                timed["ttt_kernel_graph"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
+                timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, fused, prompt, steps, graph=True)
             if context <= 512:  # the reference's per-token work does not depend on the context
-                timed["ttt_reference"] = lambda: ttt_decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
+                timed["ttt_reference"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
             for name, fn in timed.items():
                 for model in (ttt, fused):
                     if model is not None:
@@ -380,7 +376,7 @@ def mlp_model_level(run: Runner, scale: Scale) -> dict:
                 timed["ttt_mlp_reference"] = False
             for name, graph in timed.items():
                 ttt.set_ttt_impl("reference" if name.endswith("reference") else "kernel")
-                run.median_of_3(row, name, lambda g=graph: ttt_decode_tokens_per_s(run, ttt, prompt, steps, g))
+                run.median_of_3(row, name, lambda g=graph: decode_tokens_per_s(run, ttt, prompt, steps, g))
             result["decode"].append(row)
             print(f"  mlp model decode {row}", flush=True)
             del prompt
