@@ -5,8 +5,9 @@
     python benchmarks/bench_kernels.py --dry-run            # tiny shapes on the CPU (Triton's interpreter)
 
 Sections (benchmarks/kernel_bench, one module each): correctness, op, decode, precision (TTT-Linear
-op), mlp_correctness, mlp_op, mlp_decode (TTT-MLP op), step (the single-sequence bound),
-model_prefill, model_decode, mlp_model (the 125M models against a Llama). Writes benchmarks/results/kernels_<gpu>.json after
+op), mlp_correctness, mlp_op, mlp_decode (TTT-MLP op), mlp_state (TTT-MLP's state streamed or on
+chip), step (the single-sequence bound), model_prefill, model_decode, mlp_model (the 125M models
+against a Llama). Writes benchmarks/results/kernels_<gpu>.json after
 every section, so a run cut short keeps what it measured; a case that fails records its error
 and the run goes on. See benchmarks/README.md.
 """
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, in
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SECTIONS = (
-    "correctness", "op", "decode", "precision", "mlp_correctness", "mlp_op", "mlp_decode", "step", "model_prefill",
-    "model_decode", "mlp_model",
+    "correctness", "op", "decode", "precision", "mlp_correctness", "mlp_op", "mlp_decode", "mlp_state", "step",
+    "model_prefill", "model_decode", "mlp_model",
 )  # fmt: skip
 
 
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=None, help=f"comma-separated sections (default all: {', '.join(SECTIONS)})")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/kernels_<gpu>.json)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one, recorded)"
+    )
     args = parser.parse_args(argv)
     sections = parse_sections(args.only)
     if args.dry_run:
@@ -56,15 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
             "bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
             "--dry-run runs its code on the CPU, and tests/test_kernels.py checks the kernels there"
         )
-    from kernel_bench import decode, mlp, model, op, precision, step
+    from kernel_bench import decode, mlp, mlp_state, model, op, precision, step
     from kernel_bench.inputs import dry_scale, full_scale
     from kernel_bench.timing import Runner, dry_provenance, measure_peaks, provenance, results_path
 
     from ttt_helpers.kernels import common
 
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)  # fresh inputs every run unless --seed repeats one; each section records it
     scale = dry_scale() if args.dry_run else full_scale()
     run = Runner(scale.device)
-    prov = dry_provenance() if args.dry_run else provenance()
+    prov = {**(dry_provenance() if args.dry_run else provenance()), "seed": seed}
     out = args.out or results_path("kernels", prov)
     if args.only is not None and out.exists():
         results = json.loads(out.read_text())  # the sections not rerun stay as they were
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mlp_correctness": lambda: mlp.mlp_correctness(run, scale),
         "mlp_op": lambda: mlp.mlp_op_level(run, scale, peaks),
         "mlp_decode": lambda: mlp.mlp_decode(run, scale),
+        "mlp_state": lambda: mlp_state.mlp_state(run, scale),
         "step": lambda: step.step_latency(run, scale, clock_mhz),
         "model_prefill": lambda: model.model_prefill(run, scale),
         "model_decode": lambda: model.model_decode(run, scale, peaks),

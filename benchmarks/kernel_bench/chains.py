@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ttt_helpers.kernels.triton_ttt_linear import _dot, _ln_l2_grad, _sum
+from ttt_helpers.kernels.triton_ttt_linear import _dot, _ln_l2_grad, _ln_l2_grad_one_round, _sum
 
 
 @triton.jit
@@ -35,8 +35,9 @@ def sum_chain_kernel(X, OUT, N, D: tl.constexpr, MB: tl.constexpr, AXIS: tl.cons
 
 
 @triton.jit
-def ln_grad_chain_kernel(X, T, OUT, N, D: tl.constexpr, MB: tl.constexpr):
-    """N dependent gradients of the inner loss through the LayerNorm: x <- LN-L2-grad(x, target)."""
+def ln_grad_chain_kernel(X, T, OUT, N, D: tl.constexpr, MB: tl.constexpr, ONE_ROUND: tl.constexpr = False):
+    """N dependent gradients of the inner loss through the LayerNorm: x <- LN-L2-grad(x, target)
+    (ONE_ROUND: through _ln_l2_grad_one_round)."""
     rows = tl.arange(0, MB)
     cols = tl.arange(0, D)
     x = tl.load(X + rows[:, None] * D + cols[None, :])
@@ -44,7 +45,10 @@ def ln_grad_chain_kernel(X, T, OUT, N, D: tl.constexpr, MB: tl.constexpr):
     gamma = tl.full((D,), 1.0, tl.float32)
     beta = tl.zeros((D,), tl.float32)
     for _ in range(N):
-        x = _ln_l2_grad(x, target, gamma, beta, D, 1e-6)
+        if ONE_ROUND:
+            x = _ln_l2_grad_one_round(x, target, gamma, beta, D, 1e-6)
+        else:
+            x = _ln_l2_grad(x, target, gamma, beta, D, 1e-6)
     tl.store(OUT + rows[:, None] * D + cols[None, :], x)
 
 

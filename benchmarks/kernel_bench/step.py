@@ -47,6 +47,9 @@ def primitives(run: Runner, scale: Scale, clock_mhz: float | None) -> list[dict]
         "row sum (over D)": lambda n, nw: chains.sum_chain_kernel[(1,)](x, out, n, D=D, MB=MB, AXIS=1, num_warps=nw),
         "column sum (over b)": lambda n, nw: chains.sum_chain_kernel[(1,)](x, out, n, D=D, MB=MB, AXIS=0, num_warps=nw),
         "LN-L2 gradient": lambda n, nw: chains.ln_grad_chain_kernel[(1,)](x, x * 0.5, out, n, D=D, MB=MB, num_warps=nw),
+        "LN-L2 gradient, one round of sums": lambda n, nw: chains.ln_grad_chain_kernel[(1,)](
+            x, x * 0.5, out, n, D=D, MB=MB, ONE_ROUND=True, num_warps=nw
+        ),
         "recurrence (dot, LN-L2 gradient, update dot)": lambda n, nw: chains.recurrence_chain_kernel[(1,)](
             xk, xv, w, out_w, n, D=D, MB=MB, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, num_warps=nw
         ),
@@ -68,45 +71,49 @@ def primitives(run: Runner, scale: Scale, clock_mhz: float | None) -> list[dict]
 
 def kernel_steps(run: Runner, scale: Scale) -> list[dict]:
     """Microseconds per mini-batch step of the prefill at batch 1 (H heads in parallel) for each
-    schedule and warp count, the time at a full batch, and the error against float64."""
+    schedule and warp count (and the fused one with the one-round LN-L2 gradient), the time at a
+    full batch, and the error against float64 with bf16 and float32 inputs."""
     from ttt_helpers import ops
     from ttt_helpers.kernels import ttt_linear as module
     from ttt_helpers.kernels import ttt_linear_prefill
 
     H, D, MB = scale.H, scale.D, scale.MB
-    check = ttt_inputs(1, 4, 1000, D, torch.bfloat16, device=run.device)
-    Z_ref = ops.ttt_linear(**to64(check))[0]
+    checks = {dtype: ttt_inputs(1, 4, 1000, D, dtype, device=run.device) for dtype in (torch.bfloat16, torch.float32)}
+    refs = {dtype: ops.ttt_linear(**to64(args))[0] for dtype, args in checks.items()}
     inputs = {T: ttt_inputs(1, H, T, D, torch.bfloat16, device=run.device) for T in scale.step_lengths}
     big = scale.op_cases[-1]
     batch = ttt_inputs(*big[:1], H, big[1], D, torch.bfloat16, device=run.device)
+    variants = [(schedule, nw, False) for schedule in ("fused", "split") for nw in (WARPS if run.cuda else (None,))]
+    variants += [("fused", nw, True) for nw in ((4, 8) if run.cuda else (4,))]
     rows = []
-    for schedule in ("fused", "split"):
-        for nw in WARPS if run.cuda else (None,):
-            row = {"schedule": schedule, "num_warps": nw}
-            undo = with_launch(module, "ttt_linear_prefill_kernel", num_warps=nw) if nw else (lambda: None)
-            try:
-                for T, args in inputs.items():
-                    ms = run.attempt(
-                        row,
-                        f"ms_B1_T{T}",
-                        lambda a=args: run.fast_ms(lambda: ttt_linear_prefill(**a, schedule=schedule)),
-                    )
-                    if ms is not None:
-                        row[f"us_per_step_T{T}"] = ms * 1e3 / (T // MB)
+    for schedule, nw, one_round in variants:
+        row = {"schedule": schedule, "num_warps": nw, "ln_one_round": one_round}
+        overrides = ({"num_warps": nw} if nw else {}) | ({"LN_ONE_ROUND": True} if one_round else {})
+        undo = with_launch(module, "ttt_linear_prefill_kernel", **overrides) if overrides else (lambda: None)
+        try:
+            for T, args in inputs.items():
+                ms = run.attempt(
+                    row,
+                    f"ms_B1_T{T}",
+                    lambda a=args: run.fast_ms(lambda: ttt_linear_prefill(**a, schedule=schedule)),
+                )
+                if ms is not None:
+                    row[f"us_per_step_T{T}"] = ms * 1e3 / (T // MB)
+            run.attempt(
+                row,
+                f"ms_B{big[0]}_T{big[1]}",
+                lambda: run.fast_ms(lambda: ttt_linear_prefill(**batch, schedule=schedule)),
+            )
+            for dtype, args in checks.items():
                 run.attempt(
                     row,
-                    f"ms_B{big[0]}_T{big[1]}",
-                    lambda: run.fast_ms(lambda: ttt_linear_prefill(**batch, schedule=schedule)),
+                    f"rel_err_Z_{str(dtype).removeprefix('torch.')}_B1_H4_T1000",
+                    lambda a=args, d=dtype: rel_err(ttt_linear_prefill(**a, schedule=schedule)[0], refs[d]),
                 )
-                run.attempt(
-                    row,
-                    "rel_err_Z_B1_H4_T1000",
-                    lambda: rel_err(ttt_linear_prefill(**check, schedule=schedule)[0], Z_ref),
-                )
-            finally:
-                undo()
-            rows.append(row)
-            print(f"  step {row}", flush=True)
+        finally:
+            undo()
+        rows.append(row)
+        print(f"  step {row}", flush=True)
     return rows
 
 

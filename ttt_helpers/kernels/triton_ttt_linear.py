@@ -79,6 +79,30 @@ def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
 
 
 @triton.jit
+def _ln_l2_grad_one_round(z, target, gamma, beta, D: tl.constexpr, eps):
+    """_ln_l2_grad with every row sum taken in one round: six sums of z, z^2 and their products with
+    gamma^2 and gamma (beta - target), none waiting on another (_ln_l2_grad chains three rounds:
+    the mean, the variance, then c1 and c2). With a = gamma^2, c = gamma (beta - target) and
+    means over D: var = m(z^2) - mu^2, c1 = rstd (m(a z) - mu m(a)) + m(c) and
+    c2 = rstd^2 (m(a z^2) - 2 mu m(a z) + mu^2 m(a)) + rstd (m(c z) - mu m(c)). The moments
+    cancel where |mu| >> std, a risk _ln_l2_grad does not run. z, target: [n, D]; gamma, beta: [D]."""
+    a = (gamma * gamma)[None, :]
+    c = gamma[None, :] * (beta[None, :] - target)
+    mu = _sum(z, axis=1) / D
+    m_zz = _sum(z * z, axis=1) / D
+    m_az = _sum(a * z, axis=1) / D
+    m_azz = _sum(a * z * z, axis=1) / D
+    m_c = _sum(c, axis=1) / D
+    m_cz = _sum(c * z, axis=1) / D
+    m_a = _sum(gamma * gamma, axis=0) / D
+    rstd = 1.0 / tl.sqrt(m_zz - mu * mu + eps)
+    c1 = rstd * (m_az - mu * m_a) + m_c
+    c2 = rstd * rstd * (m_azz - 2.0 * mu * m_az + mu * mu * m_a) + rstd * (m_cz - mu * m_c)
+    z_hat = (z - mu[:, None]) * rstd[:, None]
+    return (a * z_hat + c - c1[:, None] - z_hat * c2[:, None]) * rstd[:, None]
+
+
+@triton.jit
 def _residual_ln(x, z, gamma, beta, D: tl.constexpr, eps):
     """The layer's output x + LN(z) per row, in z's dtype. x, z: [n, D]; gamma, beta: [D]."""
     z_hat, _ = _normalize(z, D, eps)
@@ -185,6 +209,7 @@ def ttt_linear_prefill_kernel(
     SAVE_STATES: tl.constexpr,
     WRITE_Z: tl.constexpr,
     ACC: tl.constexpr,
+    LN_ONE_ROUND: tl.constexpr = False,
 ):
     """TTT-Linear over a whole sequence for one (batch, head): program id = batch * H + head.
 
@@ -201,6 +226,8 @@ def ttt_linear_prefill_kernel(
     ttt_linear_output_kernel, parallel over mini-batches, so that only the state update stays in
     this sequential loop.
     ACC: the dtype of the state and arithmetic (float32; float64 for float64 inputs).
+    LN_ONE_ROUND: the inner gradient through _ln_l2_grad_one_round (an experiment of the
+    benchmark's step section) instead of _ln_l2_grad.
     """
     pid = tl.program_id(0)
     bi = pid // H
@@ -236,7 +263,10 @@ def ttt_linear_prefill_kernel(
 
         # the inner model's gradient at every token, all taken at the mini-batch's start state
         z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
-        grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
+        if LN_ONE_ROUND:
+            grad = _ln_l2_grad_one_round(z1, xv - xk.to(ACC), gamma, beta, D, eps)
+        else:
+            grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
 
         if WRITE_Z:
             # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
