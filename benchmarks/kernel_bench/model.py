@@ -229,12 +229,15 @@ def decode_floor(ttt, llama, B: int, context: int, steps: int, copy_gbps: float)
 
 def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) -> dict:
     """Where one eager decode step's device time goes: kernels launched per step, the sum of their
-    device times, the largest kernels by total time (the CUDA-graph step runs the same kernels)."""
+    device times, the largest kernels by total time (the CUDA-graph step runs the same kernels),
+    and the operators that launch the most device time, with their input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     cache, token = _read_prompt(model, prompt)
+    for _ in range(steps):  # every position once before profiling (a compiled model compiles here)
+        cache, token = _greedy_step(model, token, cache)
     run.sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             cache, token = _greedy_step(model, token, cache)
         run.sync()
@@ -243,12 +246,24 @@ def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) ->
     for e in kernels:
         total[e.name[:80]] += e.device_time
     device_us = sum(total.values())
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    ops.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return {
         "steps": steps,
         "kernels_per_step": len(kernels) / steps,
         "kernel_us_per_step": device_us / steps,
         "top_kernels": [
             {"name": name, "us_per_step": us / steps, "share": us / device_us} for name, us in total.most_common(8)
+        ],
+        "top_ops": [
+            {
+                "op": e.key[:80],
+                "input_shapes": str(e.input_shapes)[:160],
+                "calls_per_step": e.count / steps,
+                "us_per_step": e.self_device_time_total / steps,
+                "share": e.self_device_time_total / device_us,
+            }
+            for e in ops[:12]
         ],
     }
 
@@ -258,7 +273,10 @@ def _models(run: Runner, scale: Scale) -> dict:
     ttt, llama = build_models(scale)
     models = {"ttt": ttt, "llama": llama, "llama_compiled": None, "ttt_compiled": None}
     if run.cuda:
-        torch._dynamo.config.cache_size_limit = 64  # one compiled graph per shape (and decode position)
+        # one compiled graph per block, shape and decode position: 12 x 16 in decode alone, which the
+        # default limits (8 per function, 256 in all) would cut short, running the rest uncompiled
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 8192
         models |= {"llama_compiled": torch.compile(llama, dynamic=False), "ttt_compiled": compiled_blocks(ttt)}
     return models
 
@@ -291,7 +309,8 @@ def model_prefill(run: Runner, scale: Scale) -> dict:
 def model_decode(run: Runner, scale: Scale, peaks: dict) -> dict:
     """Decode at the decoding batch after each context: the Llama eager and from a static cache,
     the TTT model eager, from CUDA graphs, and with its blocks compiled inside the graphs; the
-    memory floor of a step, and where an eager step's device time goes."""
+    memory floor of a step, and where an eager step's device time goes, plain and with the blocks
+    compiled (with how many graphs the compiler built in the section)."""
     models = _models(run, scale)
     ttt, llama, fused = models["ttt"], models["llama"], models["ttt_compiled"]
     result = {"note": DECODE_NOTE, "params_M": _params_M(models), "decode": []}
@@ -333,6 +352,11 @@ def model_decode(run: Runner, scale: Scale, peaks: dict) -> dict:
         prompt = torch.randint(0, vocab, (B, context), device=run.device)
         if run.cuda:
             run.attempt(result, "decode_profile", lambda: {"context": context, **profile_decode(run, ttt, prompt)})
+            fused.set_ttt_impl("kernel")
+            run.attempt(
+                result, "decode_profile_compiled", lambda: {"context": context, **profile_decode(run, fused, prompt)}
+            )
+            result["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     ttt.set_ttt_impl("auto")
     return result
 
