@@ -15,6 +15,7 @@ and the run goes on. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,6 +40,17 @@ def parse_sections(text: str | None) -> tuple[str, ...]:
     if unknown or not names:
         raise SystemExit(f"--only: unknown section(s) {unknown or text!r}; choose from {', '.join(SECTIONS)}")
     return names
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """'2048,8192' -> (2048, 8192): positive token counts."""
+    try:
+        lengths = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) < 1:
+        raise SystemExit(f"--decode-contexts: expected positive token counts separated by commas, got {text!r}")
+    return lengths
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)  # fresh inputs every run unless --seed repeats one; each section records it
     scale = dry_scale() if args.dry_run else full_scale()
+    if args.decode_contexts is not None:
+        scale = dataclasses.replace(scale, decode_contexts=parse_lengths(args.decode_contexts))
     run = Runner(scale.device)
     prov = {**(dry_provenance() if args.dry_run else provenance()), "seed": seed}
     out = args.out or results_path("kernels", prov)
@@ -89,6 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(out)  # never a half-written file
 
+    def partial(name: str):
+        """A progress callback for a long section: store what it has so far, and save."""
+        return lambda result: (results.__setitem__(name, result), save())
+
     print(f"{prov['gpu']}: writing {out}", flush=True)
     results["provenance"] = prov
     results["peaks"] = peaks = measure_peaks(run)
@@ -107,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mlp_state": lambda: mlp_state.mlp_state(run, scale),
         "step": lambda: step.step_latency(run, scale, clock_mhz),
         "model_prefill": lambda: model.model_prefill(run, scale),
-        "model_decode": lambda: model.model_decode(run, scale, peaks),
+        "model_decode": lambda: model.model_decode(run, scale, peaks, progress=partial("model_decode")),
         "mlp_model": lambda: model.mlp_model_level(run, scale),
     }
     for name in sections:

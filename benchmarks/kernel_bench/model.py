@@ -306,11 +306,12 @@ def model_prefill(run: Runner, scale: Scale) -> dict:
     return result
 
 
-def model_decode(run: Runner, scale: Scale, peaks: dict) -> dict:
+def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result: None) -> dict:
     """Decode at the decoding batch after each context: the Llama eager and from a static cache,
     the TTT model eager, from CUDA graphs, and with its blocks compiled inside the graphs; the
     memory floor of a step, and where an eager step's device time goes, plain and with the blocks
-    compiled (with how many graphs the compiler built in the section)."""
+    compiled (with how many graphs the compiler built in the section). progress(result) runs after
+    every context, so that a run cut short keeps the contexts it finished."""
     models = _models(run, scale)
     ttt, llama, fused = models["ttt"], models["llama"], models["ttt_compiled"]
     result = {"note": DECODE_NOTE, "params_M": _params_M(models), "decode": []}
@@ -345,6 +346,7 @@ def model_decode(run: Runner, scale: Scale, peaks: dict) -> dict:
                     step_ms = B / row[f"{name}_tokens_per_s"] * 1e3
                     row["floor"][f"{name}_fraction"] = row["floor"][key] / step_ms
             result["decode"].append(row)
+            progress(result)
             print(f"  model decode {row}", flush=True)
             del prompt
         ttt.set_ttt_impl("kernel")
