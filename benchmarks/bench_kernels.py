@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one, recorded)"
     )
+    parser.add_argument(
+        "--decode-contexts", default=None, help="model_decode's prompt lengths, e.g. 2048,8192 (default all)"
+    )
     args = parser.parse_args(argv)
     sections = parse_sections(args.only)
     if args.dry_run:
