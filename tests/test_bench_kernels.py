@@ -1,16 +1,19 @@
 """benchmarks/bench_kernels.py on the CPU: a dry run (tiny shapes, Triton's interpreter) runs every
-section and writes a JSON with each section's provenance; --only keeps the other sections."""
+section and writes a JSON with each section's provenance and seed; --only keeps the other
+sections. benchmarks/reproduce_inference.sh refuses bad arguments before it runs anything."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+REPRODUCE = BENCH.with_name("reproduce_inference.sh")
 
 
 def load():
@@ -34,14 +37,35 @@ def test_dry_run_runs_every_section(tmp_path):
     assert all(isinstance(row["ttt_kernel_ms"], float) and "errors" not in row for row in prefill)
     decode = results["model_decode"]["decode"][0]
     assert decode["floor"]["ttt_bytes"] > decode["floor"]["weights_bytes_ttt"] > 0
+    assert all(row["ok"] for row in results["mlp_state"]["rows"])
+    steps = results["step"]["kernel"]  # every variant, the one-round LN-L2 gradient included, against float64
+    assert any(r["ln_one_round"] for r in steps) and all(r["rel_err_Z_float32_B1_H4_T1000"] < 1e-5 for r in steps)
+    seeds = {prov["seed"] for prov in results["section_provenance"].values()}
+    assert len(seeds) == 1 and results["provenance"]["seed"] in seeds
     kept = results["op"]
-    again = bench.main(["--dry-run", "--only", "decode", "--out", str(out)])
-    assert again["op"] == kept and "decode" in again
+    again = bench.main(["--dry-run", "--only", "decode", "--out", str(out), "--seed", "7"])
+    assert again["op"] == kept and "decode" in again and again["section_provenance"]["decode"]["seed"] == 7
 
 
 def test_only_names_the_sections():
     with pytest.raises(SystemExit, match="unknown section"):
         load().main(["--dry-run", "--only", "model"])
+    with pytest.raises(SystemExit, match="--decode-contexts"):
+        load().main(["--dry-run", "--only", "model_decode", "--decode-contexts", "2k"])
+    assert load().parse_lengths("16,2048") == (16, 2048)
+
+
+def test_reproduce_refuses_bad_arguments_before_any_work(tmp_path):
+    def run(*args):
+        return subprocess.run(["bash", str(REPRODUCE), *map(str, args)], capture_output=True, text=True)
+
+    assert run().returncode == 2 and "usage" in run().stderr
+    no_corpus = run(tmp_path, tmp_path / "model")
+    assert no_corpus.returncode == 2 and "CORPUS must be a corpus folder" in no_corpus.stderr
+    (tmp_path / "manifest.json").write_text("{}")
+    existing = run(tmp_path, tmp_path)
+    assert existing.returncode == 2 and "exists" in existing.stderr
+    assert not (tmp_path / "model").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
 
 
 def test_benchmark_formulas():
