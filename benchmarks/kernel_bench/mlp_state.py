@@ -103,26 +103,41 @@ def onchip_prefill_kernel(
     tl.store(B2 + pid * D + cols, b2)
 
 
-def onchip_prefill(args: dict, num_warps: int, mini_batch_size: int = 16) -> tuple[torch.Tensor, ...]:
-    """Z [B, H, T, D] and the final W1, b1, W2, b2 (float32) of `args` (mlp_inputs) through
-    onchip_prefill_kernel, with the library's dot precisions; returns the kernel's compiled form too."""
+def onchip_prefill(args: dict, num_warps: int, mini_batch_size: int = 16) -> tuple[tuple[torch.Tensor, ...], object]:
+    """(Z [B, H, T, D] and the final W1, b1, W2, b2 in float32, the compiled kernel) for `args`
+    (mlp_inputs) through onchip_prefill_kernel, with the library's dot precisions."""
     from ttt_helpers import ops
     from ttt_helpers.kernels.common import mini_batch_block, precisions
 
     XQ = args["XQ"]
     B, H, T, D = XQ.shape
-    F = args["W1"].shape[-1]
     if not all(args[k].is_contiguous() for k in ("XQ", "XK", "XV", "eta")):
         raise ValueError("onchip_prefill: XQ, XK, XV and eta must be contiguous")
     state = [args[k].float().contiguous().clone() for k in STATE]
     Z = torch.empty_like(XQ)
-    token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
+    qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     compiled = onchip_prefill_kernel[(B * H,)](
-        XQ, args["XK"], args["XV"], args["eta"], *state, args["ln_weight"].contiguous(), args["ln_bias"].contiguous(),
-        token_idx, Z, T, H, 1e-6, D=D, F=F, MB=mini_batch_size, BLOCK_MB=mini_batch_block(mini_batch_size),
-        QK_PRECISION=precisions(XQ.dtype)[0], W_PRECISION=precisions(XQ.dtype)[1],
-        GRAD_PRECISION=precisions(XQ.dtype)[2], num_warps=num_warps,
-    )  # fmt: skip
+        XQ,
+        args["XK"],
+        args["XV"],
+        args["eta"],
+        *state,
+        args["ln_weight"].contiguous(),
+        args["ln_bias"].contiguous(),
+        ops.default_token_idx(mini_batch_size, device=XQ.device),
+        Z,
+        T,
+        H,
+        1e-6,
+        D=D,
+        F=args["W1"].shape[-1],
+        MB=mini_batch_size,
+        BLOCK_MB=mini_batch_block(mini_batch_size),
+        QK_PRECISION=qk_precision,
+        W_PRECISION=w_precision,
+        GRAD_PRECISION=grad_precision,
+        num_warps=num_warps,
+    )
     return (Z, *state), compiled
 
 

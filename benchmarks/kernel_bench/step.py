@@ -121,6 +121,7 @@ def step_latency(run: Runner, scale: Scale, clock_mhz: float | None) -> dict:
     """Both halves: the real kernel's step, and the chained operations' latencies."""
     result = {
         "note": "us_per_step: prefill time at batch 1 over T / b steps (H heads run in parallel, one chain each); "
+        "ln_one_round: the fused kernel with the LN-L2 gradient's sums in one round (LN_ONE_ROUND); "
         "chains: ns per repetition of one operation, each reading the last one's result, one program; "
         "cycles at the GPU's maximum SM clock (sm_clock_mhz)",
         "sm_clock_mhz": clock_mhz,
