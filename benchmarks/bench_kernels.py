@@ -106,9 +106,14 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(out)  # never a half-written file
 
-    def partial(name: str):
+    def keep(name: str):
         """A progress callback for a long section: store what it has so far, and save."""
-        return lambda result: (results.__setitem__(name, result), save())
+
+        def store(result: dict) -> None:
+            results[name] = result
+            save()
+
+        return store
 
     print(f"{prov['gpu']}: writing {out}", flush=True)
     results["provenance"] = prov
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mlp_state": lambda: mlp_state.mlp_state(run, scale),
         "step": lambda: step.step_latency(run, scale, clock_mhz),
         "model_prefill": lambda: model.model_prefill(run, scale),
-        "model_decode": lambda: model.model_decode(run, scale, peaks, progress=partial("model_decode")),
+        "model_decode": lambda: model.model_decode(run, scale, peaks, progress=keep("model_decode")),
         "mlp_model": lambda: model.mlp_model_level(run, scale),
     }
     for name in sections:

@@ -11,15 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ttt_helpers.kernels.triton_ttt_linear import _dot, _ln_l2_grad, _residual_ln, _sum
+from ttt_helpers.kernels.triton_ttt_linear import _chunk_rows, _dot, _ln_l2_grad, _load_rows, _residual_ln, _sum
 from ttt_helpers.kernels.triton_ttt_mlp import _gelu, _gelu_grad
 
-from .inputs import Scale, mlp_inputs, to64
+from .inputs import MLP_PARAMS, Scale, mlp_inputs, to64
 from .launch import with_launch
 from .op import TOLERANCES
 from .timing import Runner, rel_err
-
-STATE = ("W1", "b1", "W2", "b2")
 
 
 @triton.jit
@@ -69,14 +67,11 @@ def onchip_prefill_kernel(
     token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(tl.float32)
     causal = rows[None, :] <= rows[:, None]
     x_base = pid.to(tl.int64) * T * D
-    for start in range(0, T, MB):
-        n = tl.minimum(T - start, MB)
-        valid = rows < n
-        t = (start + rows).to(tl.int64)
-        offs = x_base + t[:, None] * D + cols[None, :]
-        xq = tl.load(XQ + offs, mask=valid[:, None], other=0.0)
-        xk = tl.load(XK + offs, mask=valid[:, None], other=0.0)
-        xv = tl.load(XV + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+    for c in range(0, tl.cdiv(T, MB)):
+        t, valid, n = _chunk_rows(T, c, MB, rows)
+        xq = _load_rows(XQ, x_base, t, D, cols, valid)
+        xk = _load_rows(XK, x_base, t, D, cols, valid)
+        xv = _load_rows(XV, x_base, t, D, cols, valid).to(tl.float32)
         eta = tl.load(ETA + pid.to(tl.int64) * T + t, mask=valid, other=0.0).to(tl.float32)
         e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
         e_last = tl.load(TOKEN_IDX + n - 1).to(tl.float32) * eta
@@ -96,7 +91,7 @@ def onchip_prefill_kernel(
         w2 -= _dot(tl.trans(x2k), weighted2, GRAD_PRECISION)
         b2 -= _sum(weighted2, axis=0)
         out = _residual_ln(xq, z2q, gamma, beta, D, eps)
-        tl.store(Z + offs, out.to(Z.dtype.element_ty), mask=valid[:, None])
+        tl.store(Z + x_base + t[:, None] * D + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
     tl.store(w1_ptrs, w1)
     tl.store(B1 + pid * F + fcols, b1)
     tl.store(w2_ptrs, w2)
@@ -113,7 +108,7 @@ def onchip_prefill(args: dict, num_warps: int, mini_batch_size: int = 16) -> tup
     B, H, T, D = XQ.shape
     if not all(args[k].is_contiguous() for k in ("XQ", "XK", "XV", "eta")):
         raise ValueError("onchip_prefill: XQ, XK, XV and eta must be contiguous")
-    state = [args[k].float().contiguous().clone() for k in STATE]
+    state = [args[k].float().contiguous().clone() for k in MLP_PARAMS]
     Z = torch.empty_like(XQ)
     qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     compiled = onchip_prefill_kernel[(B * H,)](

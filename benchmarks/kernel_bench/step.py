@@ -89,7 +89,7 @@ def kernel_steps(run: Runner, scale: Scale) -> list[dict]:
     for schedule, nw, one_round in variants:
         row = {"schedule": schedule, "num_warps": nw, "ln_one_round": one_round}
         overrides = ({"num_warps": nw} if nw else {}) | ({"LN_ONE_ROUND": True} if one_round else {})
-        undo = with_launch(module, "ttt_linear_prefill_kernel", **overrides) if overrides else (lambda: None)
+        undo = with_launch(module, "ttt_linear_prefill_kernel", **overrides)
         try:
             for T, args in inputs.items():
                 ms = run.attempt(
