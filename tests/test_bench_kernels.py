@@ -37,6 +37,7 @@ def test_dry_run_runs_every_section(tmp_path):
     assert all(isinstance(row["ttt_kernel_ms"], float) and "errors" not in row for row in prefill)
     decode = results["model_decode"]["decode"][0]
     assert decode["floor"]["ttt_bytes"] > decode["floor"]["weights_bytes_ttt"] > 0
+    assert decode["ttt_kernel_padded_tokens_per_s"] > 0  # a left-padded batch, each row at its own position
     assert all(row["ok"] for row in results["mlp_state"]["rows"])
     steps = results["step"]["kernel"]  # every variant, the one-round LN-L2 gradient included, against float64
     assert any(r["ln_one_round"] for r in steps) and all(r["rel_err_Z_float32_B1_H4_T1000"] < 1e-5 for r in steps)
@@ -53,6 +54,16 @@ def test_only_names_the_sections():
     with pytest.raises(SystemExit, match="--decode-contexts"):
         load().main(["--dry-run", "--only", "model_decode", "--decode-contexts", "2k"])
     assert load().parse_lengths("16,2048") == (16, 2048)
+
+
+def test_staggered_padding_puts_the_rows_at_every_position():
+    load()  # puts benchmarks/ on the path
+    from kernel_bench.model import staggered_padding
+
+    mask = staggered_padding(torch.zeros(20, 18, dtype=torch.long), 16)
+    assert (mask == 0).sum(1).tolist() == [i % 16 for i in range(20)] and mask[:, -1].all()
+    with pytest.raises(ValueError, match="at least 16 tokens"):
+        staggered_padding(torch.zeros(2, 8, dtype=torch.long), 16)
 
 
 def test_reproduce_refuses_bad_arguments_before_any_work(tmp_path):

@@ -147,10 +147,10 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "mamba")])
 def test_left_padded_generate_gives_each_row_its_own_continuation(layer_type, backbone, rng):
-    """Prompts of 37, 5, 21 and 16 tokens (their mini-batch positions all differ) in one left-padded
+    """Prompts of 37, 6, 23 and 16 tokens (their mini-batch positions all differ) in one left-padded
     batch: 25 greedy tokens per row identical to the row alone, every step's logits within 1e-5."""
     model = tiny_model(rng, ttt_layer_type=layer_type, backbone=backbone, eos_token_id=None)
-    rows = [torch.randint(1, 97, (1, n), generator=rng) for n in (37, 5, 21, 16)]
+    rows = [torch.randint(1, 97, (1, n), generator=rng) for n in (37, 6, 23, 16)]
     ids, mask = left_padded(rows)
     kw = dict(max_new_tokens=25, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     batch = model.generate(ids, attention_mask=mask, **kw)
@@ -183,6 +183,35 @@ def test_left_padded_forward_and_cache_match_the_rows_alone(rng):
         assert (no_cache - out.logits).abs().max().item() < 1e-5
 
 
+def test_left_padded_decode_runs_every_row_in_one_call_at_its_own_position(rng):
+    """After a left-padded prompt, each decoded token runs the model once for all rows (no groups),
+    each row at its own position in its mini-batch, kept on the device in `cache.positions`;
+    a longer continuation (in groups) keeps those positions right; every logit as the row alone."""
+    model = tiny_model(rng, backbone="mamba", eos_token_id=None)
+    b = model.config.mini_batch_size
+    rows = [torch.randint(1, 97, (1, n), generator=rng) for n in (37, 6, 23, 16)]
+    ids, mask = left_padded(rows)
+    calls = []
+    hook = model.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        cache = output_cache(model(ids, attention_mask=mask, use_cache=True))
+        alone = [output_cache(model(r, use_cache=True)) for r in rows]
+        del calls[:]
+        for t in range(40):
+            nxt = torch.randint(1, 97, (4, 3 if t == 20 else 1), generator=rng)  # one longer call at t = 20
+            full = torch.ones(4, cache.seen_tokens + nxt.shape[1], dtype=torch.long)
+            full[:, : ids.shape[1]] = mask
+            got = model(nxt, attention_mask=full, cache=cache).logits
+            if nxt.shape[1] == 1:
+                assert calls[-1] == 4, "a decoded token runs every row in one call"
+            assert cache.positions.tolist() == cache.row_positions(b)
+            for i, c in enumerate(alone):
+                want = model(nxt[i : i + 1], cache=c).logits
+                assert (got[i] - want[0]).abs().max().item() < 1e-5, f"step {t}, row {i}"
+    hook.remove()
+    assert len(set(cache.row_positions(b))) == 4  # the rows really sit at four different positions
+
+
 def test_padding_other_than_a_prompts_left_padding_is_refused(rng):
     model = tiny_model(rng)
     ids = torch.randint(1, 97, (2, 5), generator=rng)
@@ -209,10 +238,6 @@ def test_padding_other_than_a_prompts_left_padding_is_refused(rng):
         ragged = output_cache(model(ids, attention_mask=left, use_cache=True))
         with pytest.raises(ValueError, match="no padding"):
             model(ids[:, :1], attention_mask=torch.ones(2, 6, dtype=torch.long), cache=ragged)
-    from ttt_helpers.kernels import CUDAGraphDecoder
-
-    with pytest.raises(ValueError, match="left-padded"):
-        CUDAGraphDecoder(model, ragged)
 
 
 @pytest.mark.parametrize(

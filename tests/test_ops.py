@@ -257,6 +257,56 @@ def test_continue_from_any_split_equals_one_call(kind, rng):
         assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_position_per_row_gives_each_row_what_it_gets_alone(kind, rng):
+    """Rows that have read 5, 3, 7 and 0 tokens of their 8-token mini-batches decode one token
+    together, each at its own position (row 2's token commits its state): z, the state and the
+    new position of every row as the row alone through `ttt_continue`."""
+    b, read = 8, [5, 3, 7, 0]
+    args = make_inputs(kind, B=4, T=8, gen=rng)
+    params = tuple(args[n] for n in STATE_NAMES[kind])
+    common = (args["ln_weight"], args["ln_bias"])
+    per_row, tokens = [], []
+    for i, n in enumerate(read):  # each row alone: its first n tokens, then token n
+        row = {k: args[k][i : i + 1] for k in ("XQ", "XK", "XV", "eta")}
+        state = tuple(p[i : i + 1] for p in params) + tuple(torch.zeros_like(p[i : i + 1]) for p in params)
+        if n:
+            _, state, _ = ops.ttt_continue(kind, *(v[:, :, :n] for v in row.values()), state, 0, *common, b)
+        tokens.append([v[:, :, n : n + 1] for v in row.values()])
+        per_row.append((state, ops.ttt_continue(kind, *tokens[-1], state, n, *common, b)))
+    before = tuple(torch.cat([s[k] for s, _ in per_row]) for k in range(2 * len(params)))
+    batch = [torch.cat([t[k] for t in tokens]) for k in range(4)]
+    position = torch.tensor(read)
+    z, state, after = ops.ttt_continue(kind, *batch, before, position, *common, b)
+    assert after.tolist() == [(n + 1) % b for n in read]
+    for i, (_, (z_i, state_i, position_i)) in enumerate(per_row):
+        assert position_i == after[i]
+        assert rel_err(z[i : i + 1], z_i) < 1e-12, f"row {i}"
+        for got, want in zip(state, state_i):
+            assert (got[i : i + 1] - want).abs().max().item() < 1e-12, f"row {i}"
+    grads = state[len(params) :]
+    assert all(g[2].abs().max() == 0 for g in grads) and all(g[0].abs().max() > 0 for g in grads)
+
+
+def test_positions_per_row_bad_input():
+    args = make_inputs("linear", B=2, T=1)
+    state = (args["W0"], args["b0"], torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))
+    common = (args["XQ"], args["XK"], args["XV"], args["eta"], state)
+    lnw, lnb = args["ln_weight"], args["ln_bias"]
+    with pytest.raises(ValueError, match=r"position must be an int or an int32 or int64 tensor \[2\]"):
+        ops.ttt_continue("linear", *common, torch.tensor([1, 2, 3]), lnw, lnb, mini_batch_size=4)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        ops.ttt_continue("linear", *common, torch.tensor([1.0, 2.0]), lnw, lnb, mini_batch_size=4)
+    with pytest.raises(ValueError, match=r"positions in \[0, 4\), got \[1, 4\]"):
+        ops.ttt_continue("linear", *common, torch.tensor([1, 4]), lnw, lnb, mini_batch_size=4)
+    two = make_inputs("linear", B=2, T=2)
+    with pytest.raises(TypeError, match="position must be an int here"):
+        ops.ttt_continue("linear", two["XQ"], two["XK"], two["XV"], two["eta"], state, torch.tensor([0, 1]), lnw, lnb)
+    with pytest.raises(ValueError, match="kind"):
+        ops.decode_step("conv", args["XQ"], args["XK"], args["XV"], args["eta"][:, :, 0], state, 0, lnw, lnb,
+                        ops.default_token_idx(4))  # fmt: skip
+
+
 def test_continue_bad_input():
     args = make_inputs("linear", T=4)
     state = (args["W0"], args["b0"], torch.zeros_like(args["W0"]), torch.zeros_like(args["b0"]))

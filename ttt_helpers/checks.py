@@ -99,6 +99,26 @@ def one_of(name: str, value: Any, choices: tuple) -> Any:
     return value
 
 
+def position(
+    name: str, value: Any, mini_batch_size: int, rows: int | None = None, *, values: bool = True
+) -> int | Tensor:
+    """A token's index in its mini-batch: an int in [0, mini_batch_size) or, where `rows` is
+    given, one index per row, an int32 or int64 tensor [rows]. values=False checks a tensor's
+    dtype and shape only, without reading it back from the device. -> value"""
+    if not isinstance(value, Tensor):
+        return integer(name, value, 0, mini_batch_size - 1)
+    if rows is None:
+        raise TypeError(f"{name} must be an int here (a position per row needs one token per row), got {_show(value)}")
+    if value.dtype not in (torch.int32, torch.int64) or tuple(value.shape) != (rows,):
+        raise ValueError(
+            f"{name} must be an int or an int32 or int64 tensor [{rows}] (one per row), got {_show(value)}"
+        )
+    capturing = value.is_cuda and torch.cuda.is_current_stream_capturing()  # nothing can be read back then
+    if values and not capturing and bool(((value < 0) | (value >= mini_batch_size)).any()):
+        raise ValueError(f"{name} must hold positions in [0, {mini_batch_size}), got {value.tolist()}")
+    return value
+
+
 def tensor(name: str, value: Any, dims: int | None = None) -> Tensor:
     """A torch.Tensor, with `dims` dimensions when given. -> value"""
     if not isinstance(value, Tensor):

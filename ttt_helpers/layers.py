@@ -154,10 +154,11 @@ class TTTLayer(nn.Module):
         return self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim
 
     def _inputs(
-        self, x: Tensor, position: int = 0, conv_state: Tensor | None = None
+        self, x: Tensor, position: int | Tensor = 0, conv_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """XQ, XK, XV: [B, H, T, D], eta: [B, H, T] and the new convolution state (share_qk; else
-        None) for x: [B, T, C] whose first token sits at `position` in its mini-batch."""
+        None) for x: [B, T, C] whose first token sits at `position` in its mini-batch (an int, or
+        for one token a tensor [B], each row at its own position)."""
         checks.tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
@@ -172,7 +173,12 @@ class TTTLayer(nn.Module):
             XQ, XK = self._heads(XQ), self._heads(XK)
         else:
             XQ, XK = self._heads(q), self._heads(self.k_proj(x))
-        if self.rope_theta is not None:
+        if self.rope_theta is not None and isinstance(position, Tensor):  # one token, a position per row
+            cos, sin = (
+                t.view(x.shape[0], 1, 1, -1) for t in rope_tables(position, self.head_dim, self.rope_theta, XQ.dtype)
+            )
+            XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
+        elif self.rope_theta is not None:
             positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
             XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
@@ -241,11 +247,14 @@ class TTTLayer(nn.Module):
             state += (w.new_zeros(batch_size, self.conv_q.kernel_size[0] - 1, self.hidden_size),)
         return state
 
-    def forward_stream(self, x: Tensor, state: State, position: int) -> tuple[Tensor, State, int]:
+    def forward_stream(self, x: Tensor, state: State, position: int | Tensor) -> tuple[Tensor, State, int | Tensor]:
         """Continue from any token, also inside a mini-batch (prefill, then decode one token at a time).
 
         x: [B, T, C]; state = (*params, *grads[, conv]) from `initial_stream_state` or a previous
-        call; position: tokens already read in the current mini-batch. Returns y, the state, the position.
+        call; position: tokens already read in the current mini-batch, an int or, for one token
+        (T = 1), an int tensor [B] on x's device with each row's own count (rows whose prompts had
+        different lengths; its values are not read back, so a CUDA graph can capture the step).
+        Returns y, the state, the position (a new tensor for a tensor).
         """
         conv_state = None
         if self.share_qk:
@@ -256,9 +265,12 @@ class TTTLayer(nn.Module):
         y, state, position = self._stream(x, state, position, conv_state)
         return y, state, position
 
-    def _stream(self, x: Tensor, state: State, position: int, conv_state: Tensor | None) -> tuple[Tensor, State, int]:
+    def _stream(
+        self, x: Tensor, state: State, position: int | Tensor, conv_state: Tensor | None
+    ) -> tuple[Tensor, State, int | Tensor]:
         """forward_stream on the TTT state alone; the new convolution state, if any, ends the returned state."""
-        checks.integer("position", position, 0, self.mini_batch_size - 1)
+        rows = x.shape[0] if isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 1 else None
+        checks.position("position", position, self.mini_batch_size, rows, values=False)
         XQ, XK, XV, eta, conv_state = self._inputs(x, position, conv_state)
         tail = () if conv_state is None else (conv_state,)
         token_idx, dual = self.token_idx(), None
@@ -269,7 +281,7 @@ class TTTLayer(nn.Module):
                 dual = train  # whole mini-batches through the training kernels; ragged edges by reference
             elif XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
                 # the only path that skips ttt_continue, which checks the others; the kernel checks nothing
-                ops.check_stream(*stream, self.mini_batch_size, token_idx, self.eps)
+                ops.check_stream(*stream, self.mini_batch_size, token_idx, self.eps, values=False)
                 state = tuple(t.contiguous() for t in state)
                 z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
                 return self._output(z, x), state + tail, (position + 1) % self.mini_batch_size

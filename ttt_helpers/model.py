@@ -172,13 +172,17 @@ class TTTCache:
     projections [B, k-1, C] that conv_q and conv_k read; conv_states[i]: the last conv_kernel - 1
     inputs of layer i's pre_conv [B, k-1, C] (None without pre_conv); seen_tokens: tokens read so
     far, padding included; starts: for a left-padded batch, how many of them were padding in each
-    row (row i has read seen_tokens - starts[i] tokens). Its size does not depend on seen_tokens.
+    row (row i has read seen_tokens - starts[i] tokens); positions: None, or each row's position in
+    its mini-batch as an int32 tensor [B] on the model's device, kept in step with seen_tokens by
+    the model, so that a one-token step reads it there and not from the host (the CUDA-graph
+    decoder keeps one; a left-padded batch decodes through it). Its size does not depend on seen_tokens.
     """
 
     states: list[tuple[Tensor, ...]]
     conv_states: list[Tensor | None]
     seen_tokens: int = 0
     starts: list[int] | None = None  # left padding per row of a ragged batch (None: no padding)
+    positions: Tensor | None = None
     # What generate() asks of a cache it is given: not a static KV cache to compile (the CUDA-graph
     # decoder of `kernels` captures decoding instead), every layer a recurrent state, its length.
     is_compileable: ClassVar[bool] = False
@@ -190,6 +194,21 @@ class TTTCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    def row_positions(self, mini_batch_size: int) -> list[int]:
+        """Each row's position in its mini-batch, from seen_tokens and starts (no device read)."""
+        starts = self.starts or [0] * self.states[0][0].shape[0]
+        return [(self.seen_tokens - s) % mini_batch_size for s in starts]
+
+    def keep_positions(self, mini_batch_size: int) -> Tensor:
+        """`positions`, made from `row_positions` if the cache has none yet, else refreshed in
+        place (so a CUDA graph that reads it stays valid)."""
+        values = torch.tensor(self.row_positions(mini_batch_size), dtype=torch.int32)
+        if self.positions is None:
+            self.positions = values.to(self.states[0][0].device)
+        else:
+            self.positions.copy_(values)
+        return self.positions
+
     def detach(self) -> TTTCache:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
         return TTTCache(
@@ -197,6 +216,7 @@ class TTTCache:
             [None if c is None else c.detach() for c in self.conv_states],
             self.seen_tokens,
             self.starts,
+            self.positions,
         )
 
     def rows(self, index: Tensor, seen_tokens: int) -> TTTCache:
@@ -313,7 +333,8 @@ class TTTBlock(nn.Module):
         if cache is None:
             y, _ = self.ttt(h)
         else:
-            position = cache.seen_tokens % self.ttt.mini_batch_size
+            one_token_per_row = cache.positions is not None and x.shape[1] == 1
+            position = cache.positions if one_token_per_row else cache.seen_tokens % self.ttt.mini_batch_size
             y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position)
         x = x + y
         return x + self.mlp(self.ffn_norm(x))
@@ -385,6 +406,10 @@ class TTTModel(TTTPreTrainedModel):
             x = block(x, cache, i)
         if cache is not None:
             cache.seen_tokens += x.shape[1]
+            if cache.positions is not None and x.shape[1] == 1:  # on the device: no host sync
+                cache.positions.add_(1).remainder_(self.config.mini_batch_size)
+            elif cache.positions is not None:
+                cache.keep_positions(self.config.mini_batch_size)
         return self.norm(x)
 
 
@@ -454,7 +479,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         attention_mask: [B, T], or [B, seen + T] covering every token read so far (as generate()
         passes it). Left padding in the prompt (each row 0s, then 1s) gives each row what it would
         get alone: the prompt runs in groups of rows that share their padding, each from its first
-        token, and later calls in groups of rows at the same position in their mini-batch (at most
+        token; a decoded token per row runs in one call, each row at its own position in its
+        mini-batch; longer later calls run in groups of rows at the same position (at most
         mini_batch_size groups). The logits at padded positions are 0. Right padding, padding after
         the prompt, and labels with padding are refused.
         """
@@ -522,11 +548,17 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         return starts
 
     def _forward_ragged(self, x: Tensor, cache: TTTCache | None, starts: list[int], use_cache: bool):
-        """A left-padded batch, in groups of rows that run together exactly as each would alone:
-        the prompt by shared padding (from each row's first token), later calls by the position
-        in the mini-batch. -> (hidden states [B, T, C], 0 at padding; the cache or None)"""
+        """A left-padded batch, each row exactly as it would run alone: one decoded token per row
+        in one call, each row at its own position in its mini-batch (`TTTCache.positions`); else in
+        groups of rows that run together, the prompt by shared padding (from each row's first token),
+        later calls by the position in the mini-batch. -> (hidden states [B, T, C], 0 at padding;
+        the cache or None)"""
         B, T, _ = x.shape
         seen, b = (0 if cache is None else cache.seen_tokens), self.config.mini_batch_size
+        if seen and T == 1:
+            if cache.positions is None:
+                cache.keep_positions(b)
+            return self.model(x, cache), cache
         keep = use_cache or cache is not None  # a cache given is continued, as without padding
         groups: dict[int, list[int]] = {}
         for i, start in enumerate(starts):
@@ -550,6 +582,8 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         cache.states, cache.conv_states, cache.seen_tokens, cache.starts = (
             joined.states, joined.conv_states, joined.seen_tokens, joined.starts,
         )  # fmt: skip
+        if cache.positions is not None:
+            cache.keep_positions(b)
         return hidden, cache
 
     def prepare_inputs_for_generation(

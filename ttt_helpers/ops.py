@@ -173,18 +173,21 @@ def check_stream(
     XV: Tensor,
     eta: Tensor,
     state: State,
-    position: int,
+    position: int | Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
     mini_batch_size: int,
     token_idx: Tensor | None,
     eps: float,
+    *,
+    values: bool = True,
 ) -> Tensor:
     """The checks of `ttt_continue`, for callers that may run a kernel instead; returns token_idx.
 
     Raises a ValueError or TypeError naming the first bad argument: the inputs as in `ttt_linear`,
     a state of (*params, *grads) with each gradient sum shaped like its parameter, and a position
-    that is an int in [0, mini_batch_size).
+    that is an int in [0, mini_batch_size) or, for one token (T = 1), a tensor [B] of them
+    (values=False: its values are not read back from the device).
     """
     if kind not in _PARAMS:
         raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
@@ -206,18 +209,25 @@ def check_stream(
             raise ValueError(f"{label} must have the shape of {names[i]} {list(param.shape)}, got {_describe(grad)}")
         if grad.dtype != param.dtype or grad.device != param.device:
             raise ValueError(f"{label} must have the dtype and device of {names[i]}, got {grad.dtype} on {grad.device}")
-    checks.integer("position", position, 0, mini_batch_size - 1)
+    rows = XQ.shape[0] if XQ.shape[2] == 1 else None
+    checks.position("position", position, mini_batch_size, rows, values=values)
     return token_idx
 
 
-def _check_step(xq: Tensor, state: State, position: int, token_idx: Tensor, n_state: int) -> None:
+def _check_step(xq: Tensor, state: State, position: int | Tensor, token_idx: Tensor, n_state: int) -> None:
     """The light checks of one primal step: the state's length and the position's type and range."""
     if not isinstance(state, (tuple, list)) or len(state) != n_state:
         got = f"{len(state)} tensors" if isinstance(state, (tuple, list)) else type(state).__name__
         raise ValueError(f"state must be {n_state} tensors (*params, *grads), got {got}")
     checks.tensor("xq", xq, 4)
     checks.tensor("token_idx", token_idx, 1)
-    checks.integer("position", position, 0, token_idx.numel() - 1)
+    checks.position("position", position, token_idx.numel(), xq.shape[0])
+
+
+def _step_scale(token_idx: Tensor, position: int | Tensor) -> Tensor:
+    """token_idx at the position: a scalar, or [B, 1, 1, 1] for a position per row."""
+    scale = token_idx[position]
+    return scale if scale.dim() == 0 else scale.view(-1, 1, 1, 1)
 
 
 def _mini_batches(T: int, b: int):
@@ -277,7 +287,7 @@ def ttt_linear_step(
     xv: Tensor,
     eta: Tensor,
     state: State,
-    position: int,
+    position: int | Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
     token_idx: Tensor,
@@ -285,7 +295,8 @@ def ttt_linear_step(
 ) -> tuple[Tensor, State]:
     """One token of TTT-Linear in the primal form (what a decoder runs).
 
-    xq, xk, xv: [B, H, 1, D]; eta: [B, H]; position: this token's index in its mini-batch.
+    xq, xk, xv: [B, H, 1, D]; eta: [B, H]; position: this token's index in its mini-batch, an
+    int or a tensor [B] (each row at its own position).
     state = (W, b, grad_W, grad_b): W [B, H, D, D] and b [B, H, 1, D] as at the start of the
     mini-batch, grad_W and grad_b the eta-weighted gradients summed over its earlier tokens.
     Returns z: [B, H, 1, D] and the state with this token's gradient added; when the token
@@ -299,7 +310,7 @@ def ttt_linear_step(
     lr = eta[:, :, None, None]
     grad_W = grad_W + lr * (xk.transpose(-1, -2) @ g)
     grad_b = grad_b + lr * g
-    scale = token_idx[position]
+    scale = _step_scale(token_idx, position)
     z = xq + layer_norm(xq @ (W - scale * grad_W) + (b - scale * grad_b), gamma, beta, eps)
     return z.to(out_dtype), (W, b, grad_W, grad_b)
 
@@ -436,7 +447,7 @@ def ttt_mlp_step(
     xv: Tensor,
     eta: Tensor,
     state: State,
-    position: int,
+    position: int | Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
     token_idx: Tensor,
@@ -454,7 +465,7 @@ def ttt_mlp_step(
     gb1 = gb1 + lr * grad_z1
     gW2 = gW2 + lr * (x2.transpose(-1, -2) @ grad_z2)
     gb2 = gb2 + lr * grad_z2
-    s = token_idx[position]
+    s = _step_scale(token_idx, position)
     *_, f = _mlp_forward(xq, W1 - s * gW1, b1 - s * gb1, W2 - s * gW2, b2 - s * gb2)
     z = xq + layer_norm(f, gamma, beta, eps)
     return z.to(out_dtype), (W1, b1, W2, b2, gW1, gb1, gW2, gb2)
@@ -491,6 +502,36 @@ def ttt_mlp_primal(
 _FORMS = {"linear": (ttt_linear, ttt_linear_step), "mlp": (ttt_mlp, ttt_mlp_step)}
 
 
+def decode_step(
+    kind: str,
+    xq: Tensor,
+    xk: Tensor,
+    xv: Tensor,
+    eta: Tensor,
+    state: State,
+    position: int | Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    token_idx: Tensor,
+    eps: float = 1e-6,
+) -> tuple[Tensor, State]:
+    """One decoded token, what the decode kernels compute: the step (`ttt_linear_step` or
+    `ttt_mlp_step`, by kind), then `commit_state` for each row whose token closes its mini-batch.
+
+    position: an int, or a tensor [B] with each row's own position (rows of a batch whose prompts
+    had different lengths). Returns z: [B, H, 1, D] and the new state.
+    """
+    if kind not in _FORMS:
+        raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
+    z, state = _FORMS[kind][1](xq, xk, xv, eta, state, position, ln_weight, ln_bias, token_idx, eps)
+    closes = position == token_idx.numel() - 1
+    if not isinstance(closes, Tensor):
+        return z, commit_state(state, token_idx[-1]) if closes else state
+    committed = commit_state(state, token_idx[-1])
+    closes = closes.view(-1, 1, 1, 1)
+    return z, tuple(torch.where(closes, c, s) for c, s in zip(committed, state))
+
+
 def ttt_continue(
     kind: str,
     XQ: Tensor,
@@ -510,7 +551,8 @@ def ttt_continue(
     """Continue a sequence from any point, also inside a mini-batch (prefill, then decode).
 
     kind: "linear" or "mlp". state = (*params, *grads) as in `ttt_linear_step`; position: how many
-    tokens of the current mini-batch were already read (0 at a boundary, where grads are zero).
+    tokens of the current mini-batch were already read (0 at a boundary, where grads are zero),
+    or for one token (T = 1) a tensor [B] of each row's count (then the new position is a tensor too).
     Ragged edges run token by token, whole mini-batches in between in the dual form (`dual`,
     default `ttt_linear` or `ttt_mlp`; a kernel with the same signature can stand in); the result
     is the same as one call over the whole sequence. Returns Z: [B, H, T, D], the new state and
@@ -521,6 +563,11 @@ def ttt_continue(
     )
     if dual is not None and not callable(dual):
         raise TypeError(f"dual must be a function like ttt_linear or None, got {type(dual).__name__}")
+    if isinstance(position, Tensor):
+        z, state = decode_step(
+            kind, XQ, XK, XV, eta[:, :, 0], tuple(state), position, ln_weight, ln_bias, token_idx, eps
+        )
+        return z, state, (position + 1) % mini_batch_size
     reference_dual, step = _FORMS[kind]
     dual = reference_dual if dual is None else dual
     state = tuple(state)

@@ -28,8 +28,10 @@ DECODE_NOTE = (
     "of single-token forwards over the dynamic cache; llama_static: generate(cache_implementation="
     "'static'), which compiles the decode step (torch.compile, mode 'reduce-overhead': CUDA graphs), "
     "timed between its first and last step by CUDA events; ttt_kernel: a Python loop with "
-    "ttt_impl='kernel'; ttt_kernel_graph: CUDAGraphDecoder, every step replayed from a CUDA graph "
-    "(16 untimed steps capture them); ttt_compiled_graph: the same with the blocks compiled; "
+    "ttt_impl='kernel' (ttt_kernel_padded: after the padded prompt of ttt_kernel_graph_padded); ttt_kernel_graph: CUDAGraphDecoder, every step replayed from one CUDA graph "
+    "(captured at the first of 16 untimed steps); ttt_kernel_graph_padded: the same after a prompt "
+    "left-padded by i % mini_batch_size tokens in row i, so that the rows sit at every position of their "
+    "mini-batches (each row's position read on the device); ttt_compiled_graph: the same with the blocks compiled; "
     "ttt_reference: the PyTorch ops."
 )
 LLAMA_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -170,12 +172,23 @@ def llama_static_tokens_per_s(llama, prompt: torch.Tensor, steps: int) -> float:
     return clock.tokens_per_s(prompt.shape[0])
 
 
-def _read_prompt(model, prompt: torch.Tensor) -> tuple:
-    """Prefill `prompt` with a cache: (the cache, the greedy next token [B, 1])."""
+def _read_prompt(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
+    """Prefill `prompt` (left-padded where attention_mask says) with a cache: (the cache, the
+    greedy next token [B, 1])."""
     from ttt_helpers.compat import output_cache
 
-    out = model(prompt, use_cache=True, logits_to_keep=1)
+    out = model(prompt, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
     return output_cache(out), out.logits[:, -1:].argmax(-1)
+
+
+def staggered_padding(prompt: torch.Tensor, mini_batch_size: int) -> torch.Tensor:
+    """An attention mask that pads row i of `prompt` [B, T] on the left by i % mini_batch_size
+    tokens, so that the rows decode at every position of their mini-batches at once."""
+    B, T = prompt.shape
+    if T < mini_batch_size:
+        raise ValueError(f"prompt must hold at least {mini_batch_size} tokens per row, got {T}")
+    pad = torch.arange(B, device=prompt.device)[:, None] % mini_batch_size
+    return (torch.arange(T, device=prompt.device)[None, :] >= pad).long()
 
 
 def _greedy_step(model, token: torch.Tensor, cache) -> tuple:
@@ -186,13 +199,17 @@ def _greedy_step(model, token: torch.Tensor, cache) -> tuple:
     return output_cache(out), out.logits[:, -1:].argmax(-1)
 
 
-def decode_tokens_per_s(run: Runner, model, prompt: torch.Tensor, steps: int, graph: bool = False) -> float:
+def decode_tokens_per_s(
+    run: Runner, model, prompt: torch.Tensor, steps: int, graph: bool = False, padded: bool = False
+) -> float:
     """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
     A Python loop of single-token forwards (the Llama's over its dynamic cache); graph: a TTT model
-    through CUDAGraphDecoder, after 16 untimed steps that capture every position's graph."""
+    through CUDAGraphDecoder, after 16 untimed steps (the first captures its graph); padded: the
+    prompt left-padded by `staggered_padding` (each row at its own mini-batch position)."""
     from ttt_helpers.kernels import CUDAGraphDecoder
 
-    cache, token = _read_prompt(model, prompt)
+    mask = staggered_padding(prompt, model.config.mini_batch_size) if padded else None
+    cache, token = _read_prompt(model, prompt, mask)
     if graph:
         decoder = CUDAGraphDecoder(model, cache)
         for _ in range(16):
@@ -234,6 +251,7 @@ def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) ->
     from torch.profiler import ProfilerActivity, profile
 
     cache, token = _read_prompt(model, prompt)
+    cache.keep_positions(model.config.mini_batch_size)  # positions read on the device, as CUDAGraphDecoder runs
     for _ in range(steps):  # every position once before profiling (a compiled model compiles here)
         cache, token = _greedy_step(model, token, cache)
     run.sync()
@@ -324,10 +342,14 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
             timed = {
                 "llama_eager": lambda: decode_tokens_per_s(run, llama, prompt, steps),
                 "ttt_kernel": lambda: decode_tokens_per_s(run, ttt, prompt, steps),
+                "ttt_kernel_padded": lambda: decode_tokens_per_s(run, ttt, prompt, steps, padded=True),
             }
             if run.cuda:
                 timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
                 timed["ttt_kernel_graph"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
+                timed["ttt_kernel_graph_padded"] = lambda: decode_tokens_per_s(
+                    run, ttt, prompt, steps, graph=True, padded=True
+                )
                 timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, fused, prompt, steps, graph=True)
             if context <= 512:  # the reference's per-token work does not depend on the context
                 timed["ttt_reference"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
@@ -339,6 +361,7 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
             row["floor"] = decode_floor(ttt, llama, B, context, steps, peaks["copy_gbps"])
             for name, key in (
                 ("ttt_kernel_graph", "ttt_floor_ms"),
+                ("ttt_kernel_graph_padded", "ttt_floor_ms"),
                 ("ttt_compiled_graph", "ttt_floor_ms"),
                 ("llama_static", "llama_floor_ms"),
             ):

@@ -243,14 +243,15 @@ def prepare_decode(
     ln_bias: Tensor,
     token_idx: Tensor,
     out: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int, tuple[Tensor, int, bool]]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, tuple[Tensor, int, bool, int]]:
     """Check a decode step's arguments, each error naming the argument.
 
     state: the tensors `names`, updated in place (so contiguous); state_shapes(B, H, D): their
     expected shapes. Returns xq, xk, xv with one set of strides, the output buffer (`out` when
-    given), the mini-batch size and the position as (pointer, value, from_pointer): a device
-    tensor is read in the kernel (no host sync, so a CUDA graph can replay the step), an int is
-    passed by value.
+    given), the mini-batch size and the position as (pointer, value, from_pointer, stride): a
+    device tensor, one element for all rows (stride 0) or [B] with one per row (stride 1), is
+    read in the kernel (no host sync, so a CUDA graph can replay the step; its range is not
+    checked); an int is passed by value.
     """
     b = token_idx.shape[0] if isinstance(token_idx, Tensor) and token_idx.dim() == 1 else 0
     check_common(xq, max(b, 1), "xq")
@@ -275,14 +276,17 @@ def prepare_decode(
         if not t.is_contiguous():
             raise ValueError(f"state[{i}] ({name}) must be contiguous to be updated in place; pass {name}.contiguous()")
     if isinstance(position, Tensor):
-        if position.numel() != 1 or position.dtype not in (torch.int32, torch.int64) or position.device != xq.device:
+        one = position.numel() == 1
+        if not (one or tuple(position.shape) == (B,)) or position.dtype not in (torch.int32, torch.int64):
             raise ValueError(
-                f"position must be an int or a one-element int tensor on {xq.device}, "
-                f"got {position.dtype} {list(position.shape)} on {position.device}"
+                f"position must be an int, or an int32 or int64 tensor with one element or one per row [{B}], "
+                f"got {position.dtype} {list(position.shape)}"
             )
-        pos = (position, 0, True)
+        if position.device != xq.device or not position.is_contiguous():
+            raise ValueError(f"position must be a contiguous tensor on {xq.device}, got one on {position.device}")
+        pos = (position, 0, True, 0 if one else 1)
     elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < b:
-        pos = (token_idx, position, False)  # the pointer is unused when the value is given
+        pos = (token_idx, position, False, 0)  # the pointer is unused when the value is given
     else:
         raise ValueError(f"position must be in [0, {b}), got {position!r}")
     xq, xk, xv = same_strides(xq, xk, xv)

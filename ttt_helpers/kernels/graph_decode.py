@@ -1,13 +1,14 @@
-"""Whole-model decode steps of a `TTTForCausalLM`, replayed from CUDA graphs.
+"""Whole-model decode steps of a `TTTForCausalLM`, replayed from a CUDA graph.
 
 A decode step of the model launches a few hundred small kernels; at batch 64 on a large GPU
 launching them from Python takes longer than running them. Capturing the step once and
 replaying it removes that cost. The TTT state is updated in place by the decode kernel, so a
-captured step keeps working on the live cache. The step differs with the token's position in
-its inner mini-batch (the last position commits the state), so one graph is captured per
-position and the graph of the current position is replayed. The convolution states of the Mamba
-backbone are new tensors after each step; the captured step copies them back into the cache's
-own tensors, so a replay reads and writes the same memory.
+captured step keeps working on the live cache. Each row's position in its inner mini-batch (the
+last position commits the state) is read on the device from the cache's `positions`, and every
+replay advances it there, so one graph serves every step, and the rows of a left-padded batch,
+each at its own position, decode together. The convolution states of the Mamba backbone are new
+tensors after each step; the captured step copies them back into the cache's own tensors, so a
+replay reads and writes the same memory.
 """
 
 from __future__ import annotations
@@ -51,67 +52,66 @@ def check_graph_model(model: nn.Module) -> torch.device:
 
 
 class CUDAGraphDecoder:
-    """Decode one token per sequence at a time, from CUDA graphs. Greedy or teacher-forced:
+    """Decode one token per sequence at a time, from a CUDA graph. Greedy or teacher-forced:
     `step(tokens)` returns the logits, the caller picks the next tokens.
 
-    model: a `TTTForCausalLM` (TTT-Linear or TTT-MLP layers, either backbone), on CUDA, in eval mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
-    (`compat.output_cache(model(prompt, use_cache=True))`), updated in place by every step.
+    model: a `TTTForCausalLM` (TTT-Linear or TTT-MLP layers, either backbone), on CUDA, in eval
+    mode, with `ttt_impl` "auto" or "kernel"; cache: its `TTTCache` after a prefill
+    (`compat.output_cache(model(prompt, use_cache=True))`, left-padded prompts included),
+    updated in place by every step. The model may also be called on the cache between steps
+    (a longer continuation, say): the next step first copies what that call replaced back into
+    the tensors the graph reads.
     """
 
     def __init__(self, model: nn.Module, cache) -> None:
-        if getattr(cache, "starts", None) is not None:
-            raise ValueError(
-                "cache: a left-padded batch decodes through the model's forward (its rows run in groups that "
-                "change from step to step); CUDAGraphDecoder needs every row at the same position"
-            )
         device = check_graph_model(model)
         self.model, self.cache = model, cache
-        self.mini_batch_size = model.config.mini_batch_size
+        model.model.check_cache(cache, cache.states[0][0].shape[0])
         cache.states = [tuple(t.contiguous() for t in s) for s in cache.states]  # updated in place from now on
         cache.conv_states = [None if c is None else c.contiguous() for c in cache.conv_states]
-        batch = cache.states[0][0].shape[0]
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, Tensor] = {}
+        cache.keep_positions(model.config.mini_batch_size)  # read and advanced on the device by every replay
+        self.tokens = torch.zeros(cache.positions.shape[0], 1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.captured = self._layout()
+
+    def _layout(self) -> tuple[list[tuple[Tensor, ...]], list[Tensor | None], Tensor]:
+        """The cache's tensors as they are now: its states, convolution states and positions."""
+        cache = self.cache
+        return list(cache.states), list(cache.conv_states), cache.positions
 
     def _live(self) -> list[Tensor]:
         """Every tensor of the cache, in a fixed order."""
-        cache = self.cache
-        return [t for s in cache.states for t in s] + [c for c in cache.conv_states if c is not None]
+        states, convs, positions = self._layout()
+        return [t for s in states for t in s] + [c for c in convs if c is not None] + [positions]
+
+    def _restore(self) -> None:
+        """Point the cache back at the tensors the graph reads, copying in any that a model call replaced."""
+        captured = [t for s in self.captured[0] for t in s] + [c for c in self.captured[1] if c is not None]
+        for old, new in zip(captured + [self.captured[2]], self._live()):
+            if new is not old:
+                old.copy_(new)
+        self.cache.states, self.cache.conv_states, self.cache.positions = (
+            list(self.captured[0]), list(self.captured[1]), self.captured[2],
+        )  # fmt: skip
 
     def _forward(self) -> Tensor:
         """One step; tensors the model replaced (convolution states) are copied back into the old ones."""
-        cache = self.cache
-        states, convs = list(cache.states), list(cache.conv_states)
-        before = self._live()
-        logits = self.model(self.tokens, cache=cache, use_cache=True).logits  # [B, 1, V]
-        for old, new in zip(before, self._live()):
-            if new is not old:
-                old.copy_(new)
-        cache.states, cache.conv_states = states, convs
+        logits = self.model(self.tokens, cache=self.cache, use_cache=True).logits  # [B, 1, V]
+        self._restore()
         return logits
-
-    @torch.no_grad()
-    def _capture(self, position: int) -> None:
-        """Capture the step at `position`, leaving the cache as it was."""
-        cache, seen = self.cache, self.cache.seen_tokens
-        at_position = seen - seen % self.mini_batch_size + position
-
-        def step() -> Tensor:
-            cache.seen_tokens = at_position  # the model reads the position from it, and advances it
-            return self._forward()
-
-        self.graphs[position], self.logits[position] = capture_step(step, self._live())
-        cache.seen_tokens = seen
 
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """tokens: [B, 1] (or [B]) int64 on the model's device -> logits [B, 1, V], valid until
-        the next step at the same mini-batch position."""
-        position = self.cache.seen_tokens % self.mini_batch_size
-        if position not in self.graphs:
-            self._capture(position)
+        the next step."""
+        cache = self.cache
+        self._restore()
+        if self.graph is None:
+            seen = cache.seen_tokens
+            self.graph, self.logits = capture_step(self._forward, self._live())
+            cache.seen_tokens = seen  # the warm-up and the recording each counted a token
         self.tokens.copy_(tokens.view(-1, 1))
-        self.graphs[position].replay()
-        self.cache.seen_tokens += 1
-        return self.logits[position]
+        self.graph.replay()
+        cache.seen_tokens += 1
+        return self.logits

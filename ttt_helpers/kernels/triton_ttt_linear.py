@@ -146,10 +146,11 @@ def _ln_l2_grad_bwd(dgrad, grad, z, target, gamma, beta, D: tl.constexpr, eps):
 
 
 @triton.jit
-def _position(POS, pos_value, POS_FROM_PTR: tl.constexpr):
-    """A decode step's position in its mini-batch: read from POS[0] (a device tensor) or passed by value."""
+def _position(POS, row, pos_stride, pos_value, POS_FROM_PTR: tl.constexpr):
+    """A decode step's position in its mini-batch for batch row `row`: read from the device
+    tensor POS (POS[row] with pos_stride 1, one position for all rows with 0) or passed by value."""
     if POS_FROM_PTR:
-        return tl.load(POS)
+        return tl.load(POS + row * pos_stride)
     else:
         return pos_value
 
@@ -739,6 +740,7 @@ def ttt_linear_decode_kernel(
     Z,
     H,
     pos_value,
+    pos_stride,
     eps,
     sx_b,
     sx_h,  # strides of xq, xk, xv (last dim contiguous)
@@ -753,8 +755,9 @@ def ttt_linear_decode_kernel(
 
     XQ, XK, XV: [B, H, 1, D]; ETA: [B, H]; W, GW: [B, H, D, D] and Bv, GB: [B, H, 1, D]
     contiguous (the state: weights at the mini-batch start and eta-weighted gradient sums);
-    Z: [B, H, 1, D] contiguous. The position inside the mini-batch is read from POS[0] when
-    POS_FROM_PTR (a device tensor: no host sync, so a CUDA graph can replay it) else pos_value.
+    Z: [B, H, 1, D] contiguous. The position inside the mini-batch is read from POS when
+    POS_FROM_PTR (a device tensor: no host sync, so a CUDA graph can replay it; POS[b] for row b
+    with pos_stride 1, POS[0] for every row with 0) else pos_value.
     W is walked ROWS rows at a time so a D = 128 state need not sit in registers at once.
     """
     pid = tl.program_id(0)
@@ -764,7 +767,7 @@ def ttt_linear_decode_kernel(
     rows = tl.arange(0, ROWS)
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
     s_base = pid.to(tl.int64) * D * D
-    pos = _position(POS, pos_value, POS_FROM_PTR)
+    pos = _position(POS, bi, pos_stride, pos_value, POS_FROM_PTR)
     scale = tl.load(TOKEN_IDX + pos).to(tl.float32)
     eta = tl.load(ETA + bi * se_b + hi * se_h).to(tl.float32)
     gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)

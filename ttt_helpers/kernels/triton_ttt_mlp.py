@@ -443,6 +443,7 @@ def ttt_mlp_decode_kernel(
     Z,
     H,
     pos_value,
+    pos_stride,
     eps,
     sx_b,
     sx_h,  # strides of xq, xk, xv (last dim contiguous)
@@ -458,7 +459,7 @@ def ttt_mlp_decode_kernel(
 
     XQ, XK, XV: [B, H, 1, D]; ETA: [B, H]; the state W1, GW1: [B, H, D, F], B1, GB1: [B, H, 1, F],
     W2, GW2: [B, H, F, D], B2, GB2: [B, H, 1, D], contiguous (weights at the mini-batch start and
-    eta-weighted gradient sums); Z: [B, H, 1, D]. POS, pos_value, POS_FROM_PTR as in
+    eta-weighted gradient sums); Z: [B, H, 1, D]. POS, pos_value, pos_stride, POS_FROM_PTR as in
     ttt_linear_decode_kernel. Two passes over FB-wide chunks of F: the keys' output gradient, then
     per chunk the hidden gradient, the gradient sums, the prediction and (last position) the commit.
     """
@@ -471,7 +472,7 @@ def ttt_mlp_decode_kernel(
     w1_offs = pid.to(tl.int64) * D * F + cols[:, None] * F + fcols[None, :]  # chunk f0: + f0
     w2_offs = pid.to(tl.int64) * F * D + fcols[:, None] * D + cols[None, :]  # chunk f0: + f0 * D
     b1_offs = pid.to(tl.int64) * F + fcols
-    pos = _position(POS, pos_value, POS_FROM_PTR)
+    pos = _position(POS, bi, pos_stride, pos_value, POS_FROM_PTR)
     scale = tl.load(TOKEN_IDX + pos).to(tl.float32)
     eta = tl.load(ETA + bi * se_b + hi * se_h).to(tl.float32)
     gamma = tl.load(LN_W + hi * D + cols).to(tl.float32)

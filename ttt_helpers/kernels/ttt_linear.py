@@ -329,16 +329,17 @@ def ttt_linear_decode(
 ) -> Tensor:
     """One decoded token of TTT-Linear for a batch of sequences, updating `state` in place.
 
-    Same result as `ops.ttt_linear_step`, followed by `ops.commit_state` when the token closes
-    its mini-batch (position == mini_batch_size - 1). xq, xk, xv: [B, H, 1, D]; eta: [B, H];
+    Same result as `ops.decode_step`: `ops.ttt_linear_step`, followed by `ops.commit_state` when
+    the token closes its mini-batch (position == mini_batch_size - 1). xq, xk, xv: [B, H, 1, D]; eta: [B, H];
     state = (W, b, grad_W, grad_b): [B, H, D, D], [B, H, 1, D], [B, H, D, D], [B, H, 1, D],
-    contiguous; position: the token's index in its mini-batch, an int or a one-element integer
-    tensor on the device (read there, so the step can be replayed in a CUDA graph; its range is
-    then not checked); token_idx: [mini_batch_size]. Returns z: [B, H, 1, D] (written into `out`
-    when given).
+    contiguous; position: the token's index in its mini-batch, an int, or an integer tensor on
+    the device with one element or one per row [B] (each row at its own position, as in
+    `ops.decode_step`); a tensor is read there, so the step can be replayed in a CUDA graph, and
+    its range is not checked; token_idx: [mini_batch_size]. Returns z: [B, H, 1, D] (written into
+    `out` when given).
     """
     names = ("W", "b", "grad_W", "grad_b")
-    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr) = prepare_decode(
+    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr, pos_stride) = prepare_decode(
         xq, xk, xv, eta, state, names, lambda B, H, D: _state_shapes(B, H, D) * 2,
         position, ln_weight, ln_bias, token_idx, out,
     )  # fmt: skip
@@ -360,6 +361,7 @@ def ttt_linear_decode(
         out,
         H,
         pos_value,
+        pos_stride,
         eps,
         xq.stride(0),
         xq.stride(1),

@@ -296,14 +296,14 @@ def ttt_mlp_decode(
 ) -> Tensor:
     """One decoded token of TTT-MLP for a batch of sequences, updating `state` in place.
 
-    Same result as `ops.ttt_mlp_step`, followed by `ops.commit_state` at the mini-batch's last
-    position. xq, xk, xv: [B, H, 1, D]; eta: [B, H]; state = (W1, b1, W2, b2, grad_W1, grad_b1,
+    Same result as `ops.decode_step`: `ops.ttt_mlp_step`, followed by `ops.commit_state` at the
+    mini-batch's last position. xq, xk, xv: [B, H, 1, D]; eta: [B, H]; state = (W1, b1, W2, b2, grad_W1, grad_b1,
     grad_W2, grad_b2): [B, H, D, F], [B, H, 1, F], [B, H, F, D], [B, H, 1, D] and the same for
     the gradient sums, contiguous; position and token_idx as in `ttt_linear_decode`.
     Returns z: [B, H, 1, D] (written into `out` when given).
     """
     names = STATE_NAMES + tuple(f"grad_{n}" for n in STATE_NAMES)
-    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr) = prepare_decode(
+    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr, pos_stride) = prepare_decode(
         xq, xk, xv, eta, state, names, lambda B, H, D: _state_shapes(B, H, D, _hidden_width(state[0], D)) * 2,
         position, ln_weight, ln_bias, token_idx, out,
     )  # fmt: skip
@@ -322,6 +322,7 @@ def ttt_mlp_decode(
         out,
         H,
         pos_value,
+        pos_stride,
         eps,
         xq.stride(0),
         xq.stride(1),
