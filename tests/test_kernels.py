@@ -453,7 +453,7 @@ def test_cuda_graph_decoder_decodes_a_left_padded_batch_as_each_row_alone(layer_
                 got = decoder.step(nxt[:, t : t + 1])
             for i, cache in enumerate(alone):
                 want = model(nxt[i : i + 1, t : t + got.shape[1]], cache=cache).logits
-                assert (got[i] - want[0]).abs().max().item() < 1e-4, f"token {t}, row {i}"
+                assert (got[i] - want[0]).abs().max().item() < 1e-5, f"token {t}, row {i}"
     assert decoder.cache.positions.tolist() == [(n + 33) % 16 for n in (37, 6, 23, 16)]
 
 
