@@ -173,14 +173,13 @@ class TTTLayer(nn.Module):
             XQ, XK = self._heads(XQ), self._heads(XK)
         else:
             XQ, XK = self._heads(q), self._heads(self.k_proj(x))
-        if self.rope_theta is not None and isinstance(position, Tensor):  # one token, a position per row
-            cos, sin = (
-                t.view(x.shape[0], 1, 1, -1) for t in rope_tables(position, self.head_dim, self.rope_theta, XQ.dtype)
-            )
-            XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
-        elif self.rope_theta is not None:
-            positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
-            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
+        if self.rope_theta is not None:
+            if isinstance(position, Tensor):  # one token, each row at its own position: tables [B, 1, 1, D/2]
+                tables = rope_tables(position, self.head_dim, self.rope_theta, XQ.dtype)
+                cos, sin = (t.view(x.shape[0], 1, 1, -1) for t in tables)
+            else:
+                positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
+                cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
             XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
         return XQ, XK, self._heads(self.v_proj(x)), self.inner_lr(x), conv_state
 

@@ -3,7 +3,9 @@
 `ttt_linear` and `ttt_mlp` compute a whole sequence in the mini-batch dual form (matrix
 products, what the kernels compute). `ttt_linear_primal` and `ttt_mlp_primal` compute the
 same outputs token by token with `ttt_linear_step` / `ttt_mlp_step`, the rule a decoder
-follows. Layers, the model and the kernels all build on these functions.
+follows; `decode_step` is one decoded token as the decode kernels compute it, each row of a
+batch at its own position in its mini-batch. Layers, the model and the kernels all build on
+these functions.
 
 Shapes: B batch, H heads, T tokens, D head dim, b = mini_batch_size.
 """

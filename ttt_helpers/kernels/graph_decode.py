@@ -73,27 +73,22 @@ class CUDAGraphDecoder:
         self.tokens = torch.zeros(cache.positions.shape[0], 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
-        self.captured = self._layout()
-
-    def _layout(self) -> tuple[list[tuple[Tensor, ...]], list[Tensor | None], Tensor]:
-        """The cache's tensors as they are now: its states, convolution states and positions."""
-        cache = self.cache
-        return list(cache.states), list(cache.conv_states), cache.positions
+        self.states, self.conv_states = list(cache.states), list(cache.conv_states)  # what the graph reads
+        self.tensors = self._live()
 
     def _live(self) -> list[Tensor]:
-        """Every tensor of the cache, in a fixed order."""
-        states, convs, positions = self._layout()
-        return [t for s in states for t in s] + [c for c in convs if c is not None] + [positions]
+        """Every tensor of the cache as it is now, in a fixed order."""
+        cache = self.cache
+        convs = [c for c in cache.conv_states if c is not None]
+        return [t for s in cache.states for t in s] + convs + [cache.positions]
 
     def _restore(self) -> None:
         """Point the cache back at the tensors the graph reads, copying in any that a model call replaced."""
-        captured = [t for s in self.captured[0] for t in s] + [c for c in self.captured[1] if c is not None]
-        for old, new in zip(captured + [self.captured[2]], self._live()):
+        for old, new in zip(self.tensors, self._live()):
             if new is not old:
                 old.copy_(new)
-        self.cache.states, self.cache.conv_states, self.cache.positions = (
-            list(self.captured[0]), list(self.captured[1]), self.captured[2],
-        )  # fmt: skip
+        cache = self.cache
+        cache.states, cache.conv_states, cache.positions = list(self.states), list(self.conv_states), self.tensors[-1]
 
     def _forward(self) -> Tensor:
         """One step; tensors the model replaced (convolution states) are copied back into the old ones."""
@@ -109,7 +104,7 @@ class CUDAGraphDecoder:
         self._restore()
         if self.graph is None:
             seen = cache.seen_tokens
-            self.graph, self.logits = capture_step(self._forward, self._live())
+            self.graph, self.logits = capture_step(self._forward, self.tensors)
             cache.seen_tokens = seen  # the warm-up and the recording each counted a token
         self.tokens.copy_(tokens.view(-1, 1))
         self.graph.replay()

@@ -330,8 +330,8 @@ def ttt_linear_decode(
     """One decoded token of TTT-Linear for a batch of sequences, updating `state` in place.
 
     Same result as `ops.decode_step`: `ops.ttt_linear_step`, followed by `ops.commit_state` when
-    the token closes its mini-batch (position == mini_batch_size - 1). xq, xk, xv: [B, H, 1, D]; eta: [B, H];
-    state = (W, b, grad_W, grad_b): [B, H, D, D], [B, H, 1, D], [B, H, D, D], [B, H, 1, D],
+    the token closes its mini-batch (position == mini_batch_size - 1). xq, xk, xv: [B, H, 1, D];
+    eta: [B, H]; state = (W, b, grad_W, grad_b): [B, H, D, D], [B, H, 1, D], [B, H, D, D], [B, H, 1, D],
     contiguous; position: the token's index in its mini-batch, an int, or an integer tensor on
     the device with one element or one per row [B] (each row at its own position, as in
     `ops.decode_step`); a tensor is read there, so the step can be replayed in a CUDA graph, and

@@ -297,9 +297,9 @@ def ttt_mlp_decode(
     """One decoded token of TTT-MLP for a batch of sequences, updating `state` in place.
 
     Same result as `ops.decode_step`: `ops.ttt_mlp_step`, followed by `ops.commit_state` at the
-    mini-batch's last position. xq, xk, xv: [B, H, 1, D]; eta: [B, H]; state = (W1, b1, W2, b2, grad_W1, grad_b1,
-    grad_W2, grad_b2): [B, H, D, F], [B, H, 1, F], [B, H, F, D], [B, H, 1, D] and the same for
-    the gradient sums, contiguous; position and token_idx as in `ttt_linear_decode`.
+    mini-batch's last position. xq, xk, xv: [B, H, 1, D]; eta: [B, H]; state = (W1, b1, W2, b2,
+    grad_W1, grad_b1, grad_W2, grad_b2): [B, H, D, F], [B, H, 1, F], [B, H, F, D], [B, H, 1, D]
+    and the same for the gradient sums, contiguous; position and token_idx as in `ttt_linear_decode`.
     Returns z: [B, H, 1, D] (written into `out` when given).
     """
     names = STATE_NAMES + tuple(f"grad_{n}" for n in STATE_NAMES)
