@@ -75,6 +75,7 @@ class CUDAGraphDecoder:
         self.logits: Tensor | None = None
         self.states, self.conv_states = list(cache.states), list(cache.conv_states)  # what the graph reads
         self.tensors = self._live()
+        self.seen = cache.seen_tokens  # where the decoder left the cache: a model call since moves it
 
     def _live(self) -> list[Tensor]:
         """Every tensor of the cache as it is now, in a fixed order."""
@@ -101,7 +102,8 @@ class CUDAGraphDecoder:
         """tokens: [B, 1] (or [B]) int64 on the model's device -> logits [B, 1, V], valid until
         the next step."""
         cache = self.cache
-        self._restore()
+        if cache.seen_tokens != self.seen:  # the model read tokens of the cache outside the decoder
+            self._restore()
         if self.graph is None:
             seen = cache.seen_tokens
             self.graph, self.logits = capture_step(self._forward, self.tensors)
@@ -109,4 +111,5 @@ class CUDAGraphDecoder:
         self.tokens.copy_(tokens.view(-1, 1))
         self.graph.replay()
         cache.seen_tokens += 1
+        self.seen = cache.seen_tokens
         return self.logits
