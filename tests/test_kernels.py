@@ -457,6 +457,27 @@ def test_cuda_graph_decoder_decodes_a_left_padded_batch_as_each_row_alone(layer_
     assert decoder.cache.positions.tolist() == [(n + 33) % 16 for n in (37, 6, 23, 16)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("fuse", [True, False])
+def test_cuda_graph_decoder_reads_weights_changed_in_place(fuse, rng):
+    """Weights changed in place between steps (an optimiser step, say) reach the replayed step:
+    with fused projections through their refreshed copies, without through the model's own."""
+    from ttt_helpers.kernels import CUDAGraphDecoder
+
+    model = tiny_model("auto", "linear", "mamba")
+    ids = torch.randint(0, 64, (2, 30), generator=rng).to(DEVICE)
+    with torch.no_grad():
+        eager_cache = output_cache(model(ids[:, :17], use_cache=True))
+        decoder = CUDAGraphDecoder(model, output_cache(model(ids[:, :17], use_cache=True)), fuse=fuse)
+        for t in range(17, 30):
+            if t == 22:
+                for block in model.model.layers:
+                    for p in (block.ttt.v_proj.weight, block.ttt.lr_gate.bias, block.mlp.gate_proj.weight):
+                        p.add_(0.05 * torch.randn(p.shape, generator=rng).to(p))
+            eager = model(ids[:, t : t + 1], cache=eager_cache, use_cache=True).logits
+            assert (decoder.step(ids[:, t : t + 1]) - eager).abs().max().item() < 1e-5, f"token {t}"
+
+
 def test_cuda_graph_decoder_bad_input():
     from ttt_helpers.kernels import CUDAGraphDecoder
 
@@ -469,6 +490,9 @@ def test_cuda_graph_decoder_bad_input():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="CUDA device"):
             CUDAGraphDecoder(tiny_model("auto"), cache)
+    else:
+        with pytest.raises(TypeError, match="fuse must be True or False"):
+            CUDAGraphDecoder(tiny_model("auto"), cache, fuse=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

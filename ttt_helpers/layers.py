@@ -10,6 +10,7 @@ the result back. The state can be passed in and out to stream a sequence in piec
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, kernels, ops
@@ -131,6 +132,8 @@ class TTTLayer(nn.Module):
             nn.init.normal_(proj.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
         self.init_inner_model(num_heads, self.head_dim)
+        # (weight, bias) of input_projections() as one product, while a FusedProjections is applied
+        self.fused: tuple[Tensor, Tensor | None] | None = None
 
     def init_inner_model(self, H: int, D: int) -> None:
         """Create the learned initial state of the inner model as parameters."""
@@ -151,14 +154,34 @@ class TTTLayer(nn.Module):
 
     def inner_lr(self, x: Tensor) -> Tensor:
         """eta = base_lr * sigmoid(gate(x)) / D. x: [B, T, C] -> [B, H, T]"""
-        return self.base_lr * torch.sigmoid(self.lr_gate(x)).transpose(1, 2) / self.head_dim
+        return self._eta(self.lr_gate(x))
+
+    def _eta(self, gate: Tensor) -> Tensor:
+        """The inner learning rate from the gate's logits: [B, T, H] -> [B, H, T]"""
+        return self.base_lr * torch.sigmoid(gate).transpose(1, 2) / self.head_dim
+
+    def input_projections(self) -> tuple[nn.Linear | None, ...]:
+        """The products that read the layer's input, in order: q_proj, k_proj (None with
+        share_qk), v_proj, lr_gate, g_proj (None without use_gate)."""
+        return self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.g_proj
+
+    def _project(self, x: Tensor) -> tuple[Tensor | None, ...]:
+        """Every input product of x: [B, T, C], in the order of `input_projections` (None where a
+        projection is absent); one product of their concatenated weights while fused."""
+        projections = self.input_projections()
+        if self.fused is None:
+            return tuple(None if p is None else p(x) for p in projections)
+        widths = [p.out_features for p in projections if p is not None]
+        parts = iter(F.linear(x, *self.fused).split(widths, dim=-1))
+        return tuple(None if p is None else next(parts) for p in projections)
 
     def _inputs(
         self, x: Tensor, position: int | Tensor = 0, conv_state: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """XQ, XK, XV: [B, H, T, D], eta: [B, H, T] and the new convolution state (share_qk; else
-        None) for x: [B, T, C] whose first token sits at `position` in its mini-batch (an int, or
-        for one token a tensor [B], each row at its own position)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """XQ, XK, XV: [B, H, T, D], eta: [B, H, T], g_proj(x): [B, T, C] (None without use_gate)
+        and the new convolution state (share_qk; else None) for x: [B, T, C] whose first token
+        sits at `position` in its mini-batch (an int, or for one token a tensor [B], each row at
+        its own position)."""
         checks.tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
@@ -166,13 +189,13 @@ class TTTLayer(nn.Module):
             raise ValueError(f"x must hold at least one row and one token (B, T >= 1), got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor (hidden states, not token ids), got {x.dtype}")
-        q = self.q_proj(x)
+        q, k, v, gate, g = self._project(x)
         if self.share_qk:
             XQ, _ = self.conv_q(q, conv_state)
             XK, conv_state = self.conv_k(q, conv_state)
             XQ, XK = self._heads(XQ), self._heads(XK)
         else:
-            XQ, XK = self._heads(q), self._heads(self.k_proj(x))
+            XQ, XK = self._heads(q), self._heads(k)
         if self.rope_theta is not None:
             if isinstance(position, Tensor):  # one token, each row at its own position: tables [B, 1, 1, D/2]
                 tables = rope_tables(position, self.head_dim, self.rope_theta, XQ.dtype)
@@ -181,18 +204,19 @@ class TTTLayer(nn.Module):
                 positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
                 cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
             XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
-        return XQ, XK, self._heads(self.v_proj(x)), self.inner_lr(x), conv_state
+        return XQ, XK, self._heads(v), self._eta(gate), g, conv_state
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _output(self, Z: Tensor, x: Tensor) -> Tensor:
-        """Merge the heads of Z: [B, H, T, D], normalise, gate, project. -> [B, T, C]"""
+    def _output(self, Z: Tensor, g: Tensor | None) -> Tensor:
+        """Merge the heads of Z: [B, H, T, D], normalise, gate by gelu(g) (g = g_proj(x): [B, T, C];
+        None: no gate), project. -> [B, T, C]"""
         B, _, T, _ = Z.shape
         y = self.post_norm(Z.transpose(1, 2).reshape(B, T, self.hidden_size))
-        if self.g_proj is not None:
-            y = y * ops.gelu_tanh(self.g_proj(x))
+        if g is not None:
+            y = y * ops.gelu_tanh(g)
         return self.o_proj(y)
 
     def forward(self, x: Tensor, state: State | None = None, *, primal: bool = False) -> tuple[Tensor, State]:
@@ -207,7 +231,7 @@ class TTTLayer(nn.Module):
             raise ValueError(
                 "state: a share_qk layer continues a sequence through forward_stream (it has a conv state)"
             )
-        XQ, XK, XV, eta, _ = self._inputs(x)
+        XQ, XK, XV, eta, g, _ = self._inputs(x)
         if state is None:
             state = self.initial_state(x.shape[0])
         n = len(self.initial_params())
@@ -234,7 +258,7 @@ class TTTLayer(nn.Module):
             token_idx=self.token_idx(),
             eps=self.eps,
         )
-        return self._output(Z, x), tuple(new_state)
+        return self._output(Z, g), tuple(new_state)
 
     def initial_stream_state(self, batch_size: int) -> State:
         """The learned state plus zero gradient sums (and, with share_qk, the zero convolution
@@ -270,7 +294,7 @@ class TTTLayer(nn.Module):
         """forward_stream on the TTT state alone; the new convolution state, if any, ends the returned state."""
         rows = x.shape[0] if isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 1 else None
         checks.position("position", position, self.mini_batch_size, rows, values=False)
-        XQ, XK, XV, eta, conv_state = self._inputs(x, position, conv_state)
+        XQ, XK, XV, eta, g, conv_state = self._inputs(x, position, conv_state)
         tail = () if conv_state is None else (conv_state,)
         token_idx, dual = self.token_idx(), None
         stream = (self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias)
@@ -283,13 +307,13 @@ class TTTLayer(nn.Module):
                 ops.check_stream(*stream, self.mini_batch_size, token_idx, self.eps, values=False)
                 state = tuple(t.contiguous() for t in state)
                 z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
-                return self._output(z, x), state + tail, (position + 1) % self.mini_batch_size
+                return self._output(z, g), state + tail, (position + 1) % self.mini_batch_size
             else:
                 dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
         Z, state, position = ops.ttt_continue(
             *stream, mini_batch_size=self.mini_batch_size, token_idx=token_idx, eps=self.eps, dual=dual
         )
-        return self._output(Z, x), tuple(state) + tail, position
+        return self._output(Z, g), tuple(state) + tail, position
 
     def _kernels(self) -> tuple:
         """The Triton prefill, decode step and training op (forward and backward) of this layer's kind."""

@@ -294,9 +294,18 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.fused: tuple[Tensor, Tensor | None] | None = None  # gate and up as one product (FusedProjections)
+
+    def input_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The products that read the block's input: gate_proj, up_proj."""
+        return self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TTTBlock(nn.Module):

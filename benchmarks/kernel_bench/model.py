@@ -29,10 +29,12 @@ DECODE_NOTE = (
     "'static'), which compiles the decode step (torch.compile, mode 'reduce-overhead': CUDA graphs), "
     "timed between its first and last step by CUDA events; ttt_kernel: a Python loop with "
     "ttt_impl='kernel' (ttt_kernel_padded: after the padded prompt of ttt_kernel_graph_padded); ttt_kernel_graph: CUDAGraphDecoder, every step replayed from one CUDA graph "
-    "(captured at the first of 16 untimed steps); ttt_kernel_graph_padded: the same after a prompt "
+    "(captured at the first of 16 untimed steps), each block's products that read one input run as one "
+    "(FusedProjections); ttt_kernel_graph_padded: the same after a prompt "
     "left-padded by i % mini_batch_size tokens in row i, so that the rows sit at every position of their "
     "mini-batches (each row's position read on the device); ttt_compiled_graph: the same with the blocks compiled; "
-    "ttt_reference: the PyTorch ops."
+    "ttt_compiled_graph_unfused: that without FusedProjections (the model's products as they are); "
+    "ttt_reference: the PyTorch ops. The profiles are of fused steps, as the decoder runs them."
 )
 LLAMA_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -200,18 +202,24 @@ def _greedy_step(model, token: torch.Tensor, cache) -> tuple:
 
 
 def decode_tokens_per_s(
-    run: Runner, model, prompt: torch.Tensor, steps: int, graph: bool = False, padded: bool = False
+    run: Runner,
+    model,
+    prompt: torch.Tensor,
+    steps: int,
+    graph: bool = False,
+    padded: bool = False,
+    fuse: bool = True,
 ) -> float:
     """Greedy decode of `steps` tokens per sequence after reading `prompt`; tokens/s of the decode.
     A Python loop of single-token forwards (the Llama's over its dynamic cache); graph: a TTT model
-    through CUDAGraphDecoder, after 16 untimed steps (the first captures its graph); padded: the
-    prompt left-padded by `staggered_padding` (each row at its own mini-batch position)."""
+    through CUDAGraphDecoder (with `fuse`), after 16 untimed steps (the first captures its graph);
+    padded: the prompt left-padded by `staggered_padding` (each row at its own mini-batch position)."""
     from ttt_helpers.kernels import CUDAGraphDecoder
 
     mask = staggered_padding(prompt, model.config.mini_batch_size) if padded else None
     cache, token = _read_prompt(model, prompt, mask)
     if graph:
-        decoder = CUDAGraphDecoder(model, cache)
+        decoder = CUDAGraphDecoder(model, cache, fuse=fuse)
         for _ in range(16):
             token = decoder.step(token)[:, -1:].argmax(-1)
     gc.collect()
@@ -246,19 +254,23 @@ def decode_floor(ttt, llama, B: int, context: int, steps: int, copy_gbps: float)
 
 def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) -> dict:
     """Where one eager decode step's device time goes: kernels launched per step, the sum of their
-    device times, the largest kernels by total time (the CUDA-graph step runs the same kernels),
-    and the operators that launch the most device time, with their input shapes."""
+    device times, the largest kernels by total time (the CUDA-graph step runs the same kernels:
+    the products fused, as here), and the operators that launch the most device time, with their
+    input shapes."""
     from torch.profiler import ProfilerActivity, profile
+
+    from ttt_helpers.fused_projections import FusedProjections
 
     cache, token = _read_prompt(model, prompt)
     cache.keep_positions(model.config.mini_batch_size)  # positions read on the device, as CUDAGraphDecoder runs
-    for _ in range(steps):  # every position once before profiling (a compiled model compiles here)
-        cache, token = _greedy_step(model, token, cache)
-    run.sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for _ in range(steps):
+    with FusedProjections(model).applied():
+        for _ in range(steps):  # every position once before profiling (a compiled model compiles here)
             cache, token = _greedy_step(model, token, cache)
         run.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            for _ in range(steps):
+                cache, token = _greedy_step(model, token, cache)
+            run.sync()
     # a compiled graph's call is also recorded on the device's timeline, as "## Call CompiledFxGraph ... ##",
     # spanning the kernels it launches: a range, not a kernel, so left out of the kernels and their sum
     on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -340,7 +352,7 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
     compiled (with how many graphs the compiler built in the section). progress(result) runs after
     every context, so that a run cut short keeps the contexts it finished."""
     models = _models(run, scale)
-    ttt, llama, fused = models["ttt"], models["llama"], models["ttt_compiled"]
+    ttt, llama, compiled = models["ttt"], models["llama"], models["ttt_compiled"]
     result = {"note": DECODE_NOTE, "params_M": _params_M(models), "decode": []}
     vocab = ttt.config.vocab_size
     B, steps = scale.decode_batch, scale.decode_steps
@@ -359,11 +371,14 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
                 timed["ttt_kernel_graph_padded"] = lambda: decode_tokens_per_s(
                     run, ttt, prompt, steps, graph=True, padded=True
                 )
-                timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, fused, prompt, steps, graph=True)
+                timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, compiled, prompt, steps, graph=True)
+                timed["ttt_compiled_graph_unfused"] = lambda: decode_tokens_per_s(
+                    run, compiled, prompt, steps, graph=True, fuse=False
+                )
             if context <= 512:  # the reference's per-token work does not depend on the context
                 timed["ttt_reference"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
             for name, fn in timed.items():
-                for model in (ttt, fused):
+                for model in (ttt, compiled):
                     if model is not None:
                         model.set_ttt_impl("reference" if name == "ttt_reference" else "kernel")
                 run.median_of_3(row, name, fn)
@@ -372,6 +387,7 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
                 ("ttt_kernel_graph", "ttt_floor_ms"),
                 ("ttt_kernel_graph_padded", "ttt_floor_ms"),
                 ("ttt_compiled_graph", "ttt_floor_ms"),
+                ("ttt_compiled_graph_unfused", "ttt_floor_ms"),
                 ("llama_static", "llama_floor_ms"),
             ):
                 if isinstance(row.get(f"{name}_tokens_per_s"), float):
@@ -386,9 +402,9 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
         prompt = torch.randint(0, vocab, (B, context), device=run.device)
         if run.cuda:
             run.attempt(result, "decode_profile", lambda: {"context": context, **profile_decode(run, ttt, prompt)})
-            fused.set_ttt_impl("kernel")
+            compiled.set_ttt_impl("kernel")
             run.attempt(
-                result, "decode_profile_compiled", lambda: {"context": context, **profile_decode(run, fused, prompt)}
+                result, "decode_profile_compiled", lambda: {"context": context, **profile_decode(run, compiled, prompt)}
             )
             result["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     ttt.set_ttt_impl("auto")

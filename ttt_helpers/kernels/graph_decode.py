@@ -8,7 +8,9 @@ last position commits the state) is read on the device from the cache's `positio
 replay advances it there, so one graph serves every step, and the rows of a left-padded batch,
 each at its own position, decode together. The convolution states of the Mamba backbone are new
 tensors after each step; the captured step copies them back into the cache's own tensors, so a
-replay reads and writes the same memory.
+replay reads and writes the same memory. The graph runs each block's input projections as one
+product (`FusedProjections`), whose fused weights every step copies in again if the model's have
+changed in place.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .. import checks
+from ..fused_projections import FusedProjections
 
 
 def capture_step(step: Callable[[], Tensor], mutated: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
@@ -60,11 +65,13 @@ class CUDAGraphDecoder:
     (`compat.output_cache(model(prompt, use_cache=True))`, left-padded prompts included),
     updated in place by every step. The model may also be called on the cache between steps
     (a longer continuation, say): the next step first copies what that call replaced back into
-    the tensors the graph reads.
+    the tensors the graph reads. fuse: run each block's products that read one input as one
+    (`FusedProjections`; False: the model's products as they are).
     """
 
-    def __init__(self, model: nn.Module, cache) -> None:
+    def __init__(self, model: nn.Module, cache, fuse: bool = True) -> None:
         device = check_graph_model(model)
+        checks.boolean("fuse", fuse)
         self.model, self.cache = model, cache
         model.model.check_cache(cache, cache.states[0][0].shape[0])
         cache.states = [tuple(t.contiguous() for t in s) for s in cache.states]  # updated in place from now on
@@ -76,6 +83,7 @@ class CUDAGraphDecoder:
         self.states, self.conv_states = list(cache.states), list(cache.conv_states)  # what the graph reads
         self.tensors = self._live()
         self.seen = cache.seen_tokens  # where the decoder left the cache: a model call since moves it
+        self.fused = FusedProjections(model) if fuse else None
 
     def _live(self) -> list[Tensor]:
         """Every tensor of the cache as it is now, in a fixed order."""
@@ -106,8 +114,14 @@ class CUDAGraphDecoder:
             self._restore()
         if self.graph is None:
             seen = cache.seen_tokens
-            self.graph, self.logits = capture_step(self._forward, self.tensors)
+            if self.fused is None:
+                self.graph, self.logits = capture_step(self._forward, self.tensors)
+            else:
+                with self.fused.applied():
+                    self.graph, self.logits = capture_step(self._forward, self.tensors)
             cache.seen_tokens = seen  # the warm-up and the recording each counted a token
+        elif self.fused is not None:
+            self.fused.refresh()
         self.tokens.copy_(tokens.view(-1, 1))
         self.graph.replay()
         cache.seen_tokens += 1

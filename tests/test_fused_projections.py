@@ -1,0 +1,100 @@
+"""FusedProjections: one product per group of input projections gives the separate products' values."""
+
+import pytest
+import torch
+
+from ttt_helpers.compat import cache_kwargs, output_cache
+from ttt_helpers.fused_projections import FusedProjections
+from ttt_helpers.model import TTTConfig, TTTForCausalLM
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_model(gen, **overrides) -> TTTForCausalLM:
+    """A float64 model whose every parameter (the gate's zero bias included) is off its initial value."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = TTTForCausalLM(TTTConfig(**{**TINY, **overrides})).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def separate_calls(model: TTTForCausalLM) -> list[int]:
+    """A counter of the calls of every projection that fusing replaces (hooks stay on the model)."""
+    calls = [0]
+    for module in model.modules():
+        if hasattr(module, "input_projections"):
+            for p in module.input_projections():
+                if p is not None:
+                    p.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def prefill_and_decode(model: TTTForCausalLM, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits of a prefill of k tokens, then one token at a time to the end: [B, T, V]."""
+    out = model(ids[:, :k], use_cache=True)
+    cache, pieces = output_cache(out), [out.logits]
+    for t in range(k, ids.shape[1]):
+        pieces.append(model(ids[:, t : t + 1], **cache_kwargs(cache)).logits)
+    return torch.cat(pieces, 1)
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+def test_fused_products_give_the_separate_ones_in_float64(layer_type, backbone, rng):
+    model = tiny_model(rng, ttt_layer_type=layer_type, backbone=backbone)
+    ids = torch.randint(0, 97, (3, 37), generator=rng)
+    calls = separate_calls(model)
+    with torch.no_grad():
+        separate = prefill_and_decode(model, ids, 21)
+    # per block and call: q, k (transformer) or g (mamba), v, lr_gate; gate, up
+    assert calls[0] == (1 + 37 - 21) * 2 * 6
+    fused = FusedProjections(model)
+    with fused.applied():
+        calls[0] = 0
+        together = prefill_and_decode(model, ids, 21)
+        assert calls[0] == 0  # no separate product ran
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and all(m.fused is None for m, _ in fused.groups)
+    err = (together - separate).abs().max().item()
+    assert err < 1e-12, f"seed {rng.initial_seed()}: {err:.2e}"
+
+
+def test_refresh_follows_weights_changed_in_place(rng):
+    """An in-place change (an optimiser step, load_state_dict) reaches the fused copies, which stay
+    the same tensors (a CUDA graph that read them stays valid)."""
+    model = tiny_model(rng, backbone="mamba")
+    ids = torch.randint(0, 97, (2, 19), generator=rng)
+    fused = FusedProjections(model)
+    tensors = [t for pair in fused.fused for t in pair if t is not None]
+    block = model.model.layers[1]
+    with torch.no_grad():
+        for p in (block.ttt.q_proj.weight, block.ttt.lr_gate.bias, block.ttt.g_proj.weight, block.mlp.up_proj.weight):
+            p.add_(0.1 * torch.randn(p.shape, generator=rng, dtype=p.dtype))
+        want = model(ids).logits
+    with fused.applied():
+        got = model(ids).logits
+    assert all(a is b for a, b in zip([t for pair in fused.fused for t in pair if t is not None], tensors))
+    assert (got - want).abs().max().item() < 1e-12
+
+
+def test_applied_puts_the_separate_products_back_after_an_error(rng):
+    model = tiny_model(rng)
+    fused = FusedProjections(model)
+    with pytest.raises(ValueError, match="input_ids"), fused.applied():
+        model(torch.full((1, 4), 97))  # outside the vocabulary
+    assert all(m.fused is None for m, _ in fused.groups)
+
+
+def test_bad_input(rng):
+    with pytest.raises(ValueError, match="model must be an nn.Module"):
+        FusedProjections("model")
+    with pytest.raises(ValueError, match="no module with input projections"):
+        FusedProjections(torch.nn.Linear(2, 2))
+    model = tiny_model(rng)
+    fused = FusedProjections(model)
+    model.float()
+    with pytest.raises(ValueError, match="changed shape, dtype or device"), fused.applied():
+        pass
+    assert all(m.fused is None for m, _ in fused.groups)
