@@ -51,6 +51,7 @@ def test_fused_products_give_the_separate_ones_in_float64(layer_type, backbone, 
     # per block and call: q, k (transformer) or g (mamba), v, lr_gate; gate, up
     assert calls[0] == (1 + 37 - 21) * 2 * 6
     fused = FusedProjections(model)
+    assert [w.shape[0] for w, _ in fused.fused] == [128, 128] * 2  # 3 x 32 + 4 and 2 x 64, padded to 64s
     with fused.applied():
         calls[0] = 0
         together = prefill_and_decode(model, ids, 21)

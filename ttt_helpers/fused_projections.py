@@ -7,8 +7,9 @@ products. In every block of a `TTTForCausalLM` the TTT layer's input feeds four 
 and the normed input of the feed-forward block two (SwiGLU's gate and up projections).
 `FusedProjections` concatenates each group's weights into one matrix, so a block of the 125M
 model runs four products instead of eight. The output of one product is the outputs of the
-separate ones side by side, each entry the same dot product (cuBLAS may sum it in another order,
-so low-precision results can differ in the last bit).
+separate ones side by side (then zero columns, up to a multiple of `ROWS`), each entry the same
+dot product (cuBLAS may sum it in another order, so low-precision results can differ in the last
+bit).
 
 The fused matrices are copies, used only inside `applied()`, which runs under `torch.no_grad()`
 (a gradient would reach the copy, not the model's weights). `refresh` copies the weights in again
@@ -18,11 +19,29 @@ CUDA graph that reads them stays valid; weights of a new dtype or device need a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+ROWS = 64  # the fused weight is padded with zero rows to a multiple of this: an output width of
+# 2,316 (3 x 768 + 12) is not 16-byte aligned in bf16, and cuBLAS then picks a kernel 2x slower
+
+
+def project(
+    x: Tensor, projections: Sequence[nn.Linear | None], fused: tuple[Tensor, Tensor | None] | None
+) -> tuple[Tensor | None, ...]:
+    """Each of `projections` applied to x: [B, T, C] -> [B, T, width] each (None for a None):
+    separately, or, with `fused` (a (weight, bias) of `FusedProjections`), as one product whose
+    output is split."""
+    if fused is None:
+        return tuple(None if p is None else p(x) for p in projections)
+    widths = [p.out_features for p in projections if p is not None]
+    out = F.linear(x, *fused)
+    parts = iter(out.split([*widths, out.shape[-1] - sum(widths)], dim=-1))
+    return tuple(None if p is None else next(parts) for p in projections)
 
 
 class FusedProjections:
@@ -46,13 +65,16 @@ class FusedProjections:
 
     @staticmethod
     def _concatenate(projections: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
-        """(weight [sum of widths, C], bias [sum of widths] or None if no projection has one)."""
+        """(weight [N, C], bias [N] or None if no projection has one), N the sum of the widths
+        rounded up to a multiple of ROWS (zero rows, a zero bias)."""
+        rows = sum(p.out_features for p in projections)
+        pad = projections[0].weight.new_zeros(-rows % ROWS)
         with torch.no_grad():
-            weight = torch.cat([p.weight for p in projections])
+            weight = torch.cat([p.weight for p in projections] + [pad[:, None].expand(-1, projections[0].in_features)])
             if all(p.bias is None for p in projections):
                 return weight, None
             biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
-            return weight, torch.cat(biases)
+            return weight, torch.cat(biases + [pad])
 
     def _versions(self) -> list[tuple[int, int]]:
         """(in-place version counter, address) of every weight and bias that is fused: one of them

@@ -10,10 +10,10 @@ the result back. The state can be passed in and out to stream a sequence in piec
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, kernels, ops
+from .fused_projections import project
 
 State = tuple[Tensor, ...]
 IMPLS = ("auto", "kernel", "reference")
@@ -165,16 +165,6 @@ class TTTLayer(nn.Module):
         share_qk), v_proj, lr_gate, g_proj (None without use_gate)."""
         return self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.g_proj
 
-    def _project(self, x: Tensor) -> tuple[Tensor | None, ...]:
-        """Every input product of x: [B, T, C], in the order of `input_projections` (None where a
-        projection is absent); one product of their concatenated weights while fused."""
-        projections = self.input_projections()
-        if self.fused is None:
-            return tuple(None if p is None else p(x) for p in projections)
-        widths = [p.out_features for p in projections if p is not None]
-        parts = iter(F.linear(x, *self.fused).split(widths, dim=-1))
-        return tuple(None if p is None else next(parts) for p in projections)
-
     def _inputs(
         self, x: Tensor, position: int | Tensor = 0, conv_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -189,7 +179,7 @@ class TTTLayer(nn.Module):
             raise ValueError(f"x must hold at least one row and one token (B, T >= 1), got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor (hidden states, not token ids), got {x.dtype}")
-        q, k, v, gate, g = self._project(x)
+        q, k, v, gate, g = project(x, self.input_projections(), self.fused)
         if self.share_qk:
             XQ, _ = self.conv_q(q, conv_state)
             XK, conv_state = self.conv_k(q, conv_state)

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import checks, ops
 from .compat import cache_kwargs, take_cache
+from .fused_projections import project
 from .layers import IMPLS, TTTMLP, CausalConv, TTTLayer, TTTLinear
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
@@ -301,10 +302,7 @@ class SwiGLU(nn.Module):
         return self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)
+        gate, up = project(x, self.input_projections(), self.fused)
         return self.down_proj(F.silu(gate) * up)
 
 
