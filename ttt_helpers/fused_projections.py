@@ -15,6 +15,7 @@ The fused matrices are copies, used only inside `applied()`, which runs under `t
 (a gradient would reach the copy, not the model's weights). `refresh` copies the weights in again
 when one has changed (an optimiser step, `load_state_dict`), into the same tensors, so a
 CUDA graph that reads them stays valid; weights of a new dtype or device need a new `FusedProjections`.
+The copies take memory: 119 MB for the 125M preset in bf16, beside its 221 MB of weights.
 """
 
 from __future__ import annotations

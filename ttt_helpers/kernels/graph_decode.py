@@ -66,7 +66,8 @@ class CUDAGraphDecoder:
     updated in place by every step. The model may also be called on the cache between steps
     (a longer continuation, say): the next step first copies what that call replaced back into
     the tensors the graph reads. fuse: run each block's products that read one input as one
-    (`FusedProjections`; False: the model's products as they are).
+    (`FusedProjections`, which keeps a copy of those weights; False: the model's products as
+    they are).
     """
 
     def __init__(self, model: nn.Module, cache, fuse: bool = True) -> None:
