@@ -279,6 +279,15 @@ def test_forward_stream(cls):
         layer.forward_stream(x, state[: len(state) // 2], 0)
     with pytest.raises(ValueError, match=r"state\[0\] \(W\d\) must have shape \[2, "):
         layer.forward_stream(torch.randn(2, 5, 16), state, 0)  # a state of batch 1 for 2 rows
+    mask, ends = torch.ones(1, 5, dtype=torch.bool), torch.tensor([5])
+    with pytest.raises(TypeError, match="padding must be a Padding"):
+        layer.forward_stream(x, state, 0, padding=(mask, ends))
+    with pytest.raises(ValueError, match=r"padding.mask must be a bool tensor \[1, 5\]"):
+        layer.forward_stream(x, state, 0, padding=layers.Padding(mask.long(), ends))
+    with pytest.raises(ValueError, match=r"padding.ends must be an int64 tensor \[1\]"):
+        layer.forward_stream(x, state, 0, padding=layers.Padding(mask, ends.int()))
+    with pytest.raises(ValueError, match="position must be 0 with padding"):
+        layer.forward_stream(x, state, 1, padding=layers.Padding(mask, ends))
     with pytest.raises(ValueError, match=r"state of a TTT-\w+ layer must be .*forward takes the parameters only"):
         layer(x, state)  # the stream state passed to forward
     with pytest.raises(TypeError, match="batch_size must be an int"):

@@ -183,6 +183,34 @@ def test_left_padded_forward_and_cache_match_the_rows_alone(rng):
         assert (no_cache - out.logits).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "mamba")])
+def test_left_padded_prompt_runs_in_one_call_and_leaves_each_row_its_own_state(layer_type, backbone, rng):
+    """Prompts of 37, 6, 23, 16, 32 and 1 tokens (six paddings, whole mini-batches 0 to 2, rests 0 to
+    7) run through the model once; in float64 every logit and every tensor of the cache (TTT states,
+    gradient sums, convolution states) is the row's alone to 1e-10, and the positions follow."""
+    model = tiny_model(rng, ttt_layer_type=layer_type, backbone=backbone).double()
+    lengths = (37, 6, 23, 16, 32, 1)
+    rows = [torch.randint(1, 97, (1, n), generator=rng) for n in lengths]
+    ids, mask = left_padded(rows)
+    calls = []
+    hook = model.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        assert calls == [len(rows)], "the whole padded prompt in one call"
+        cache = output_cache(out)
+        assert cache.seen_tokens == 37 and cache.starts == [37 - n for n in lengths]
+        for i, row in enumerate(rows):
+            alone = model(row, use_cache=True)
+            n, own = row.shape[1], output_cache(alone)
+            assert (out.logits[i, -n:] - alone.logits[0]).abs().max().item() < 1e-10, f"row {i}"
+            assert not out.logits[i, : 37 - n].any()  # padding
+            tensors = [(s[i], a[0]) for l, m in zip(cache.states, own.states) for s, a in zip(l, m)]
+            tensors += [(c[i], a[0]) for c, a in zip(cache.conv_states, own.conv_states) if c is not None]
+            assert max((got - want).abs().max().item() for got, want in tensors) < 1e-10, f"row {i}"
+    hook.remove()
+    assert cache.row_positions(16) == [n % 16 for n in lengths]
+
+
 def test_left_padded_decode_runs_every_row_in_one_call_at_its_own_position(rng):
     """After a left-padded prompt, each decoded token runs the model once for all rows (no groups),
     each row at its own position in its mini-batch, kept on the device in `cache.positions`;

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROWS = 64  # the fused weight is padded with zero rows to a multiple of this: an output width of
-# 2,316 (3 x 768 + 12) is not 16-byte aligned in bf16, and cuBLAS then picks a kernel 2x slower
+# 2,316 (3 x 768 + 12) is not 16-byte aligned in bf16, and cuBLAS then picked a kernel 2x slower
+# on an H200 (chapter 6)
 
 
 def project(

@@ -9,6 +9,8 @@ the result back. The state can be passed in and out to stream a sequence in piec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,16 @@ from .fused_projections import project
 
 State = tuple[Tensor, ...]
 IMPLS = ("auto", "kernel", "reference")
+
+
+class Padding(NamedTuple):
+    """Where each row of a batch holds its own tokens, in a call from a fresh state whose rows
+    were laid out to keep their mini-batches aligned: mask [B, T] (True at a row's tokens, which
+    are contiguous), ends [B] (one past each row's last token). A padded token changes nothing:
+    its inner learning rate is 0 and the causal convolutions read a zero for it."""
+
+    mask: Tensor
+    ends: Tensor
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -37,6 +49,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
 
 
+def check_padding(padding: Padding, x: Tensor, position: int | Tensor) -> None:
+    """Raise unless `padding` fits x: [B, T, C] read from position 0."""
+    checks.tensor("x", x, 3)
+    if not isinstance(padding, Padding):
+        raise TypeError(f"padding must be a Padding (mask, ends), got {type(padding).__name__}")
+    B, T = x.shape[:2]
+    mask, ends = padding
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, T):
+        raise ValueError(f"padding.mask must be a bool tensor [{B}, {T}], got {getattr(mask, 'shape', mask)!r}")
+    if not isinstance(ends, Tensor) or ends.dtype != torch.int64 or tuple(ends.shape) != (B,):
+        raise ValueError(f"padding.ends must be an int64 tensor [{B}], got {getattr(ends, 'shape', ends)!r}")
+    if isinstance(position, Tensor) or position != 0:
+        raise ValueError(f"position must be 0 with padding (a call from a fresh state), got {position!r}")
+
+
 class CausalConv(nn.Conv1d):
     """Depthwise causal convolution over time (with a bias); its state holds the last k - 1 inputs."""
 
@@ -47,13 +74,18 @@ class CausalConv(nn.Conv1d):
         """Zeros [B, k-1, C] for x: [B, T, C]: the sequence starts after k - 1 zero inputs."""
         return x.new_zeros(x.shape[0], self.kernel_size[0] - 1, x.shape[2])
 
-    def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C], state: [B, k-1, C] (None: zeros) -> (y: [B, T, C], the new state)."""
+    def forward(self, x: Tensor, state: Tensor | None = None, ends: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C], state: [B, k-1, C] (None: zeros) -> (y: [B, T, C], the new state: the
+        last k - 1 inputs, or with `ends` [B] those before ends[i] in row i)."""
         if state is None:
             state = self.initial_state(x)
         padded = torch.cat([state.to(x.dtype), x], dim=1)
         y = super().forward(padded.transpose(1, 2)).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - state.shape[1] :].clone()  # a copy: a view would keep all T alive
+        k = state.shape[1]
+        if ends is None:
+            return y, padded[:, padded.shape[1] - k :].clone()  # a copy: a view would keep all T alive
+        index = ends[:, None] + torch.arange(k, device=x.device)  # input t sits at t + k in `padded`
+        return y, padded.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
 
 
 class TTTLayer(nn.Module):
@@ -157,7 +189,7 @@ class TTTLayer(nn.Module):
         return self._eta(self.lr_gate(x))
 
     def _eta(self, gate: Tensor) -> Tensor:
-        """The inner learning rate from the gate's logits: [B, T, H] -> [B, H, T]"""
+        """`inner_lr` from the gate's logits lr_gate(x): [B, T, H] -> [B, H, T]"""
         return self.base_lr * torch.sigmoid(gate).transpose(1, 2) / self.head_dim
 
     def input_projections(self) -> tuple[nn.Linear | None, ...]:
@@ -166,12 +198,16 @@ class TTTLayer(nn.Module):
         return self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.g_proj
 
     def _inputs(
-        self, x: Tensor, position: int | Tensor = 0, conv_state: Tensor | None = None
+        self,
+        x: Tensor,
+        position: int | Tensor = 0,
+        conv_state: Tensor | None = None,
+        padding: Padding | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """XQ, XK, XV: [B, H, T, D], eta: [B, H, T], g_proj(x): [B, T, C] (None without use_gate)
         and the new convolution state (share_qk; else None) for x: [B, T, C] whose first token
         sits at `position` in its mini-batch (an int, or for one token a tensor [B], each row at
-        its own position)."""
+        its own position); with `padding`, eta is 0 and the convolutions read 0 at padded tokens."""
         checks.tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must have shape [B, T, {self.hidden_size}], got {list(x.shape)}")
@@ -180,9 +216,12 @@ class TTTLayer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor (hidden states, not token ids), got {x.dtype}")
         q, k, v, gate, g = project(x, self.input_projections(), self.fused)
+        mask, ends = (None, None) if padding is None else (padding.mask[:, :, None].to(x.dtype), padding.ends)
         if self.share_qk:
+            if mask is not None:
+                q = q * mask
             XQ, _ = self.conv_q(q, conv_state)
-            XK, conv_state = self.conv_k(q, conv_state)
+            XK, conv_state = self.conv_k(q, conv_state, ends)
             XQ, XK = self._heads(XQ), self._heads(XK)
         else:
             XQ, XK = self._heads(q), self._heads(k)
@@ -194,7 +233,10 @@ class TTTLayer(nn.Module):
                 positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
                 cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
             XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
-        return XQ, XK, self._heads(v), self._eta(gate), g, conv_state
+        eta = self._eta(gate)
+        if padding is not None:
+            eta = eta * padding.mask[:, None, :].to(eta.dtype)
+        return XQ, XK, self._heads(v), eta, g, conv_state
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -260,31 +302,36 @@ class TTTLayer(nn.Module):
             state += (w.new_zeros(batch_size, self.conv_q.kernel_size[0] - 1, self.hidden_size),)
         return state
 
-    def forward_stream(self, x: Tensor, state: State, position: int | Tensor) -> tuple[Tensor, State, int | Tensor]:
+    def forward_stream(
+        self, x: Tensor, state: State, position: int | Tensor, *, padding: Padding | None = None
+    ) -> tuple[Tensor, State, int | Tensor]:
         """Continue from any token, also inside a mini-batch (prefill, then decode one token at a time).
 
         x: [B, T, C]; state = (*params, *grads[, conv]) from `initial_stream_state` or a previous
         call; position: tokens already read in the current mini-batch, an int or, for one token
         (T = 1), an int tensor [B] on x's device with each row's own count (rows whose prompts had
         different lengths; its values are not read back, so a CUDA graph can capture the step).
-        Returns y, the state, the position (a new tensor for a tensor).
+        padding: which tokens are padding (see `Padding`), at position 0 only, the convolution
+        state being the new one's zeros. Returns y, the state, the position (a new tensor for a tensor).
         """
+        if padding is not None:
+            check_padding(padding, x, position)
         conv_state = None
         if self.share_qk:
             if not isinstance(state, (tuple, list)) or not state:
                 raise ValueError("state must be the tuple of tensors from initial_stream_state or forward_stream")
             *state, conv_state = state
             state = tuple(state)
-        y, state, position = self._stream(x, state, position, conv_state)
+        y, state, position = self._stream(x, state, position, conv_state, padding)
         return y, state, position
 
     def _stream(
-        self, x: Tensor, state: State, position: int | Tensor, conv_state: Tensor | None
+        self, x: Tensor, state: State, position: int | Tensor, conv_state: Tensor | None, padding: Padding | None
     ) -> tuple[Tensor, State, int | Tensor]:
         """forward_stream on the TTT state alone; the new convolution state, if any, ends the returned state."""
         rows = x.shape[0] if isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 1 else None
         checks.position("position", position, self.mini_batch_size, rows, values=False)
-        XQ, XK, XV, eta, g, conv_state = self._inputs(x, position, conv_state)
+        XQ, XK, XV, eta, g, conv_state = self._inputs(x, position, conv_state, padding)
         tail = () if conv_state is None else (conv_state,)
         token_idx, dual = self.token_idx(), None
         stream = (self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias)

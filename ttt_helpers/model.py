@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import checks, ops
 from .compat import cache_kwargs, take_cache
 from .fused_projections import project
-from .layers import IMPLS, TTTMLP, CausalConv, TTTLayer, TTTLinear
+from .layers import IMPLS, TTTMLP, CausalConv, Padding, TTTLayer, TTTLinear
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
 
@@ -282,9 +282,12 @@ class PreConv(nn.Module):
         self.norm = RMSNorm(channels, eps)
         self.conv = CausalConv(channels, kernel)
 
-    def forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C], state: [B, k-1, C] (the last normed inputs; None: zeros) -> (conv output, new state)."""
-        return self.conv(self.norm(x), state)
+    def forward(self, x: Tensor, state: Tensor | None, padding: Padding | None = None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C], state: [B, k-1, C] (the last normed inputs; None: zeros) -> (conv output, new
+        state); with `padding` the convolution reads zeros at padded tokens."""
+        if padding is None:
+            return self.conv(self.norm(x), state)
+        return self.conv(self.norm(x) * padding.mask[:, :, None].to(x.dtype), state, padding.ends)
 
 
 class SwiGLU(nn.Module):
@@ -329,10 +332,11 @@ class TTTBlock(nn.Module):
         self.ffn_norm = RMSNorm(C, config.rms_norm_eps)
         self.mlp = SwiGLU(C, config.intermediate_size)
 
-    def forward(self, x: Tensor, cache: TTTCache | None, i: int) -> Tensor:
-        """x: [B, T, C]. With a cache, continue layer i's states from it and write them back."""
+    def forward(self, x: Tensor, cache: TTTCache | None, i: int, padding: Padding | None = None) -> Tensor:
+        """x: [B, T, C]. With a cache, continue layer i's states from it and write them back;
+        `padding` (with a new cache only): the tokens that change nothing (see `Padding`)."""
         if self.pre_conv is not None:
-            dx, conv_state = self.pre_conv(x, None if cache is None else cache.conv_states[i])
+            dx, conv_state = self.pre_conv(x, None if cache is None else cache.conv_states[i], padding)
             if cache is not None:
                 cache.conv_states[i] = conv_state
             x = x + dx
@@ -342,7 +346,7 @@ class TTTBlock(nn.Module):
         else:
             one_token_per_row = cache.positions is not None and x.shape[1] == 1
             position = cache.positions if one_token_per_row else cache.seen_tokens % self.ttt.mini_batch_size
-            y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position)
+            y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position, padding=padding)
         x = x + y
         return x + self.mlp(self.ffn_norm(x))
 
@@ -407,10 +411,12 @@ class TTTModel(TTTPreTrainedModel):
         if rows != batch_size:
             raise ValueError(f"cache holds {rows} rows, the input has {batch_size}: a cache continues one batch")
 
-    def forward(self, inputs_embeds: Tensor, cache: TTTCache | None) -> Tensor:
+    def forward(self, inputs_embeds: Tensor, cache: TTTCache | None, padding: Padding | None = None) -> Tensor:
+        """inputs_embeds: [B, T, C] -> hidden states [B, T, C], continuing `cache` (updated in place)
+        if given; `padding`: see `Padding` (a new cache only)."""
         x = inputs_embeds
         for i, block in enumerate(self.layers):
-            x = block(x, cache, i)
+            x = block(x, cache, i, padding)
         if cache is not None:
             cache.seen_tokens += x.shape[1]
             if cache.positions is not None and x.shape[1] == 1:  # on the device: no host sync
@@ -485,10 +491,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
 
         attention_mask: [B, T], or [B, seen + T] covering every token read so far (as generate()
         passes it). Left padding in the prompt (each row 0s, then 1s) gives each row what it would
-        get alone: the prompt runs in groups of rows that share their padding, each from its first
-        token; a decoded token per row runs in one call, each row at its own position in its
-        mini-batch; longer later calls run in groups of rows at the same position (at most
-        mini_batch_size groups). The logits at padded positions are 0. Right padding, padding after
+        get alone: the prompt runs in one call, each row's tokens moved so that its mini-batches
+        start at its first token, the padding changing nothing (`_prefill_padded`); a decoded token
+        per row runs in one call, each row at its own position in its mini-batch; longer later
+        calls run in groups of rows at the same position (at most mini_batch_size groups). The logits at padded positions are 0. Right padding, padding after
         the prompt, and labels with padding are refused.
         """
         cache = take_cache({"cache": cache, "past_key_values": past_key_values})
@@ -555,11 +561,10 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         return starts
 
     def _forward_ragged(self, x: Tensor, cache: TTTCache | None, starts: list[int], use_cache: bool):
-        """A left-padded batch, each row exactly as it would run alone: one decoded token per row
-        in one call, each row at its own position in its mini-batch (`TTTCache.positions`); else in
-        groups of rows that run together, the prompt by shared padding (from each row's first token),
-        later calls by the position in the mini-batch. -> (hidden states [B, T, C], 0 at padding;
-        the cache or None)"""
+        """A left-padded batch, each row exactly as it would run alone: the prompt in one call
+        (`_prefill_padded`); one decoded token per row in one call, each row at its own position in
+        its mini-batch (`TTTCache.positions`); longer later calls in groups of rows at the same
+        position. -> (hidden states [B, T, C], 0 at padding; the cache or None)"""
         B, T, _ = x.shape
         seen, b = (0 if cache is None else cache.seen_tokens), self.config.mini_batch_size
         if seen and T == 1:
@@ -567,23 +572,22 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
                 cache.keep_positions(b)
             return self.model(x, cache), cache
         keep = use_cache or cache is not None  # a cache given is continued, as without padding
-        groups: dict[int, list[int]] = {}
-        for i, start in enumerate(starts):
-            groups.setdefault(start if seen == 0 else (seen - start) % b, []).append(i)
-        hidden = x.new_zeros(B, T, self.config.hidden_size)
-        parts = []
-        for key, rows in groups.items():
-            index = torch.tensor(rows, device=x.device)
-            if seen == 0:
-                part = self.model.new_cache(len(rows)) if keep else None
-                hidden[index, key:] = self.model(x[index, key:], part)
-            else:
+        if seen == 0:
+            hidden, joined = self._prefill_padded(x, starts)
+        else:
+            groups: dict[int, list[int]] = {}
+            for i, start in enumerate(starts):
+                groups.setdefault((seen - start) % b, []).append(i)
+            hidden = x.new_zeros(B, T, self.config.hidden_size)
+            parts = []
+            for rows in groups.values():
+                index = torch.tensor(rows, device=x.device)
                 part = cache.rows(index, seen - starts[rows[0]])
                 hidden[index] = self.model(x[index], part)
-            parts.append((rows, part))
+                parts.append((rows, part))
+            joined = TTTCache.join(parts, seen + T, starts)
         if not keep:
             return hidden, None
-        joined = TTTCache.join(parts, seen + T, starts)
         if cache is None:
             return hidden, joined
         cache.states, cache.conv_states, cache.seen_tokens, cache.starts = (
@@ -591,6 +595,34 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         )  # fmt: skip
         if cache.positions is not None:
             cache.keep_positions(b)
+        return hidden, cache
+
+    def _prefill_padded(self, x: Tensor, starts: list[int]) -> tuple[Tensor, TTTCache]:
+        """A left-padded prompt x: [B, T, C] (row i's first starts[i] tokens padding) in one call,
+        each row as it would run alone. Row i's n_i tokens move to start at a multiple of the
+        mini-batch size b, so that every row's whole mini-batches end at the same token and the
+        rest of each row (n_i % b tokens) follows from position 0 of a mini-batch: whole
+        mini-batches of padding before a row's tokens, some after them, none within. The padding
+        changes nothing (`Padding`). -> (hidden states [B, T, C] in x's layout, 0 at padding; the
+        cache, as if each row had read its own tokens after its padding)"""
+        B, T, C = x.shape
+        b, device = self.config.mini_batch_size, x.device
+        lengths = [T - s for s in starts]
+        whole = max(n // b for n in lengths)
+        offsets = [(whole - n // b) * b for n in lengths]  # where each row's tokens start now
+        L = whole * b + max(n % b for n in lengths)
+        offset, length, start = (torch.tensor(v, device=device)[:, None] for v in (offsets, lengths, starts))
+        t = torch.arange(L, device=device)
+        mask = (t >= offset) & (t < offset + length)
+        source = (t - offset + start).clamp(0, T - 1)  # [B, L]: where each token comes from in x
+        aligned = x.gather(1, source[:, :, None].expand(-1, -1, C))
+        cache = self.model.new_cache(B)
+        out = self.model(aligned, cache, Padding(mask, (offset + length)[:, 0]))
+        u = torch.arange(T, device=device)
+        back = (u - start + offset).clamp(0, L - 1)  # [B, T]: where each token of x went
+        hidden = out.gather(1, back[:, :, None].expand(-1, -1, C))
+        hidden = torch.where((u >= start)[:, :, None], hidden, 0)
+        cache.seen_tokens, cache.starts = T, list(starts)
         return hidden, cache
 
     def prepare_inputs_for_generation(
