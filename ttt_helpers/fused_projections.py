@@ -63,26 +63,27 @@ class FusedProjections:
         if not self.groups:
             raise ValueError(f"model ({type(model).__name__}) has no module with input projections to fuse")
         self.fused = [self._concatenate(projections) for _, projections in self.groups]
+        # the parameters read back by every refresh, gathered once (a module's attribute lookup is slow)
+        self.sources = [t for _, ps in self.groups for p in ps for t in (p.weight, p.bias) if t is not None]
         self.versions = self._versions()
 
     @staticmethod
     def _concatenate(projections: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
         """(weight [N, C], bias [N] or None if no projection has one), N the sum of the widths
         rounded up to a multiple of ROWS (zero rows, a zero bias)."""
-        rows = sum(p.out_features for p in projections)
-        pad = projections[0].weight.new_zeros(-rows % ROWS)
+        first = projections[0].weight
+        pad = -sum(p.out_features for p in projections) % ROWS
         with torch.no_grad():
-            weight = torch.cat([p.weight for p in projections] + [pad[:, None].expand(-1, projections[0].in_features)])
+            weight = torch.cat([p.weight for p in projections] + [first.new_zeros(pad, first.shape[1])])
             if all(p.bias is None for p in projections):
                 return weight, None
-            biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
-            return weight, torch.cat(biases + [pad])
+            biases = [first.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections]
+            return weight, torch.cat(biases + [first.new_zeros(pad)])
 
     def _versions(self) -> list[tuple[int, int]]:
         """(in-place version counter, address) of every weight and bias that is fused: one of them
         changes whenever the values may have (an in-place edit, or new tensors as `model.float()`)."""
-        tensors = [t for _, projections in self.groups for p in projections for t in (p.weight, p.bias)]
-        return [(t._version, t.data_ptr()) for t in tensors if t is not None]
+        return [(t._version, t.data_ptr()) for t in self.sources]
 
     def refresh(self) -> None:
         """Copy the weights into the fused tensors again if any may have changed since."""

@@ -216,12 +216,11 @@ class TTTLayer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor (hidden states, not token ids), got {x.dtype}")
         q, k, v, gate, g = project(x, self.input_projections(), self.fused)
-        mask, ends = (None, None) if padding is None else (padding.mask[:, :, None].to(x.dtype), padding.ends)
         if self.share_qk:
-            if mask is not None:
-                q = q * mask
+            if padding is not None:
+                q = q * padding.mask[:, :, None].to(q.dtype)
             XQ, _ = self.conv_q(q, conv_state)
-            XK, conv_state = self.conv_k(q, conv_state, ends)
+            XK, conv_state = self.conv_k(q, conv_state, None if padding is None else padding.ends)
             XQ, XK = self._heads(XQ), self._heads(XK)
         else:
             XQ, XK = self._heads(q), self._heads(k)

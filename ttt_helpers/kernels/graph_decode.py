@@ -16,6 +16,7 @@ changed in place.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -115,11 +116,8 @@ class CUDAGraphDecoder:
             self._restore()
         if self.graph is None:
             seen = cache.seen_tokens
-            if self.fused is None:
+            with nullcontext() if self.fused is None else self.fused.applied():
                 self.graph, self.logits = capture_step(self._forward, self.tensors)
-            else:
-                with self.fused.applied():
-                    self.graph, self.logits = capture_step(self._forward, self.tensors)
             cache.seen_tokens = seen  # the warm-up and the recording each counted a token
         elif self.fused is not None:
             self.fused.refresh()
