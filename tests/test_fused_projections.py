@@ -99,3 +99,92 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="changed shape, dtype or device"), fused.applied():
         pass
     assert all(m.fused is None for m, _ in fused.groups)
+
+
+def edit_weights(model: TTTForCausalLM, how: str, gen: torch.Generator) -> None:
+    """Change the second block's q_proj (or its whole module) in one of the ways a user can."""
+    ttt = model.model.layers[1].ttt
+    new = ttt.q_proj.weight.detach() + 0.1 * torch.randn(ttt.q_proj.weight.shape, generator=gen, dtype=torch.float64)
+    if how == "in_place":
+        with torch.no_grad():
+            ttt.q_proj.weight.copy_(new)
+    elif how == "through_data":  # moves no version counter
+        ttt.q_proj.weight.data.copy_(new)
+    elif how == "data_assigned":
+        ttt.q_proj.weight.data = new.clone()
+    elif how == "new_parameter":
+        ttt.q_proj.weight = torch.nn.Parameter(new.clone())
+    elif how == "new_module":
+        ttt.q_proj = torch.nn.Linear(32, 32, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            ttt.q_proj.weight.copy_(new)
+    elif how == "load_state_dict_assign":
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["model.layers.1.ttt.q_proj.weight"] = new.clone()
+        model.load_state_dict(sd, assign=True)
+    else:
+        raise AssertionError(how)
+
+
+WAYS = ["in_place", "through_data", "data_assigned", "new_parameter", "new_module", "load_state_dict_assign"]
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_applied_never_uses_stale_weights(how, rng):
+    """Whichever way a weight changed after the copies were made, applied() computes the model's function."""
+    model = tiny_model(rng, backbone="mamba")
+    ids = torch.randint(0, 97, (2, 19), generator=rng)
+    fused = FusedProjections(model)
+    with fused.applied():
+        model(ids)
+    edit_weights(model, how, rng)
+    with torch.no_grad():
+        want = model(ids).logits
+    with fused.applied():
+        got = model(ids).logits
+    assert (got - want).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("how", [w for w in WAYS if w != "through_data"])
+def test_refresh_sees_every_change_but_an_edit_through_data(how, rng):
+    """refresh (a CUDA-graph decode step's check) copies in a new parameter or module too, into the same tensors."""
+    model = tiny_model(rng)
+    fused = FusedProjections(model)
+    tensors = [t for pair in fused.fused for t in pair if t is not None]
+    edit_weights(model, how, rng)
+    fused.refresh()
+    want = FusedProjections(model).fused
+    assert all(a is b for a, b in zip([t for pair in fused.fused for t in pair if t is not None], tensors))
+    for (w, b), (w2, b2) in zip(fused.fused, want):
+        assert torch.equal(w, w2) and (b is b2 is None or torch.equal(b, b2))
+
+
+@pytest.mark.parametrize("how", ["in_place", "new_parameter", "new_module", "load_state_dict_assign"])
+def test_a_weight_changed_inside_applied_is_used_by_the_next_forward(how, rng):
+    model = tiny_model(rng)
+    ids = torch.randint(0, 97, (2, 19), generator=rng)
+    fused = FusedProjections(model)
+    with fused.applied():
+        model(ids)
+        edit_weights(model, how, rng)
+        got = model(ids).logits
+        assert model.model.layers[1].ttt.fused is not None
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (got - want).abs().max().item() < 1e-12
+
+
+def test_a_nested_applied_leaves_the_outer_block_fused(rng):
+    model = tiny_model(rng)
+    ids = torch.randint(0, 97, (1, 9), generator=rng)
+    fused = FusedProjections(model)
+    calls = separate_calls(model)
+    with fused.applied():
+        with fused.applied():
+            pass
+        assert all(m.fused is not None for m, _ in fused.groups)
+        with FusedProjections(model).applied():
+            pass
+        model(ids)
+        assert calls[0] == 0
+    assert all(m.fused is None for m, _ in fused.groups)

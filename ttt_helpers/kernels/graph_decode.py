@@ -9,8 +9,9 @@ replay advances it there, so one graph serves every step, and the rows of a left
 each at its own position, decode together. The convolution states of the Mamba backbone are new
 tensors after each step; the captured step copies them back into the cache's own tensors, so a
 replay reads and writes the same memory. The graph runs each block's input projections as one
-product (`FusedProjections`), whose fused weights every step copies in again if the model's have
-changed in place.
+product (`FusedProjections`), whose fused weights every step copies in again if the model's may
+have changed (an in-place edit, a new parameter or module; an edit through `.data` moves no
+version counter: call `decoder.fused.sync()` after one).
 """
 
 from __future__ import annotations
