@@ -212,3 +212,117 @@ def test_smollm2_tokenizer_json_gives_the_same_ids(tmp_path):
         ids = next(tokens.encode_documents(standalone, [text]))
         assert ids.tolist() == hf(text, add_special_tokens=False)["input_ids"]
         assert tokens.decode(standalone, ids) == text
+
+
+def test_overwrite_replaces_only_a_corpus(trees, tokenizer_file, tmp_path):
+    """--overwrite refuses a folder holding files a build does not write, before any work, and
+    leaves it as it was; an empty folder or a corpus is replaced."""
+    docs = fake_documents(*trees)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"refuses to replace .*thesis\.tex"):
+        store.build_corpus(thesis, docs, tokenizer_file, versions={}, heldout=HELDOUT, overwrite=True)
+    with pytest.raises(SystemExit, match=r"error: overwrite=True refuses .*thesis\.tex"):
+        cli.main(["build-corpus", str(thesis), "--overwrite"])
+    assert [p.name for p in thesis.iterdir()] == ["thesis.tex"]
+    (thesis / "thesis.tex").rename(thesis / "manifest.json")  # a corpus's name, not a corpus's manifest
+    with pytest.raises(ValueError, match="not a corpus folder"):
+        store.build_corpus(thesis, docs, tokenizer_file, versions={}, heldout=HELDOUT, overwrite=True)
+    assert (thesis / "manifest.json").read_text() == "years of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    store.build_corpus(empty, docs, tokenizer_file, versions={}, heldout=HELDOUT, overwrite=True)
+    store.build_corpus(empty, docs[:2], tokenizer_file, versions={}, heldout=HELDOUT, overwrite=True)
+    assert store.load_corpus(empty).manifest["sizes"]["total"]["documents"] == 2
+
+
+def test_a_build_cleans_what_a_killed_build_left(trees, tokenizer_file, tmp_path):
+    """A build killed part-way (SIGKILL: no cleanup ran) leaves its hidden temporary folder, or the
+    old corpus it was moving aside; the next build into that folder deletes them, and nothing else."""
+    docs = fake_documents(*trees)
+    out = tmp_path / "out"
+    store.build_corpus(out, docs, tokenizer_file, versions={}, heldout=HELDOUT)
+    tmp = tmp_path / ".out.k1ll3d_x"
+    tmp.mkdir()
+    shutil.copy(out / "tokenizer.json", tmp / "tokenizer.json")
+    (tmp / "tokens.u16").write_bytes(b"\0\1")
+    old = tmp_path / ".out.old.a1b2c3d4"
+    shutil.copytree(out, old / "out")
+    keep = [tmp_path / ".out.notes", tmp_path / ".out.zzzzzzzz"]  # not a build's: left alone
+    keep[0].mkdir()
+    keep[1].mkdir()
+    (keep[1] / "diary.txt").write_text("mine")
+    store.build_corpus(out, docs[:2], tokenizer_file, versions={}, heldout=HELDOUT, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.notes", ".out.zzzzzzzz", "out", "site"])
+    assert (keep[1] / "diary.txt").read_text() == "mine"
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "bit_flipped"])
+@pytest.mark.parametrize("files", [store.TRANSFER_FILES, store.TEXT_TRANSFER_FILES], ids=["tokens_xz", "text_xz"])
+def test_a_damaged_xz_is_a_clear_error_naming_the_file(trees, tokenizer_file, tmp_path, capsys, damage, files):
+    store.build_corpus(tmp_path / "full", fake_documents(*trees), tokenizer_file, versions={}, heldout=HELDOUT)
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    for name in files:
+        shutil.copy(tmp_path / "full" / name, sent / name)
+    damage(sent / files[-1])
+    with pytest.raises(ValueError, match=rf"{files[-1]} (cannot be decompressed|does not match)"):
+        store.load_corpus(sent)
+    with pytest.raises(SystemExit, match=rf"error: .*{files[-1]}"):
+        cli.main(["load-corpus", str(sent)])
+    assert sorted(p.name for p in sent.iterdir()) == sorted(files)  # no tokens.u16, no temporary file
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: "", r"manifest.json is not valid JSON"),
+        (lambda m: json.dumps([m]), r"manifest.json must hold a JSON object, got a list"),
+        (lambda m: json.dumps({k: v for k, v in m.items() if k != "tokens_sha256"}), r"manifest.json lacks"),
+        (lambda m: json.dumps({**m, "documents": [{"name": "x"}]}), r"documents\[0\] must be an object with"),
+    ],
+    ids=["empty", "a_list", "no_token_hash", "a_document_without_keys"],
+)
+def test_a_malformed_manifest_is_a_clear_error_naming_the_file(trees, tokenizer_file, tmp_path, edit, match):
+    out = tmp_path / "c"
+    manifest = store.build_corpus(out, fake_documents(*trees), tokenizer_file, versions={}, heldout=HELDOUT)
+    (out / "manifest.json").write_text(edit(manifest))
+    with pytest.raises(ValueError, match=match):
+        store.load_corpus(out)
+    with pytest.raises(SystemExit, match=f"error: .*{match}"):
+        cli.main(["load-corpus", str(out)])
+
+
+def _shift_boundary(m):
+    m["documents"][0]["tokens"] += 1
+    m["documents"][1]["tokens"] -= 1
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _shift_boundary,
+        lambda m: m["documents"][0].update(name="shakespeare/Macbeth"),
+        lambda m: m["documents"][1].update(split="heldout" if m["documents"][1]["split"] == "train" else "train"),
+    ],
+    ids=["boundary_shifted", "renamed", "split_changed"],
+)
+def test_an_edited_document_table_is_refused_beside_matching_tokens(trees, tokenizer_file, tmp_path, edit):
+    """tokens.u16 matches the token hash, but the manifest's table no longer describes it."""
+    out = tmp_path / "c"
+    manifest = store.build_corpus(out, fake_documents(*trees), tokenizer_file, versions={}, heldout=HELDOUT)
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="document table .* was changed since the corpus was built"):
+        store.load_corpus(out)

@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build-corpus", help="build the corpus into a new folder")
     b.add_argument("out_dir", help="the folder to write (refused if it exists, unless --overwrite)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing corpus in out_dir (a folder with other files is refused)",
+    )
     b.add_argument(
         "--packages",
         nargs="+",

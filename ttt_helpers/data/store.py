@@ -2,7 +2,7 @@
 
 A corpus folder holds
   manifest.json   content hash, token hash, package versions, the rules, sizes, and every document
-                  (name, kind, source, unit, split, bytes, tokens) in order
+                  (name, kind, source, unit, split, bytes, tokens) in order, with that table's hash
   tokens.u16      the token ids of all documents, concatenated in manifest order: [T] little-endian uint16
   text.xz         the UTF-8 text of all documents, concatenated in the same order (xz)
   tokens.u16.xz   tokens.u16 compressed (xz): smaller than text.xz, and needs no tokenizer to use
@@ -18,6 +18,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,7 @@ from . import code, corpus, tokens
 FORMAT = 1
 TRANSFER_FILES = ("manifest.json", "tokens.u16.xz")
 TEXT_TRANSFER_FILES = ("manifest.json", "tokenizer.json", "text.xz")
+CORPUS_FILES = ("manifest.json", "tokens.u16", "text.xz", "tokens.u16.xz", "tokenizer.json")  # all a build writes
 XZ_PRESET = 6
 
 
@@ -41,6 +43,17 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+MANIFEST_KEYS = ("format", "content_sha256", "tokens_sha256", "tokenizer_sha256", "token_dtype", "sizes", "documents")
+DOCUMENT_KEYS = ("name", "kind", "source", "unit", "split", "bytes", "tokens")
+
+
+def documents_hash(entries: list[dict]) -> str:
+    """sha256 of the manifest's document table (names, kinds, sources, units, splits, sizes, in
+    order): with the token hash it ties every document boundary and split to the tokens."""
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def check_out_dir(out_dir, overwrite: bool) -> Path:
@@ -56,7 +69,52 @@ def check_out_dir(out_dir, overwrite: bool) -> Path:
         raise ValueError(f"out_dir {out} exists and is not a folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"out_dir {out} exists: pass overwrite=True (--overwrite) to replace it")
+    if out.exists():
+        _check_replaceable(out)
     return out
+
+
+def _is_temporary(name: str) -> bool:
+    """A file `load_corpus` writes while it unpacks tokens (left behind if it was killed)."""
+    return name.startswith(".tokens.")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a folder that is not a corpus: overwrite=True deletes only what a build wrote."""
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    foreign = [e for e in entries if e not in CORPUS_FILES and not _is_temporary(e)]
+    if foreign:
+        raise ValueError(
+            f"overwrite=True refuses to replace out_dir {out}: it holds {foreign[:5]}, which a corpus build "
+            f"does not write (it writes only {list(CORPUS_FILES)}); remove them or choose another out_dir"
+        )
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        is_corpus = isinstance(manifest, dict) and "tokens_sha256" in manifest
+    except (OSError, ValueError):
+        is_corpus = False
+    if not is_corpus:
+        raise ValueError(
+            f"overwrite=True refuses to replace out_dir {out}: it has no corpus manifest.json, so it is not "
+            "a corpus folder; remove its files or choose another out_dir"
+        )
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete the hidden folders that a build into `out` killed part-way left beside it: its
+    temporary folder (`.NAME.xxxxxxxx`, corpus files only) or the old corpus it was moving aside
+    (`.NAME.old.xxxxxxxx`, holding NAME). Nothing else is touched."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(old\.)?[a-z0-9_]{{8}}")
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        names = [p.name for p in path.iterdir()]
+        ours = names == [out.name] if match.group(1) else all(n in CORPUS_FILES for n in names)
+        if ours:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def sizes(entries: list[dict]) -> dict:
@@ -92,7 +150,8 @@ def build_corpus(
     overwrite: bool = False,
 ) -> dict:
     """Split, tokenize and write `documents` to out_dir (atomically: a temporary sibling folder renamed
-    when complete). Returns the manifest."""
+    when complete). overwrite=True replaces an existing out_dir only if it is a corpus (or empty);
+    the hidden folders of a build killed part-way are deleted first. Returns the manifest."""
     out = check_out_dir(out_dir, overwrite)
     corpus.check_documents(documents)
     if not isinstance(tokenizer_file, (str, Path)) or not Path(tokenizer_file).is_file():
@@ -102,6 +161,7 @@ def build_corpus(
     start = time.perf_counter()
     kept = corpus.assign_splits(documents, heldout)
     tokenizer = tokens.load_tokenizer(tokenizer_file)
+    _remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's folder is private; the corpus is not
@@ -127,6 +187,7 @@ def build_corpus(
             "format": FORMAT,
             "content_sha256": corpus.content_hash((d.name, d.text) for d, _ in kept),
             "tokens_sha256": token_hash.hexdigest(),
+            "documents_sha256": documents_hash(entries),
             "tokenizer_sha256": _sha256_file(tmp / "tokenizer.json"),
             "token_dtype": "<u2",
             "versions": versions,
@@ -177,7 +238,10 @@ class Corpus:
 
 def read_texts(folder: Path, manifest: dict) -> list[str]:
     """The documents' texts from text.xz, checked against the manifest's content hash."""
-    raw = lzma.decompress((folder / "text.xz").read_bytes())
+    try:
+        raw = lzma.decompress((folder / "text.xz").read_bytes())
+    except (lzma.LZMAError, EOFError) as err:
+        raise ValueError(f"{folder / 'text.xz'} cannot be decompressed: it is truncated or damaged ({err})") from err
     ends = np.cumsum([e["bytes"] for e in manifest["documents"]])
     if int(ends[-1]) != len(raw):
         raise ValueError(f"{folder / 'text.xz'} holds {len(raw)} bytes, the manifest {int(ends[-1])}")
@@ -194,9 +258,13 @@ def _unpack_tokens(folder: Path, manifest: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tokens.", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f, lzma.open(folder / "tokens.u16.xz", "rb") as xz:
-            for block in iter(lambda: xz.read(1 << 22), b""):
-                f.write(block)
-                h.update(block)
+            try:
+                for block in iter(lambda: xz.read(1 << 22), b""):
+                    f.write(block)
+                    h.update(block)
+            except (lzma.LZMAError, EOFError) as err:
+                path = folder / "tokens.u16.xz"
+                raise ValueError(f"{path} cannot be decompressed: it is truncated or damaged ({err})") from err
         if h.hexdigest() != manifest["tokens_sha256"]:
             raise ValueError(f"{folder / 'tokens.u16.xz'} does not match the manifest's token hash")
         os.replace(tmp, folder / "tokens.u16")
@@ -227,6 +295,42 @@ def _restore_tokens(folder: Path, manifest: dict) -> None:
             os.unlink(tmp)
 
 
+def read_manifest(path: Path) -> dict:
+    """A corpus manifest, checked: a JSON object with every key a build writes and a document
+    table of objects with theirs. Every error names the file."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): not a corpus manifest") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(manifest).__name__}: not a corpus manifest")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: not a complete corpus manifest")
+    if manifest["token_dtype"] != "<u2" or not isinstance(manifest["sizes"], dict):
+        raise ValueError(f"{path}: token_dtype must be '<u2' and sizes an object")
+    documents = manifest["documents"]
+    if not isinstance(documents, list) or not documents:
+        raise ValueError(f"{path}: documents must be a non-empty list")
+    for i, e in enumerate(documents):
+        complete = isinstance(e, dict) and all(k in e for k in DOCUMENT_KEYS)
+        if not complete or not all(type(e[k]) is int and e[k] >= 0 for k in ("bytes", "tokens")):
+            raise ValueError(f"{path}: documents[{i}] must be an object with {list(DOCUMENT_KEYS)} (sizes ints >= 0)")
+    return manifest
+
+
+def check_document_table(path: Path, manifest: dict) -> None:
+    """Raise unless the manifest's document table is the one its corpus was built with (corpora
+    built before the table's hash was recorded have none to compare)."""
+    if "documents_sha256" in manifest and documents_hash(manifest["documents"]) != manifest["documents_sha256"]:
+        raise ValueError(
+            f"{path}: the document table (names, splits, sizes) was changed since the corpus was built: "
+            "it does not match the manifest's documents hash"
+        )
+
+
 def load_corpus(folder, *, verify: bool = True) -> Corpus:
     """Open a corpus folder. Where tokens.u16 is missing (only TRANSFER_FILES or TEXT_TRANSFER_FILES
     travelled) it is made from tokens.u16.xz, else from text.xz and tokenizer.json, and checked against
@@ -236,9 +340,7 @@ def load_corpus(folder, *, verify: bool = True) -> Corpus:
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json: not a corpus folder")
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder / 'manifest.json'} has format {manifest.get('format')!r}, expected {FORMAT}")
+    manifest = read_manifest(folder / "manifest.json")
     tokenizer = folder / "tokenizer.json"
     if tokenizer.is_file() and _sha256_file(tokenizer) != manifest["tokenizer_sha256"]:
         raise ValueError(f"{tokenizer} is not the tokenizer the manifest names")
@@ -251,6 +353,7 @@ def load_corpus(folder, *, verify: bool = True) -> Corpus:
             raise FileNotFoundError(f"{folder} has neither tokens.u16(.xz) nor text.xz with tokenizer.json")
     elif verify and _sha256_file(folder / "tokens.u16") != manifest["tokens_sha256"]:
         raise ValueError(f"{folder / 'tokens.u16'} does not match the manifest's token hash")
+    check_document_table(folder / "manifest.json", manifest)  # the tokens match: do the boundaries and splits?
     offsets = np.concatenate([[0], np.cumsum([e["tokens"] for e in manifest["documents"]])]).astype(np.int64)
     ids = np.memmap(folder / "tokens.u16", dtype=manifest["token_dtype"], mode="r")
     if ids.size != offsets[-1]:
