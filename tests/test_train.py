@@ -212,6 +212,7 @@ def test_a_failing_save_leaves_no_partial_checkpoint(tmp_path, rng, monkeypatch)
     parent = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in parent.iterdir()) == ["step-00000002"]  # no step-4, no temporary folder
     assert sorted(p.name for p in (parent / "step-00000002").iterdir()) == [
+        "manifest.json",
         "model",
         "optimizer.pt",
         "rank-0.pt",

@@ -2,12 +2,13 @@
 
 A checkpoint `out_dir/checkpoints/step-NNNNNNNN` holds the weights (`model/`, loadable with
 AutoModelForCausalLM), the optimizer state, `trainer_state.json` and one `rank-R.pt` per process
-(its data position, carried TTT caches and RNG states); it is written atomically and resumed
-exactly. A run folder that already holds a run is refused unless the run resumes or overwrites it.
+(its data position, carried TTT caches and RNG states) and `manifest.json` (the sha256 of every
+file, checked on resuming); it is written atomically and resumed exactly. A run folder that already holds a run is refused unless the run resumes or overwrites it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,8 +31,55 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class RunFolderError(ValueError):
+    """The run folder cannot serve the run as asked (not empty, a file, nothing to resume, a
+    checkpoint of another config): a usage error, which the command line reports in one line."""
+
+
 class CorruptCheckpoint(ValueError):
-    """A file of a checkpoint cannot be read (truncated or garbled)."""
+    """A file of a checkpoint cannot be read (truncated or garbled), or differs from when it was saved."""
+
+
+MANIFEST = "manifest.json"  # in every checkpoint: {"sha256": {path relative to the checkpoint: hex digest}}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record the sha256 of every file of checkpoint `folder` in its manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
+
+
+def _check_manifest(folder: Path, rank: int) -> None:
+    """Raise a CorruptCheckpoint naming the first file of `folder` that is missing or differs from
+    the sha256 recorded when it was saved (a flipped bit included): process 0 checks the shared
+    files, every process its own `rank-R.pt`."""
+    path = folder / MANIFEST
+    if not path.exists():  # written before checkpoints recorded their hashes: nothing to compare
+        return
+    try:
+        digests = json.loads(path.read_text())["sha256"]
+        items = sorted(digests.items())
+    except Exception as err:
+        raise CorruptCheckpoint(f"{path} cannot be read ({type(err).__name__}: {err})") from err
+    for name, digest in items:
+        if name != f"rank-{rank}.pt" and (rank != 0 or name.startswith("rank-")):
+            continue  # checked by another process
+        file = folder / name
+        if not file.is_file():
+            raise CorruptCheckpoint(f"{file} is missing (the manifest lists it)")
+        if _sha256(file) != digest:
+            raise CorruptCheckpoint(
+                f"{file} does not match the sha256 recorded when it was saved: it changed or was damaged on disk"
+            )
 
 
 def _fsync(path: Path) -> None:
@@ -57,18 +105,18 @@ def check_out_dir(config: TrainConfig) -> None:
     (replace it: only the names a run writes, so no other file is ever deleted)."""
     out = Path(config.out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} is a file, not a folder")
+        raise RunFolderError(f"out_dir {out} is a file, not a folder")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and not config.resume:
         if not config.overwrite:
-            raise ValueError(
+            raise RunFolderError(
                 f"out_dir {out} is not empty (it holds {', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
                 "pass resume=True (--resume) to continue that run, overwrite=True (--overwrite) to delete it "
                 "and start again, or choose another out_dir"
             )
         foreign = [e for e in entries if e not in _RUN_FILES]
         if foreign:
-            raise ValueError(
+            raise RunFolderError(
                 f"overwrite=True refuses to clear out_dir {out}: it holds {foreign}, which a training run "
                 f"does not write (a run writes only {list(_RUN_FILES)}); remove them or choose another out_dir"
             )
@@ -127,7 +175,8 @@ def save_checkpoint(trainer: Trainer) -> Path:
 
     Process 0 writes the weights (`model/`, safetensors, loadable with AutoModelForCausalLM),
     the optimizer state and `trainer_state.json`; every process writes `rank-R.pt` with its
-    data position, its carried TTT caches and its RNG states. A failure leaves no folder.
+    data position, its carried TTT caches and its RNG states; process 0 then records the sha256
+    of every file in `manifest.json` (reading the checkpoint back once). A failure leaves no folder.
     """
     rank, step = trainer.rank, trainer.step
     parent = trainer.out_dir / "checkpoints"
@@ -167,13 +216,12 @@ def save_checkpoint(trainer: Trainer) -> Path:
             },
             tmp / f"rank-{rank}.pt",
         )
+        _fsync(tmp / f"rank-{rank}.pt")
+        barrier()
         if rank == 0:  # on the disk before the rename: a complete name never shows incomplete files
+            _write_manifest(tmp)  # every process's file is written now
             for path in [*sorted(tmp.rglob("*")), tmp]:
                 _fsync(path)
-        else:
-            _fsync(tmp / f"rank-{rank}.pt")
-        barrier()
-        if rank == 0:
             if final.exists():  # this step was saved before: swap the new folder in
                 old = parent / f".old-step-{step:08d}"
                 final.rename(old)
@@ -192,9 +240,10 @@ def save_checkpoint(trainer: Trainer) -> Path:
 
 
 def _read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:
-    """Everything process `rank` needs from checkpoint `folder`, read into memory.
+    """Everything process `rank` needs from checkpoint `folder`, read into memory, then each file
+    checked against the sha256 its manifest recorded.
 
-    Raises a CorruptCheckpoint naming the file that cannot be read."""
+    Raises a CorruptCheckpoint naming the file that cannot be read or has changed."""
 
     def read(path: Path, load: Callable[[Path], Any]) -> Any:
         try:
@@ -205,20 +254,29 @@ def _read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str,
     def load_torch(path: Path) -> Any:
         return torch.load(path, map_location=device, weights_only=True)
 
-    return {
+    contents = {
         "trainer": read(folder / "trainer_state.json", lambda p: json.loads(p.read_text())),
         "model": read(folder / "model", load_model),
         "optimizer": read(folder / "optimizer.pt", load_torch),
         "rank": read(folder / f"rank-{rank}.pt", load_torch),
     }
+    _check_manifest(folder, rank)  # a file that loads may still have changed since
+    return contents
 
 
 def newest_intact_checkpoint(out_dir: Path, rank: int, device: torch.device) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint in `out_dir` that every process can read, and its contents; unreadable
     newer ones are renamed to `corrupt-step-NNNNNNNN` (so rotation never counts them) with a warning."""
     folders = sorted((out_dir / "checkpoints").glob("step-*"), reverse=True)
+    corrupt = sorted(p.name for p in (out_dir / "checkpoints").glob("corrupt-step-*"))
+    if not folders and corrupt:
+        raise RunFolderError(
+            f"resume=True but every checkpoint in {out_dir / 'checkpoints'} was found unreadable by an earlier "
+            f"resume and renamed ({', '.join(corrupt)}): nothing is left to resume; pass overwrite=True "
+            "(--overwrite) to start the run again"
+        )
     if not folders:
-        raise ValueError(f"resume=True but {out_dir / 'checkpoints'} holds no checkpoint")
+        raise RunFolderError(f"resume=True but {out_dir / 'checkpoints'} holds no checkpoint")
     problems = []
     for folder in folders:
         try:
@@ -238,7 +296,7 @@ def newest_intact_checkpoint(out_dir: Path, rank: int, device: torch.device) -> 
                 aside = folder.with_name(f"corrupt-{folder.name}-{k}")
             folder.rename(aside)
         barrier()
-    raise ValueError("resume=True but no checkpoint in out_dir can be read:\n" + "\n".join(problems))
+    raise RunFolderError("resume=True but no checkpoint in out_dir can be read:\n" + "\n".join(problems))
 
 
 def restore_checkpoint(trainer: Trainer, folder: Path, contents: dict[str, Any]) -> None:
@@ -249,9 +307,11 @@ def restore_checkpoint(trainer: Trainer, folder: Path, contents: dict[str, Any])
         k for k, v in trainer.config.to_dict().items() if k not in _RESUME_MAY_CHANGE and saved["config"].get(k) != v
     )
     if changed:
-        raise ValueError(f"resume=True with a config that differs from the checkpoint's in {changed}")
+        raise RunFolderError(f"resume=True with a config that differs from the checkpoint's in {changed}")
     if saved["world_size"] != trainer.world:
-        raise ValueError(f"the checkpoint was written by {saved['world_size']} processes, this run has {trainer.world}")
+        raise RunFolderError(
+            f"the checkpoint was written by {saved['world_size']} processes, this run has {trainer.world}"
+        )
     trainer.step, trainer.tokens = saved["step"], saved["tokens"]
     trainer.optimizer.load_state_dict(contents["optimizer"])
     mine = contents["rank"]

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from .checkpoints import RunFolderError
 from .config import TrainConfig
 from .loop import TrainingDiverged, TrainResult, train
 
@@ -43,8 +44,9 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    """The command line: a bad option or config value exits with status 2 and says which; a run
-    whose loss stops being finite exits with status 1."""
+    """The command line: a bad option or config value, or a run folder that cannot serve the run
+    (not empty, nothing to resume), exits with status 2 and says which in one line; a run whose
+    loss stops being finite exits with status 1."""
     try:
         config = parse_config(argv)
     except (TypeError, ValueError) as err:
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
         result = train(config)
+    except RunFolderError as err:
+        build_parser().error(str(err).replace(":\n", ": ").replace("\n", "; "))  # one line
     except TrainingDiverged as err:
         raise SystemExit(f"error: {err}") from err
     if rank == 0 and result.losses:

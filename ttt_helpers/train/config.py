@@ -166,13 +166,19 @@ class TrainConfig:
             raise ValueError(f"config file {path} does not exist")
         text = path.read_text()
         if path.suffix == ".json":
-            values = json.loads(text)
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config file {path} is not valid JSON: {err}") from err
         elif path.suffix in (".yaml", ".yml"):
             if importlib.util.find_spec("yaml") is None:
                 raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml); or write the config as JSON")
             import yaml
 
-            values = yaml.safe_load(text) or {}
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from err
         else:
             raise ValueError(f"config file must end in .yaml, .yml or .json, got {path.name}")
         if not isinstance(values, dict):
