@@ -327,3 +327,25 @@ def test_activation_bytes_grow_with_the_tokens_and_vanish_when_frozen(tiny, tok,
     assert activation_bytes(tiny, ids) == 0  # nothing needs a gradient, so autograd keeps nothing
     with pytest.raises(ValueError, match="input_ids"):
         activation_bytes(tiny, ids[0])
+
+
+def test_rows_of_different_lengths_train_a_ttt_model(tok, rng):
+    """A TTT model reads no padding mask: the right padding adapt_lora makes is left unmasked,
+    which changes no row's loss (the model is causal, the padding's labels are -100)."""
+    from ttt_helpers.model import TTTConfig, TTTForCausalLM
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    config = TTTConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = TTTForCausalLM(config).eval()
+    rows = [random_text(rng, 8), random_text(rng, 19), random_text(rng, 13)]
+    with torch.no_grad():
+        alone = [
+            model(input_ids=torch.tensor([tok(r)["input_ids"]]), labels=torch.tensor([tok(r)["input_ids"]]))
+            for r in rows
+        ]
+    result = adapt_lora(model, tok, rows, steps=3, lr=1e-2, target_modules=["q_proj", "v_proj"])
+    tokens = [len(r) - 1 for r in rows]  # the targets of each row
+    want = sum(a.loss.item() * n for a, n in zip(alone, tokens)) / sum(tokens)
+    assert result.losses[0] == pytest.approx(want, rel=1e-5)  # the first loss, before any step
+    assert all(math.isfinite(x) for x in result.losses)
+    result.unload()

@@ -110,6 +110,13 @@ CONFIG_CASES = [
     ({"initializer_range": INF}, ValueError, "initializer_range must be a finite number"),
     ({"initializer_range": 0}, ValueError, "initializer_range must be > 0"),
     ({"use_cache": "yes"}, TypeError, "use_cache must be True or False"),
+    (
+        {"vocab_size": 97, "pad_token_id": 97},
+        ValueError,
+        r"pad_token_id must be None or a token id in \[0, 97\), got 97",
+    ),
+    ({"pad_token_id": -1}, ValueError, r"pad_token_id must be None or a token id in \[0, 32000\), got -1"),
+    ({"pad_token_id": 1.0}, ValueError, r"pad_token_id must be None or a token id"),
 ]
 
 
@@ -186,6 +193,68 @@ def test_command_line_values_are_usage_errors(argv, match, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and re_search(match, err)
+
+
+CLI_TINY = ["--hidden-size", "16", "--intermediate-size", "32", "--num-layers", "1", "--num-heads", "2"]
+CLI_TINY += ["--window", "8", "--mini-batch-size", "4", "--batch-size", "2", "--warmup-steps", "1"]
+CLI_TINY += ["--no-eval-after", "--no-progress", "--no-tensorboard", "--max-steps", "2"]
+
+
+def _used_run(out: Path) -> list[str]:
+    T.train(
+        T.TrainConfig(**{**TINY_TRAIN, "out_dir": str(out), "max_steps": 2, "checkpoint_every": 2}), train_docs=docs()
+    )
+    return ["--out-dir", str(out)]
+
+
+def _corrupt_run(out: Path) -> list[str]:
+    argv = _used_run(out)
+    (T.latest_checkpoint(out) / "trainer_state.json").write_text("{")
+    with pytest.raises(ValueError, match="no checkpoint in out_dir can be read"):
+        T.train(T.TrainConfig(**{**TINY_TRAIN, "out_dir": str(out), "resume": True}), train_docs=docs())
+    return argv + ["--resume"]
+
+
+def _file(out: Path) -> list[str]:
+    out.write_text("")
+    return ["--out-dir", str(out)]
+
+
+def _no_checkpoint(out: Path) -> list[str]:
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    return ["--out-dir", str(out), "--resume"]
+
+
+def _bad_yaml(out: Path) -> list[str]:
+    path = out.parent / "config.yaml"
+    path.write_text("lr: [0.1\nwindow: 8\n")
+    return ["--config", str(path), "--out-dir", str(out)]
+
+
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (_used_run, r"out_dir .* is not empty .*--resume"),
+        (_no_checkpoint, r"resume=True but .*checkpoints holds no checkpoint"),
+        (_file, r"out_dir .* is a file, not a folder"),
+        (_corrupt_run, r"every checkpoint .* was found unreadable .*corrupt-step-00000002"),
+        (_bad_yaml, r"config file .*config.yaml is not valid YAML"),
+    ],
+    ids=["not_empty", "no_checkpoint", "a_file", "every_checkpoint_corrupt", "bad_yaml"],
+)
+def test_a_run_folder_or_config_file_that_cannot_serve_is_a_usage_error(setup, match, tmp_path, capsys, monkeypatch):
+    """One `error: ...` line and exit status 2, as argparse reports a bad option: no traceback."""
+    monkeypatch.setattr(T.loop, "load_corpus", lambda config, tokenizer=None: (docs(), []))
+    argv = setup(tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(CLI_TINY + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error: " in line]
+    assert len(lines) == 1 and re_search(match, lines[0]), err
+    assert "Traceback" not in err
 
 
 def re_search(pattern: str, text: str) -> bool:
@@ -609,6 +678,13 @@ def test_a_rerun_into_a_used_run_folder_is_refused_unless_resume_or_overwrite(tm
         T.train(T.TrainConfig(**{**TINY_TRAIN, "out_dir": str(file)}), train_docs=docs())
 
 
+def flip_a_bit(path: Path) -> None:
+    """Flip one bit near the end of a file (in the tensors' data: the file still loads)."""
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "damage,match",
     [
@@ -619,8 +695,10 @@ def test_a_rerun_into_a_used_run_folder_is_refused_unless_resume_or_overwrite(tm
             r"optimizer.pt cannot be read",
         ),
         (lambda c: (c / "rank-0.pt").write_bytes(b"garbage"), r"rank-0.pt cannot be read"),
+        (lambda c: flip_a_bit(c / "model" / "model.safetensors"), r"model.safetensors does not match the sha256"),
+        (lambda c: flip_a_bit(c / "optimizer.pt"), r"optimizer.pt does not match the sha256"),
     ],
-    ids=["safetensors", "json", "optimizer", "rank"],
+    ids=["safetensors", "json", "optimizer", "rank", "safetensors_bit", "optimizer_bit"],
 )
 def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, caplog, damage, match):
     T.train(train_config(tmp_path, max_steps=4, checkpoint_every=2), train_docs=docs())
@@ -638,6 +716,10 @@ def test_resume_with_every_checkpoint_corrupt_names_the_files(tmp_path):
     T.train(train_config(tmp_path, max_steps=2, checkpoint_every=2), train_docs=docs())
     (T.latest_checkpoint(tmp_path / "run") / "trainer_state.json").write_text("{")
     with pytest.raises(ValueError, match=r"no checkpoint in out_dir can be read:\n.*step-00000002.trainer_state.json"):
+        T.train(train_config(tmp_path, max_steps=4, resume=True), train_docs=docs())
+    with pytest.raises(
+        ValueError, match=r"every checkpoint .* was found unreadable .*corrupt-step-00000002.*--overwrite"
+    ):
         T.train(train_config(tmp_path, max_steps=4, resume=True), train_docs=docs())
 
 
@@ -706,3 +788,27 @@ def test_import_ttt_helpers_is_enough_to_load_a_saved_model(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "TTTForCausalLM"
+
+
+# ---------------------------------------------------------------- Triton's interpreter
+
+
+def test_triton_interpret_set_after_triton_was_imported_is_named():
+    """Triton reads TRITON_INTERPRET at its first import: set later, the interpreter cannot run
+    the kernels, and the launch says so instead of failing inside triton."""
+    pytest.importorskip("triton")
+    code = (
+        "import os, torch, triton; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from ttt_helpers import kernels\n"
+        "x = torch.randn(1, 2, 16, 16)\n"
+        "try:\n"
+        "    kernels.ttt_linear_prefill(x, x, x, torch.rand(1, 2, 16) * 0.01, torch.zeros(1, 2, 16, 16),\n"
+        "        torch.zeros(1, 2, 1, 16), torch.ones(2, 16), torch.zeros(2, 16), mini_batch_size=16)\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in run.stdout
+    assert "set the variable before triton is first imported" in run.stdout

@@ -232,6 +232,31 @@ def test_from_pretrained_reads_a_folder_in_the_official_layout(tmp_path, rng):
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
+def test_a_tied_config_with_a_head_of_its_own_is_refused(rng):
+    """The config ties lm_head to the embeddings but the state dict's head differs: dropping it
+    would change the model's function."""
+    config = official_config("linear", False)
+    sd = official_state_dict(config, rng)
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 0.01
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight.*tie_word_embeddings"):
+        from_official(sd, config)
+    untied = from_official(sd, {**config, "tie_word_embeddings": False})
+    assert torch.equal(untied.lm_head.weight, sd["lm_head.weight"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", torch.float32, "bfloat16", "float64"])
+def test_from_pretrained_of_an_official_folder_takes_a_dtype_by_name(tmp_path, rng, dtype):
+    config = official_config("linear", False)
+    sd = official_state_dict(config, rng)  # float64 weights
+    save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "ttt"}))
+    model = TTTForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    want = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    assert {p.dtype for p in model.parameters()} == {want}
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype, 'auto' or a dtype's name"):
+        TTTForCausalLM.from_pretrained(tmp_path, dtype="float33")
+
+
 def test_bad_input():
     config = official_config("linear", False)
     sd = official_state_dict(config, torch.Generator().manual_seed(0))

@@ -305,3 +305,26 @@ def test_bad_distance_input():
             fn(p, torch.zeros(3, 11))
         with pytest.raises(ValueError, match="p_logits must have shape"):
             fn(torch.tensor(0.0), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("distance", ["total_variation", "max_abs_diff", "kl_divergence", "argmax_mismatch"])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), r"at position \(1,\) is -inf for every token"),
+        (torch.tensor([[0.0, math.nan], [0.0, 1.0]]), "holds NaN or \\+inf"),
+        (torch.tensor([[0.0, math.inf], [0.0, 1.0]]), "holds NaN or \\+inf"),
+    ],
+    ids=["all_minus_inf", "nan", "plus_inf"],
+)
+def test_distances_refuse_logits_that_are_no_distribution(distance, bad, match):
+    good = torch.zeros(2, 2)
+    for p, q, name in ((bad, good, "p_logits"), (good, bad, "q_logits")):
+        with pytest.raises(ValueError, match=f"{name} {match}"):
+            getattr(metrics, distance)(p, q)
+
+
+def test_argmax_mismatch_needs_a_position():
+    with pytest.raises(ValueError, match="p_logits must hold at least one position, got shape \\(0, 5\\)"):
+        metrics.argmax_mismatch(torch.zeros(0, 5), torch.zeros(0, 5))
+    assert metrics.total_variation(torch.zeros(0, 5), torch.zeros(0, 5)).shape == (0,)

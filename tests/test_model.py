@@ -369,3 +369,136 @@ def test_empty_or_non_integer_input_is_refused(rng):
         model(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(3, dtype=torch.long))
+
+
+def interrupt_layer(model: TTTForCausalLM, i: int, after: int = 0) -> list[int]:
+    """Make block i raise a KeyboardInterrupt at its call number `after` (counting from 0) and
+    later ones until the returned switch (a one-element list) is set to 0."""
+    state = [1, after]
+
+    def hook(module, args):
+        state[1] -= 1
+        if state[0] and state[1] < 0:
+            raise KeyboardInterrupt
+
+    model.model.layers[i].register_forward_pre_hook(hook)
+    return state
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+@pytest.mark.parametrize("new", [5, 1])
+def test_a_call_that_fails_leaves_the_cache_as_it_was(backbone, new, rng):
+    """An interrupt inside layer 1 while reading `new` more tokens after 7: layer 0's states and
+    the token count are as before, and the next call gives what it gives without the failure."""
+    model = tiny_model(rng, backbone=backbone).double()
+    ids = torch.randint(0, 97, (2, 7 + new), generator=rng)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits[:, 7:]
+        cache = output_cache(model(ids[:, :7], use_cache=True))
+        before = (
+            [[t.clone() for t in s] for s in cache.states],
+            [None if c is None else c.clone() for c in cache.conv_states],
+        )
+        switch = interrupt_layer(model, 1)
+        with pytest.raises(KeyboardInterrupt):
+            model(ids[:, 7:], **cache_kwargs(cache))
+        switch[0] = 0
+        for s, old in zip(cache.states, before[0]):
+            assert all(torch.equal(a, b) for a, b in zip(s, old))
+        for c, old in zip(cache.conv_states, before[1]):
+            assert c is old is None or torch.equal(c, old)
+        assert cache.seen_tokens == 7 and cache.broken is None
+        got = model(ids[:, 7:], **cache_kwargs(cache)).logits
+    assert (got - want).abs().max().item() < 1e-12
+
+
+def test_a_failed_step_that_may_have_updated_states_in_place_marks_the_cache_unusable(rng):
+    """The decode kernel (impl "kernel"; on the CPU through Triton's interpreter) updates the states in
+    place: after a failure there the cache cannot be put back, and the next call says so."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(rng, hidden_size=64, ttt_impl="kernel").to(device)
+    ids = torch.randint(0, 97, (1, 4), generator=rng).to(device)
+    with torch.no_grad():
+        cache = output_cache(model(ids[:, :3], use_cache=True))
+        switch = interrupt_layer(model, 1)
+        with pytest.raises(KeyboardInterrupt):
+            model(ids[:, 3:], **cache_kwargs(cache))
+        switch[0] = 0
+        assert cache.broken is not None
+        with pytest.raises(ValueError, match="cache is unusable: a call on it failed \\(KeyboardInterrupt\\)"):
+            model(ids[:, 3:], **cache_kwargs(cache))
+
+
+def same_state(a: TTTCache, b: TTTCache) -> bool:
+    tensors = [(x, y) for s, t in zip(a.states, b.states) for x, y in zip(s, t)]
+    convs = [(x, y) for x, y in zip(a.conv_states, b.conv_states) if x is not None]
+    return a.seen_tokens == b.seen_tokens and all(torch.equal(x, y) for x, y in tensors + convs)
+
+
+def test_a_chat_turn_that_is_interrupted_leaves_the_conversation_as_it_was(rng):
+    """Chat.turn (stream_generate) interrupted while reading its third token: the cache holds
+    what was read before, as a turn that stopped there would have left it."""
+    from ttt_helpers.generate import Chat
+
+    model = tiny_model(rng, vocab_size=128, backbone="mamba").double()  # bytes < 128: one piece per token
+    chat, twin = Chat(model, temperature=0.0), Chat(model, temperature=0.0)
+    chat.turn("hello", 4, echo=False)
+    twin.turn("hello", 4, echo=False)
+    switch = interrupt_layer(model, 1, after=3)  # the prompt, two tokens, then the third fails
+    with pytest.raises(KeyboardInterrupt):
+        chat.turn("more", 6, echo=False)
+    switch[0] = 0
+    twin.turn("more", 2, echo=False)  # reads the prompt and the same two tokens
+    assert same_state(chat.cache, twin.cache) and chat.cache.broken is None
+    assert chat.turn("!", 5, echo=False) == twin.turn("!", 5, echo=False)
+
+
+def test_stopping_stream_generate_early_keeps_the_last_token_it_yielded(rng):
+    from ttt_helpers.generate import new_cache, stream_generate
+
+    model = tiny_model(rng, vocab_size=128).double()  # bytes < 128: one piece per token
+    cache, whole = new_cache(model), new_cache(model)
+    stream = stream_generate(model, None, "abc", 10, cache, temperature=0.0)
+    pieces = [next(stream) for _ in range(3)]
+    stream.close()
+    assert "".join(stream_generate(model, None, "abc", 3, whole, temperature=0.0)) == "".join(pieces)
+    assert cache.seen_tokens == 6 and same_state(cache, whole)  # the prompt and every token yielded
+
+
+def test_a_float64_model_holds_the_same_exact_token_idx_table_however_it_was_made(rng, tmp_path):
+    """1/(1..b) rounded once in the model's dtype: a model cast with .double() holds the table that
+    saving and loading, or converting to the authors' layout and back, make again, so their logits
+    are bitwise equal."""
+    from ttt_helpers.convert import from_official, to_official
+
+    model = tiny_model(rng, ttt_layer_type="linear").double()
+    exact = 1.0 / torch.arange(1, 17, dtype=torch.float64)
+    assert all(torch.equal(b.ttt.token_idx_base, exact) for b in model.model.layers)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    converted = from_official(*to_official(model)).eval()
+    ids = torch.randint(0, 97, (2, 37), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(loaded(ids).logits, want) and torch.equal(converted(ids).logits, want)
+    model.float()  # and back: the float32 table it started with
+    assert all(torch.equal(b.ttt.token_idx_base, exact.float()) for b in model.model.layers)
+
+
+@pytest.mark.parametrize(
+    "other,match",
+    [
+        (dict(hidden_size=64), r"layer 0's state has shapes \[\(2, 4, 16, 16\)"),
+        (dict(num_attention_heads=2), r"layer 0's state has shapes \[\(2, 2, 16, 16\)"),
+        (dict(ttt_layer_type="mlp"), r"layer 0's state has shapes \[\(2, 4, 8, 32\)"),
+        (dict(backbone="mamba"), r"layer 0's state has shapes .*\(2, 3, 32\)\]"),
+        (dict(pre_conv=True), r"layer 0's convolution state has shape \[2, 3, 32\], the model's None"),
+    ],
+    ids=["width", "heads", "kind", "backbone", "pre_conv"],
+)
+def test_a_cache_of_another_model_names_what_differs(other, match, rng):
+    model, stranger = tiny_model(rng), tiny_model(rng, **other)
+    cache = stranger.model.new_cache(2)
+    with pytest.raises(ValueError, match="cache does not fit this model: " + match):
+        model(torch.randint(0, 97, (2, 3), generator=rng), **cache_kwargs(cache))

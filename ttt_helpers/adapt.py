@@ -206,6 +206,10 @@ def adapt_lora(
                 f"{name} encodes to token id {bad}, outside the model's vocabulary [0, {vocab}): a tokenizer of another model?"
             )
     batches = chunk_batches(rows, chunk_tokens)
+    if getattr(getattr(model, "config", None), "model_type", None) == "ttt":
+        # a TTT model refuses padding in a mask (its state would read it); right padding after a
+        # row's tokens changes none of that row's predictions (causal) and its labels are -100
+        batches = [{k: v for k, v in b.items() if k != "attention_mask"} for b in batches]
 
     start = time.perf_counter()
     snapshot = _take_snapshot(model)

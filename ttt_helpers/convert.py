@@ -138,6 +138,13 @@ def from_official(state_dict: dict[str, Tensor], config_dict: dict) -> TTTForCau
     if config.tie_word_embeddings or "lm_head.weight" not in theirs:
         if "lm_head.weight" not in theirs and not config.tie_word_embeddings:
             raise ValueError("state_dict lacks lm_head.weight and the config does not tie it to the embeddings")
+        head, embed = theirs.get("lm_head.weight"), theirs.get("model.embed_tokens.weight")
+        if head is not None and embed is not None and not torch.equal(head, embed):
+            raise ValueError(
+                "state_dict's lm_head.weight differs from model.embed_tokens.weight, but the config ties them "
+                "(tie_word_embeddings=True), which would drop the head: pass tie_word_embeddings=False in "
+                "config_dict to keep it"
+            )
         pairs = pairs[:-1]
         theirs.pop("lm_head.weight", None)
     missing = [a for a, _ in pairs if a not in theirs]

@@ -67,7 +67,8 @@ def stream_generate(
     tokenizer: None for byte-level models, else a Hugging Face tokenizer. cache: the state to
     continue (`new_cache(model)` or one used before); it is updated in place, so after the
     generator is exhausted it has read the prompt and every generated token, and the next call
-    continues the same text. temperature 0 is greedy decoding.
+    continues the same text; a generator stopped early (`close()`, a `break`) has read every token
+    it yielded. temperature 0 is greedy decoding.
     """
     checks.module("model", model)
     checks.string("prompt", prompt, empty=True)
@@ -104,9 +105,13 @@ def _stream(model, tokenizer, ids, max_new_tokens, cache, temperature, top_k, ge
                 probs = (logits / temperature).softmax(-1).cpu()
                 token = int(torch.multinomial(probs, 1, generator=generator))
             piece = detok.push(token)
-            if piece:
-                yield piece
             inputs = torch.tensor([[token]], device=device)
+            if piece:
+                try:
+                    yield piece
+                except GeneratorExit:  # the caller stopped: the cache reads the token just yielded
+                    model(input_ids=inputs, use_cache=True, **cache_kwargs(cache))
+                    raise
         model(input_ids=inputs, use_cache=True, **cache_kwargs(cache))  # read the last token too
         tail = detok.flush()
         if tail:

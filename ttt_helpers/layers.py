@@ -148,8 +148,9 @@ class TTTLayer(nn.Module):
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.lr_gate = nn.Linear(hidden_size, num_heads)  # one inner learning-rate gate per head
         self.token_idx_offset = nn.Parameter(torch.zeros(mini_batch_size))
-        # 1/(1..b), made here in the default dtype as in the authors' model: one built in float32
-        # and cast to float64 keeps float32-rounded values, as theirs does
+        # 1/(1..b), rounded once in the dtype it is held in: made again after every cast (`_apply`),
+        # so a float64 model holds the exact float64 table however it was made (built in float64,
+        # cast with .double(), loaded, converted), as every loader makes it
         base = ops.default_token_idx(mini_batch_size, dtype=self.token_idx_offset.dtype)
         self.register_buffer("token_idx_base", base, persistent=False)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
@@ -166,6 +167,15 @@ class TTTLayer(nn.Module):
         self.init_inner_model(num_heads, self.head_dim)
         # (weight, bias) of input_projections() as one product, while a FusedProjections is applied
         self.fused: tuple[Tensor, Tensor | None] | None = None
+
+    def _apply(self, fn, recurse: bool = True):
+        """As `nn.Module._apply` (`.double()`, `.to(...)`), then 1/(1..b) made again in its new
+        dtype: a float32 table cast to float64 would keep float32's rounding."""
+        super()._apply(fn, recurse)
+        base = self.token_idx_base
+        if not base.is_meta:
+            self.token_idx_base = ops.default_token_idx(self.mini_batch_size, dtype=base.dtype, device=base.device)
+        return self
 
     def init_inner_model(self, H: int, D: int) -> None:
         """Create the learned initial state of the inner model as parameters."""

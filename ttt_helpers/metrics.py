@@ -467,6 +467,19 @@ def _check_pair(p_logits: Tensor, q_logits: Tensor) -> None:
         raise ValueError(
             f"q_logits must have the shape of p_logits {tuple(p_logits.shape)}, got {tuple(q_logits.shape)}"
         )
+    for name, logits in (("p_logits", p_logits), ("q_logits", q_logits)):
+        _check_distribution(name, logits)
+
+
+def _check_distribution(name: str, logits: Tensor) -> None:
+    """Raise unless every position of logits [..., V] is a distribution: no NaN or +inf, and at
+    least one finite logit (-inf is a token of probability 0; all -inf is no distribution)."""
+    if bool((torch.isnan(logits) | (logits == math.inf)).any()):
+        raise ValueError(f"{name} holds NaN or +inf: logits must be finite, or -inf for a token of probability 0")
+    empty = (logits == -math.inf).all(-1)
+    if bool(empty.any()):
+        where = tuple(empty.nonzero()[0].tolist())
+        raise ValueError(f"{name} at position {where} is -inf for every token: that is not a distribution")
 
 
 def total_variation(p_logits: Tensor, q_logits: Tensor) -> Tensor:
@@ -501,4 +514,6 @@ def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
 def argmax_mismatch(p_logits: Tensor, q_logits: Tensor) -> float:
     """Percentage of positions where the two distributions' most likely tokens differ."""
     _check_pair(p_logits, q_logits)
+    if p_logits[..., 0].numel() == 0:
+        raise ValueError(f"p_logits must hold at least one position, got shape {tuple(p_logits.shape)}")
     return 100.0 * (p_logits.argmax(-1) != q_logits.argmax(-1)).float().mean().item()

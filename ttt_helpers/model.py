@@ -129,6 +129,10 @@ class TTTConfig(PretrainedConfig):
         initializer_range = checks.positive("initializer_range", initializer_range)
         checks.boolean("use_cache", use_cache)
         checks.boolean("tie_word_embeddings", tie_word_embeddings)
+        if pad_token_id is not None and (
+            isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size
+        ):
+            raise ValueError(f"pad_token_id must be None or a token id in [0, {vocab_size}), got {pad_token_id!r}")
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.hidden_act, self.max_position_embeddings = hidden_act, max_position_embeddings
@@ -177,6 +181,7 @@ class TTTCache:
     its mini-batch as an int32 tensor [B] on the model's device, kept in step with seen_tokens by
     the model, so that a one-token step reads it there and not from the host (the CUDA-graph
     decoder keeps one; a left-padded batch decodes through it). Its size does not depend on seen_tokens.
+    broken: None, or why the cache can no longer be continued (a call that failed part-way).
     """
 
     states: list[tuple[Tensor, ...]]
@@ -184,6 +189,7 @@ class TTTCache:
     seen_tokens: int = 0
     starts: list[int] | None = None  # left padding per row of a ragged batch (None: no padding)
     positions: Tensor | None = None
+    broken: str | None = None  # why the cache may be half-updated (a call on it failed): None while usable
     # What generate() asks of a cache it is given: not a static KV cache to compile (the CUDA-graph
     # decoder of `kernels` captures decoding instead), every layer a recurrent state, its length.
     is_compileable: ClassVar[bool] = False
@@ -218,6 +224,7 @@ class TTTCache:
             self.seen_tokens,
             self.starts,
             self.positions,
+            self.broken,
         )
 
     def rows(self, index: Tensor, seen_tokens: int) -> TTTCache:
@@ -405,25 +412,72 @@ class TTTModel(TTTPreTrainedModel):
                 f"cache must be a TTTCache (model.model.new_cache(batch_size), or the one a forward returned), "
                 f"got {type(cache).__name__}"
             )
+        if cache.broken is not None:
+            raise ValueError(f"cache is unusable: {cache.broken}; start a new one (model.model.new_cache(batch_size))")
         if len(cache.states) != len(self.layers):
             raise ValueError(f"cache has states for {len(cache.states)} layers, the model has {len(self.layers)}")
         rows = cache.states[0][0].shape[0]
         if rows != batch_size:
             raise ValueError(f"cache holds {rows} rows, the input has {batch_size}: a cache continues one batch")
+        if len(cache.conv_states) != len(self.layers):
+            raise ValueError(
+                f"cache has conv_states for {len(cache.conv_states)} layers, the model has {len(self.layers)}"
+            )
+        C, k = self.config.hidden_size, self.config.conv_kernel
+        for i, (block, state, conv) in enumerate(zip(self.layers, cache.states, cache.conv_states)):
+            params = [(rows, *p.shape) for p in block.ttt.initial_params()]
+            want = params + params + ([(rows, k - 1, C)] if block.ttt.share_qk else [])
+            got = [tuple(t.shape) for t in state]
+            if got != want:
+                raise ValueError(
+                    f"cache does not fit this model: layer {i}'s state has shapes {got}, the model's {want} "
+                    "(a cache of another model?)"
+                )
+            want_conv = None if block.pre_conv is None else (rows, k - 1, C)
+            if (None if conv is None else tuple(conv.shape)) != want_conv:
+                raise ValueError(
+                    f"cache does not fit this model: layer {i}'s convolution state has shape "
+                    f"{None if conv is None else list(conv.shape)}, the model's {want_conv} (a cache of another model?)"
+                )
 
     def forward(self, inputs_embeds: Tensor, cache: TTTCache | None, padding: Padding | None = None) -> Tensor:
         """inputs_embeds: [B, T, C] -> hidden states [B, T, C], continuing `cache` (updated in place)
-        if given; `padding`: see `Padding` (a new cache only)."""
-        x = inputs_embeds
-        for i, block in enumerate(self.layers):
-            x = block(x, cache, i, padding)
-        if cache is not None:
+        if given; `padding`: see `Padding` (a new cache only). A call that fails (an error, a
+        KeyboardInterrupt) leaves the cache as it was or, where the decode kernel may have updated
+        its states in place, marks it unusable (`TTTCache.broken`): never half-updated."""
+        if cache is None:
+            x = inputs_embeds
+            for i, block in enumerate(self.layers):
+                x = block(x, None, i, padding)
+            return self.norm(x)
+        saved = list(cache.states), list(cache.conv_states), cache.seen_tokens
+        try:
+            x = inputs_embeds
+            for i, block in enumerate(self.layers):
+                x = block(x, cache, i, padding)
+            out = self.norm(x)
             cache.seen_tokens += x.shape[1]
             if cache.positions is not None and x.shape[1] == 1:  # on the device: no host sync
                 cache.positions.add_(1).remainder_(self.config.mini_batch_size)
             elif cache.positions is not None:
                 cache.keep_positions(self.config.mini_batch_size)
-        return self.norm(x)
+            return out
+        except BaseException as error:
+            if self._updates_in_place(inputs_embeds):
+                cache.broken = (
+                    f"a call on it failed ({type(error).__name__}) after the decode kernel may have updated it"
+                )
+            else:
+                cache.states[:], cache.conv_states[:], cache.seen_tokens = saved
+                if cache.positions is not None:
+                    cache.keep_positions(self.config.mini_batch_size)
+            raise
+
+    def _updates_in_place(self, x: Tensor) -> bool:
+        """Whether a call on x: [B, T, C] may run the decode kernel, which updates the TTT states in place."""
+        return x.shape[1] == 1 and any(
+            b.ttt.impl == "kernel" or (b.ttt.impl == "auto" and x.is_cuda) for b in self.layers
+        )
 
 
 class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
@@ -459,8 +513,14 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         from . import convert  # convert imports this module
 
         if convert.is_official_folder(pretrained_model_name_or_path):
-            model = convert.load_official_folder(pretrained_model_name_or_path)
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, str) and dtype != "auto":  # "float32", as transformers accepts it
+                if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                    raise ValueError(
+                        f"dtype must be a torch.dtype, 'auto' or a dtype's name like 'float32', got {dtype!r}"
+                    )
+                dtype = getattr(torch, dtype)
+            model = convert.load_official_folder(pretrained_model_name_or_path)
             if isinstance(dtype, torch.dtype):
                 model = model.to(dtype)
             return model.eval()

@@ -132,6 +132,28 @@ def check_device(tensor: Tensor, name: str) -> None:
         )
     if not triton_available():
         raise ValueError("the Triton kernels need the triton package: pip install triton")
+    if tensor.device.type == "cpu":
+        check_interpreter()
+
+
+def check_interpreter() -> None:
+    """Raise unless Triton's interpreter can run the kernels: triton reads TRITON_INTERPRET when it
+    defines its own functions (tl.sum, ...) at its first import, so a variable set after that
+    import leaves them compiled-only, and the interpreter fails on the first one a kernel calls.
+    Imports triton: call it at a launch."""
+    import triton.language as tl
+
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # another layout of triton: nothing to compare against
+        return
+    standard_sum = getattr(getattr(tl, "standard", None), "sum", None)
+    if standard_sum is not None and not isinstance(standard_sum, InterpretedFunction):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported (transformers and torch.compile import it "
+            "too), so Triton's interpreter cannot run the kernels: set the variable before triton is first "
+            "imported, at the top of the script or in the shell (TRITON_INTERPRET=1 python ...)"
+        )
 
 
 def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
