@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import ops
+from . import checks, ops
 from .layers import TTTLayer
 from .model import TTTConfig, TTTForCausalLM
 
@@ -220,3 +220,84 @@ def load_official_folder(folder: str | Path) -> TTTForCausalLM:
         else:
             state_dict.update(torch.load(f, map_location="cpu", weights_only=True))
     return from_official(state_dict, config_dict)
+
+
+def config_from_llama(llama_config, *, mini_batch_size: int = 16, ttt_base_lr: float = 1.0) -> TTTConfig:
+    """The `TTTConfig` of a TTT-Linear model in the Transformer backbone shaped like a Llama config:
+    width, depth, heads, feed-forward width, vocabulary, norm epsilon, rotary base, tied embeddings
+    and special tokens carried over; grouped key/value heads become full heads."""
+    rope = getattr(llama_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(llama_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("llama_config has no rotary base (rope_parameters['rope_theta'] or rope_theta)")
+    head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
+    if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
+        raise ValueError(
+            f"llama_config: num_attention_heads x head_dim ({llama_config.num_attention_heads} x {head_dim}) "
+            f"must equal hidden_size ({llama_config.hidden_size}) for a TTT layer"
+        )
+    return TTTConfig(
+        vocab_size=llama_config.vocab_size,
+        hidden_size=llama_config.hidden_size,
+        intermediate_size=llama_config.intermediate_size,
+        num_hidden_layers=llama_config.num_hidden_layers,
+        num_attention_heads=llama_config.num_attention_heads,
+        max_position_embeddings=llama_config.max_position_embeddings,
+        rms_norm_eps=float(llama_config.rms_norm_eps),
+        rope_theta=float(theta),
+        tie_word_embeddings=bool(llama_config.tie_word_embeddings),
+        pad_token_id=llama_config.pad_token_id,
+        bos_token_id=llama_config.bos_token_id,
+        eos_token_id=llama_config.eos_token_id,
+        backbone="transformer",
+        ttt_layer_type="linear",
+        mini_batch_size=mini_batch_size,
+        ttt_base_lr=ttt_base_lr,
+    )
+
+
+def from_llama(llama: torch.nn.Module, *, mini_batch_size: int = 16, ttt_base_lr: float = 1.0) -> TTTForCausalLM:
+    """A `TTTForCausalLM` made from a Llama-style causal LM: every self-attention becomes a TTT-Linear
+    layer (Transformer backbone) whose q, k, v and o projections are the attention's, each grouped
+    key/value head repeated for the query heads that share it (`transplant.ttt_from_attention`,
+    seed = layer index); the embeddings, the norms, the feed-forward blocks and the head are copied.
+
+    What the conversion cannot keep: absolute positions (the TTT layer rotates XQ and XK by
+    t mod mini_batch_size, so the rotary embedding now encodes positions inside a mini-batch only),
+    and attention itself (a TTT layer's output is XQ + LN(f(XQ)) through a LayerNorm, not a softmax
+    average of values): before distillation the converted model is far worse than the original.
+    The result is on the CPU in the Llama's dtype; `llama` is not changed.
+    """
+    from .transplant import _decoder_layers, ttt_from_attention  # transplant imports layers, not this module
+
+    checks.module("llama", llama)
+    decoder = _decoder_layers(llama)
+    inner = llama.model
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "norm")) or not hasattr(llama, "lm_head"):
+        raise ValueError("llama must be a Llama-style causal LM (model.embed_tokens, model.norm, lm_head)")
+    config = config_from_llama(llama.config, mini_batch_size=mini_batch_size, ttt_base_lr=ttt_base_lr)
+    weights = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
+    if not config.tie_word_embeddings:
+        weights["lm_head.weight"] = llama.lm_head.weight
+    for i, theirs in enumerate(decoder):
+        ours = f"model.layers.{i}."
+        weights[ours + "seq_norm.weight"] = theirs.input_layernorm.weight
+        weights[ours + "ffn_norm.weight"] = theirs.post_attention_layernorm.weight
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            weights[ours + f"mlp.{name}.weight"] = getattr(theirs.mlp, name).weight
+        ttt = ttt_from_attention(
+            theirs.self_attn, mini_batch_size=mini_batch_size, seed=i, rope_theta=config.rope_theta
+        )
+        weights.update({ours + "ttt." + name: value for name, value in ttt.state_dict().items()})
+    with torch.device("meta"):  # no random initialisation of weights that are overwritten at once
+        model = TTTForCausalLM(config)
+    model.load_state_dict({k: v.detach().clone() for k, v in weights.items()}, strict=False, assign=True)
+    model.tie_weights()
+    dtype = inner.embed_tokens.weight.dtype
+    for module in model.modules():  # a buffer, not in the state dict: 1/(1..b) as the layer makes it
+        if isinstance(module, TTTLayer):
+            module.token_idx_base = ops.default_token_idx(module.mini_batch_size, dtype=torch.float32).to(dtype)
+    leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if leftover:
+        raise ValueError(f"llama left parameters of the TTT model unset: {leftover[:5]}")
+    return model.eval()

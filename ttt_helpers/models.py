@@ -127,3 +127,24 @@ def load_pretrained(
         if bars:
             hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
+
+
+def sliding_window(llama: PreTrainedModel, window: int) -> PreTrainedModel:
+    """The same weights as a Llama `llama`, every attention limited to the last `window` tokens: a
+    `MistralForCausalLM` (Llama's architecture with a sliding window), whose cache keeps `window`
+    tokens per layer, so its memory stops growing once the context passes the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if getattr(llama.config, "model_type", None) != "llama":
+        raise ValueError(f"llama must be a Llama model, got model_type {getattr(llama.config, 'model_type', None)!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    keys += ("num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    keys += ("bos_token_id", "eos_token_id", "pad_token_id", "rope_parameters", "hidden_act")
+    config = MistralConfig(**{k: getattr(llama.config, k) for k in keys}, sliding_window=window)
+    config._attn_implementation = llama.config._attn_implementation
+    weight = llama.model.embed_tokens.weight
+    model = MistralForCausalLM(config).to(weight.device, weight.dtype)
+    model.load_state_dict(llama.state_dict(), strict=True)
+    return model.eval()

@@ -46,12 +46,19 @@ class TTTAsAttention(nn.Module):
 
 
 def ttt_from_attention(
-    attn: nn.Module, *, init: str = "attention", mini_batch_size: int = 16, seed: int = 0
+    attn: nn.Module,
+    *,
+    init: str = "attention",
+    mini_batch_size: int = 16,
+    seed: int = 0,
+    rope_theta: float = 10000.0,
 ) -> TTTLinear:
     """A TTT-Linear layer shaped like a Llama attention module `attn`.
 
     init="attention" copies q_proj and o_proj and repeats each grouped key/value head for the
-    query heads that share it; init="random" keeps the layer's own random initialisation.
+    query heads that share it; init="random" keeps the layer's own random initialisation. The
+    layer's other parameters (W0, the learning-rate gate) are drawn from `seed`; `rope_theta` is
+    the base of its rotary embedding inside the mini-batch.
     """
     if init not in ("attention", "random"):
         raise ValueError(f"init must be 'attention' or 'random', got {init!r}")
@@ -63,7 +70,7 @@ def ttt_from_attention(
     C, D = attn.q_proj.in_features, attn.head_dim
     H, kv_heads = attn.q_proj.out_features // D, attn.k_proj.out_features // D
     torch.manual_seed(seed)
-    layer = TTTLinear(C, H, mini_batch_size=mini_batch_size)
+    layer = TTTLinear(C, H, mini_batch_size=mini_batch_size, rope_theta=rope_theta)
     if init == "attention":
         with torch.no_grad():
             layer.q_proj.weight.copy_(attn.q_proj.weight)
