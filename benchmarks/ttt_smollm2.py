@@ -344,6 +344,9 @@ def main() -> None:
             args.max_docs,
         )
         print(f"perplexity done {time.perf_counter() - t0:.0f}s", flush=True)
+    if "chat" in sections:
+        section_chat({k: models[k] for k in ("smollm2", "ttt")}, tokenizer, results, path)
+        print(f"chat done {time.perf_counter() - t0:.0f}s", flush=True)
     if "long" in sections:
         section_long(
             {k: v for k, v in models.items() if k != "converted"}, bank, results, path, args.max_docs, args.long_tokens
@@ -358,9 +361,6 @@ def main() -> None:
             {"smollm2": 10, "smollm2_window": 2},
         )
         print(f"passkey done {time.perf_counter() - t0:.0f}s", flush=True)
-    if "chat" in sections:
-        section_chat({k: models[k] for k in ("smollm2", "ttt")}, tokenizer, results, path)
-        print(f"chat done {time.perf_counter() - t0:.0f}s", flush=True)
     if "decode" in sections:
         del models, window, converted
         section_decode(ttt.cpu(), llama_cpu.cpu(), results, path, args.decode_minutes)

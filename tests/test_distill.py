@@ -79,6 +79,8 @@ def test_conversion_gives_the_transplant_layers_and_copies_the_rest():
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     base = model.model.layers[0].ttt.token_idx_base
     assert torch.equal(base, 1.0 / torch.arange(1, 17, dtype=torch.float32))
+    double = from_llama(tiny_llama().double()).model.layers[1].ttt.token_idx_base
+    assert double.dtype == torch.float64 and torch.equal(double, 1.0 / torch.arange(1, 17, dtype=torch.float64))
 
 
 def test_converted_model_is_an_ordinary_ttt_model(tmp_path):

@@ -294,9 +294,9 @@ def from_llama(llama: torch.nn.Module, *, mini_batch_size: int = 16, ttt_base_lr
     model.load_state_dict({k: v.detach().clone() for k, v in weights.items()}, strict=False, assign=True)
     model.tie_weights()
     dtype = inner.embed_tokens.weight.dtype
-    for module in model.modules():  # a buffer, not in the state dict: 1/(1..b) as the layer makes it
+    for module in model.modules():  # a buffer, not in the state dict: 1/(1..b) in the weights' dtype
         if isinstance(module, TTTLayer):
-            module.token_idx_base = ops.default_token_idx(module.mini_batch_size, dtype=torch.float32).to(dtype)
+            module.token_idx_base = ops.default_token_idx(module.mini_batch_size, dtype=dtype)
     leftover = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if leftover:
         raise ValueError(f"llama left parameters of the TTT model unset: {leftover[:5]}")

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the delta from a run's checkpoint")
     export.add_argument("--run", required=True, help="the run folder")
     export.add_argument("--out", required=True, help="the delta file, ending in .safetensors")
+    export.add_argument(
+        "--unfinished", action="store_true", help="export a run stopped inside its last stage (the JSON says where)"
+    )
     return parser
 
 
@@ -130,7 +133,8 @@ def export(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--run {folder} holds no checkpoint.pt")
     log = json.loads((folder / "distill.json").read_text(encoding="utf-8"))
     state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)
-    if state["stage"] < 2:
+    finished = state["stage"] >= 2
+    if not finished and not (args.unfinished and state["stage"] == 1):
         raise ValueError(f"--run {folder} has not finished its stages (stage {state['stage']}, step {state['step']})")
     config, provenance = log["config"], log["provenance"]
     info = {
@@ -142,6 +146,7 @@ def export(args: argparse.Namespace) -> dict:
         "conversion": {k: provenance["conversion"][k] for k in ("mini_batch_size", "ttt_base_lr")},
         "lora": {"rank": config["lora_rank"], "alpha": config["lora_alpha"], "targets": list(LORA_TARGETS)},
         "trained": {"stages": log["stages"], "config": config, "bank": provenance["bank"]},
+        "finished": finished if finished else {"stage": "logits", "steps": state["step"], "of": config["logit_steps"]},
         "environment": provenance["environment"],
     }
     return pretrained.save_delta(delta_tensors(state["params"]), args.out, info)
