@@ -301,6 +301,7 @@ def main() -> None:
     parser.add_argument("--max-docs", type=int, default=None, help="documents per domain (a dry run: a few)")
     parser.add_argument("--long-tokens", type=int, default=LONG, help="tokens of each long document (a dry run: fewer)")
     parser.add_argument("--passkey-lengths", default=",".join(map(str, PASSKEY_LENGTHS)))
+    parser.add_argument("--ttt-impl", default="auto", choices=("auto", "reference"), help="the TTT layers' path")
     args = parser.parse_args()
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.is_file() else {}
@@ -310,6 +311,7 @@ def main() -> None:
     results["provenance"] = {
         "environment": environment(),
         "delta_sha256": info["sha256"],
+        "ttt_impl": args.ttt_impl,
         "teacher_sha256": pretrained.weights_sha256(llama_cpu),
         "bank": bank.manifest["provenance"],
     }
@@ -324,6 +326,8 @@ def main() -> None:
     converted = from_llama(llama_cpu)
     ttt = from_llama(llama_cpu)
     pretrained.apply_delta(ttt, tensors, info)
+    for model in (converted, ttt):
+        model.set_ttt_impl(args.ttt_impl)
     plain = nullcontext
     window = sliding_window(llama_cpu, WINDOW)
     models = {
@@ -359,6 +363,7 @@ def main() -> None:
             results,
             path,
             {"smollm2": 10, "smollm2_window": 2},
+            tuple(int(n) for n in args.passkey_lengths.split(",")),
         )
         print(f"passkey done {time.perf_counter() - t0:.0f}s", flush=True)
     if "decode" in sections:

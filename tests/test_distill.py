@@ -277,7 +277,13 @@ def test_distiller_refuses_a_used_folder_and_a_missing_checkpoint(bank_folder, t
         Distiller(DistillConfig(out_dir=str(tmp_path / "new"), weights={"web": 1.0}, **SMALL), tiny_llama(), bank)
     with pytest.raises(ValueError, match="layer_batch"):
         DistillConfig(out_dir="x", layer_batch=(2,))
+    with pytest.raises(ValueError, match="ttt_impl"):
+        DistillConfig(out_dir="x", ttt_impl="triton")
     assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
+    reference = Distiller(
+        DistillConfig(out_dir=str(tmp_path / "ref"), ttt_impl="reference", **SMALL), tiny_llama(), bank
+    )
+    assert {block.ttt.impl for block in reference.student.model.layers} == {"reference"}
 
 
 def test_export_gives_the_distilled_student(bank_folder, tmp_path):

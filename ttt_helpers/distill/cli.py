@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=getattr(defaults, name),
         )
     run.add_argument("--max-minutes", type=float, default=None)
+    run.add_argument(
+        "--ttt-impl",
+        choices=("auto", "kernel", "reference"),
+        default="auto",
+        help="the TTT layers' path: auto runs the Triton kernels on CUDA, reference the PyTorch code",
+    )
     export = sub.add_parser("export", help="write the delta from a run's checkpoint")
     export.add_argument("--run", required=True, help="the run folder")
     export.add_argument("--out", required=True, help="the delta file, ending in .safetensors")
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> str:
         layer_batch=tuple(args.layer_batch),
         logit_batch=tuple(args.logit_batch),
         max_minutes=args.max_minutes,
+        ttt_impl=args.ttt_impl,
     )
     bank = load_bank(args.bank)  # checks every stream before the teacher is loaded
     teacher = load_teacher(args.gguf)

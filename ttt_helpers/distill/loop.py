@@ -70,6 +70,7 @@ class DistillConfig:
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (with a checkpoint) once this much time has passed in this call
     bf16: bool = True  # autocast the products to bfloat16 on CUDA (the master weights stay float32)
+    ttt_impl: str = "auto"  # the student's TTT path: "auto" (the Triton training kernels on CUDA) or "reference"
 
     def __post_init__(self) -> None:
         checks.integer("layer_steps", self.layer_steps, 0)
@@ -99,11 +100,13 @@ class DistillConfig:
         checks.integer("checkpoint_every", self.checkpoint_every, 1)
         if self.max_minutes is not None:
             checks.positive("max_minutes", self.max_minutes)
+        checks.one_of("ttt_impl", self.ttt_impl, ("auto", "kernel", "reference"))
 
 
 def make_student(teacher: nn.Module, config: DistillConfig) -> TTTForCausalLM:
     """The converted model with adapters on its TTT projections; every weight frozen but the delta."""
     student = from_llama(teacher)
+    student.set_ttt_impl(config.ttt_impl)
     for p in student.parameters():
         p.requires_grad_(False)
     lora.add_lora(student, LORA_TARGETS, config.lora_rank, config.lora_alpha, seed=config.seed)
