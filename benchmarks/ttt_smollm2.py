@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -59,6 +60,19 @@ def empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def commit() -> str:
+    """The commit of this tree (a copy without .git names it in the environment variable GIT_COMMIT)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
 def save(results: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
@@ -78,11 +92,30 @@ def inner_lr_zero(model):
             block.ttt.base_lr = lr
 
 
+def is_ttt(model) -> bool:
+    return getattr(model.config, "model_type", None) == "ttt"
+
+
+def prefill(model, ids: torch.Tensor, tokens: int = 4096):
+    """The last hidden states [B, T, C] of a Llama (or its sliding-window Mistral) and its cache: the
+    sequence goes in chunks of tokens // B positions through a DynamicCache, so no attention matrix of
+    T x T is ever built (a 32k prompt in one float32 SDPA call needs 36 GiB per sequence)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    chunk = max(256, tokens // ids.shape[0])
+    out = [
+        model.model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).last_hidden_state
+        for s in range(0, ids.shape[1], chunk)
+    ]
+    return torch.cat(out, 1), cache
+
+
 def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
-    """The last hidden states [B, T, C] of either kind of model, without a cache."""
-    if getattr(model.config, "model_type", None) == "ttt":
+    """The last hidden states [B, T, C] of either kind of model."""
+    if is_ttt(model):
         return model.model(model.model.embed_tokens(ids), None)
-    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+    return prefill(model, ids)[0]
 
 
 @torch.no_grad()
@@ -162,7 +195,25 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[list
 
 
 @torch.no_grad()
+def greedy_llama(model, batch: torch.Tensor, new_tokens: int, eos: int) -> torch.Tensor:
+    """Greedy continuation [B, new_tokens] of a Llama after a chunked prefill; a row that has said eos says
+    eos from then on (what generate() returns with pad_token_id = eos)."""
+    h, cache = prefill(model, batch)
+    said = []
+    done = torch.zeros(batch.shape[0], dtype=torch.bool, device=batch.device)
+    for i in range(new_tokens):
+        token = model.lm_head(h[:, -1]).argmax(-1).masked_fill(done, eos)
+        said.append(token)
+        done |= token == eos
+        if i + 1 < new_tokens:
+            h = model.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.stack(said, 1)
+
+
+@torch.no_grad()
 def answers(model, batch: torch.Tensor, tokenizer, context) -> list[str]:
+    if not is_ttt(model):
+        return [tokenizer.decode(row) for row in greedy_llama(model, batch, 8, tokenizer.eos_token_id)]
     with context():
         out = model.generate(
             batch,
@@ -308,13 +359,20 @@ def main() -> None:
     bank = load_bank(args.bank)
     llama_cpu = load_teacher(args.gguf)
     tensors, info = pretrained.read_delta(args.delta)
-    results["provenance"] = {
-        "environment": environment(),
-        "delta_sha256": info["sha256"],
-        "ttt_impl": args.ttt_impl,
-        "teacher_sha256": pretrained.weights_sha256(llama_cpu),
-        "bank": bank.manifest["provenance"],
-    }
+    provenance = results.setdefault("provenance", {"delta_sha256": info["sha256"], "visits": []})
+    if provenance["delta_sha256"] != info["sha256"]:
+        raise ValueError(f"{path} holds results of the delta {provenance['delta_sha256'][:12]}..., not of {args.delta}")
+    provenance["teacher_sha256"] = pretrained.weights_sha256(llama_cpu)
+    provenance["bank"] = bank.manifest["provenance"]
+    # each invocation adds a visit: a cut-short run resumed on another machine says what ran where
+    provenance["visits"].append(
+        {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": commit(),
+            "environment": environment(),
+            "arguments": vars(args),
+        }
+    )
     from transformers import AutoTokenizer
 
     gguf = Path(args.gguf) if args.gguf else None
