@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt_helpers import pretrained
+from ttt_helpers.compat import cache_kwargs
 from ttt_helpers.convert import from_llama
 from ttt_helpers.distill.bank import LONG, SHORT, load_bank
 from ttt_helpers.distill.cli import load_teacher
@@ -105,7 +106,7 @@ def prefill(model, ids: torch.Tensor, tokens: int = 4096):
     cache = DynamicCache(config=model.config)
     chunk = max(256, tokens // ids.shape[0])
     out = [
-        model.model(input_ids=ids[:, s : s + chunk], past_key_values=cache, use_cache=True).last_hidden_state
+        model.model(input_ids=ids[:, s : s + chunk], use_cache=True, **cache_kwargs(cache)).last_hidden_state
         for s in range(0, ids.shape[1], chunk)
     ]
     return torch.cat(out, 1), cache
@@ -206,7 +207,7 @@ def greedy_llama(model, batch: torch.Tensor, new_tokens: int, eos: int) -> torch
         said.append(token)
         done |= token == eos
         if i + 1 < new_tokens:
-            h = model.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).last_hidden_state
+            h = model.model(input_ids=token[:, None], use_cache=True, **cache_kwargs(cache)).last_hidden_state
     return torch.stack(said, 1)
 
 

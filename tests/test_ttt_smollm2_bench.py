@@ -1,0 +1,66 @@
+"""benchmarks/ttt_smollm2.py's Transformer paths on a tiny random Llama: the chunked prefill gives the
+hidden states of one full forward, and the greedy loop over its cache says what generate() says, for
+the Llama and for its sliding-window copy (a window shorter than a chunk)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ttt_helpers.models import sliding_window
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ttt_smollm2.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ttt_smollm2_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_chunked_prefill_and_greedy_loop_match_one_forward(bench, window):
+    llama = tiny_llama()
+    model = llama if window is None else sliding_window(llama, window)
+    ids = torch.randint(0, 300, (2, 700), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        chunked, _ = bench.prefill(model, ids, tokens=512)  # three chunks of 256 per row
+        torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+        said = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=5, eos_token_id=5
+        )[:, ids.shape[1] :]
+    assert torch.equal(bench.greedy_llama(model, ids, 8, eos=5), said)
+
+
+def test_window_changes_what_the_model_sees(bench):
+    llama = tiny_llama()
+    ids = torch.randint(0, 300, (1, 400), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = bench.prefill(llama, ids, tokens=256)[0]
+        windowed = bench.prefill(sliding_window(llama, 100), ids, tokens=256)[0]
+    torch.testing.assert_close(windowed[:, :100], full[:, :100], rtol=1e-5, atol=1e-5)
+    assert (windowed[:, 300:] - full[:, 300:]).abs().max() > 1e-3
