@@ -1,6 +1,7 @@
 """Evaluation metrics: perplexity, loss by position, length generalization, latency, distances."""
 
 import math
+import statistics
 from types import SimpleNamespace
 
 import matplotlib
@@ -245,6 +246,114 @@ def test_kl_matches_torch_distributions(rng):
     )
     torch.testing.assert_close(metrics.kl_divergence(p, q), ref, rtol=1e-5, atol=1e-6)
     assert (metrics.max_abs_diff(p, q) <= metrics.total_variation(p, q) + 1e-6).all()
+
+
+# ---------------------------------------------------------------- bits per byte and intervals
+
+
+def test_bits_per_byte_of_a_byte_level_model_is_its_loss_in_bits(rng):
+    model = tiny_llama()
+    ids = torch.randint(64, (33,), generator=rng)
+    result = metrics.perplexity(model, ids, window=33, stride=33)
+    text = bytes(ids[1:].tolist())  # a byte-level model: one token per byte, the first is context
+    bpb = metrics.bits_per_byte(result.nll * result.tokens, text)
+    assert bpb == pytest.approx(result.nll / math.log(2), rel=1e-12)
+
+
+def test_bits_per_byte_counts_utf8_bytes_not_characters():
+    # the same code length over the same text: two tokenizations, one number
+    text = "héllo wörld"  # 11 characters, 13 bytes
+    assert len(text.encode()) == 13
+    nll_sum = 13 * math.log(2) * 1.5
+    assert metrics.bits_per_byte(nll_sum, text) == pytest.approx(1.5, rel=1e-12)
+    assert metrics.bits_per_byte(nll_sum, text.encode()) == metrics.bits_per_byte(nll_sum, text)
+    assert metrics.bits_per_byte(0.0, "a") == 0.0
+
+
+def test_bad_bits_per_byte_input():
+    with pytest.raises(ValueError, match="nll_sum must be >= 0"):
+        metrics.bits_per_byte(-1.0, "abc")
+    with pytest.raises(ValueError, match="text must hold at least one byte"):
+        metrics.bits_per_byte(1.0, "")
+    with pytest.raises(TypeError, match="text must be the scored text"):
+        metrics.bits_per_byte(1.0, [1, 2])
+    with pytest.raises(TypeError, match="nll_sum must be a number"):
+        metrics.bits_per_byte("1", "abc")
+
+
+# Student's t quantiles t_{p, df}, from printed tables (9 digits)
+T_TABLE = [
+    (0.975, 1, 12.7062047),
+    (0.975, 2, 4.30265273),
+    (0.975, 4, 2.77644511),
+    (0.975, 9, 2.26215716),
+    (0.975, 29, 2.04522964),
+    (0.975, 100, 1.98397152),
+    (0.95, 10, 1.81246112),
+    (0.995, 5, 4.03214298),
+    (0.9, 3, 1.63774435),
+]
+
+
+@pytest.mark.parametrize("p,df,expected", T_TABLE)
+def test_t_quantile_matches_tables(p, df, expected):
+    assert metrics.t_quantile(p, df) == pytest.approx(expected, rel=1e-8)
+    assert metrics.t_quantile(1 - p, df) == pytest.approx(-expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.6, 0.8, 0.975, 0.999, 0.02])
+def test_t_quantile_closed_forms(p):
+    # df = 1 is the Cauchy distribution; df = 2 has a closed form too; a huge df is the normal
+    assert metrics.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9, abs=1e-12)
+    assert metrics.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9, abs=1e-12)
+    normal = statistics.NormalDist().inv_cdf(p)
+    assert metrics.t_quantile(p, 1e7) == pytest.approx(normal, rel=1e-6, abs=1e-9)
+
+
+def test_mean_interval_by_hand():
+    values = [1.0, 2.0, 4.0, 7.0]
+    interval = metrics.mean_interval(values)
+    half = 3.18244631 * statistics.stdev(values) / 2  # t_{0.975, 3} sd / sqrt(4)
+    assert interval.n == 4 and interval.mean == 3.5
+    assert interval.low == pytest.approx(3.5 - half, rel=1e-8)
+    assert interval.high == pytest.approx(3.5 + half, rel=1e-8)
+    tensor = metrics.mean_interval(torch.tensor(values), confidence=0.95)
+    assert tensor == pytest.approx(interval)
+
+
+def test_mean_interval_narrows_with_lower_confidence_and_more_values(rng):
+    values = torch.randn(200, generator=rng, dtype=torch.float64)
+    wide, narrow = metrics.mean_interval(values, 0.99), metrics.mean_interval(values, 0.8)
+    assert narrow.low > wide.low and narrow.high < wide.high
+    few = metrics.mean_interval(values[:10])
+    assert few.high - few.low > (metrics.mean_interval(values).high - metrics.mean_interval(values).low) * 2
+    assert metrics.mean_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0, 3)
+
+
+def test_mean_interval_covers_the_mean_about_95_percent_of_the_time():
+    gen = torch.Generator().manual_seed(0)
+    trials = 2000
+    samples = torch.randn(trials, 5, generator=gen, dtype=torch.float64) + 3.0
+    covered = 0
+    for row in samples:
+        interval = metrics.mean_interval(row)
+        covered += interval.low <= 3.0 <= interval.high
+    assert 0.93 < covered / trials < 0.97  # binomial sd about 0.005
+
+
+def test_bad_interval_input():
+    with pytest.raises(ValueError, match="at least 2 numbers"):
+        metrics.mean_interval([1.0])
+    with pytest.raises(ValueError, match=r"values\[1\] must be a finite number"):
+        metrics.mean_interval([1.0, float("nan")])
+    with pytest.raises(TypeError, match="values must be a sequence"):
+        metrics.mean_interval("12")
+    with pytest.raises(ValueError, match=r"confidence must be in \(0"):
+        metrics.mean_interval([1.0, 2.0], confidence=1.0)
+    with pytest.raises(ValueError, match=r"p must be in \(0"):
+        metrics.t_quantile(0.0, 3)
+    with pytest.raises(ValueError, match="df must be > 0"):
+        metrics.t_quantile(0.9, 0)
 
 
 # ---------------------------------------------------------------- bad input

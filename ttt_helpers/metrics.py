@@ -147,6 +147,115 @@ def per_position_loss(model: nn.Module, documents: Sequence[Tensor], *, length: 
     return (total / windows).float().cpu()
 
 
+def bits_per_byte(nll_sum: float, text: str | bytes) -> float:
+    """Bits per UTF-8 byte of `text`, from the summed next-token NLL (nats) of the tokens that spell it.
+
+    nll_sum / ln 2 is the code length of the text in bits under the model; dividing by the text's
+    UTF-8 bytes instead of its tokens makes models with different tokenizers comparable (a
+    byte-level model's per-byte loss in nats gives the same number: loss / ln 2). `text` must be
+    exactly what the scored tokens spell: for a token-level model that scores tokens 1..N of a
+    passage, `tokenizer.decode(ids[1:])`. A perplexity result gives nll_sum = nll * tokens.
+    """
+    nll_sum = checks.real("nll_sum", nll_sum, 0)
+    if isinstance(text, str):
+        n_bytes = len(text.encode("utf-8"))
+    elif isinstance(text, (bytes, bytearray)):
+        n_bytes = len(text)
+    else:
+        raise TypeError(f"text must be the scored text as a str or bytes, got {type(text).__name__}")
+    if n_bytes == 0:
+        raise ValueError("text must hold at least one byte: the bits are divided by its length")
+    return nll_sum / math.log(2) / n_bytes
+
+
+# ---------------------------------------------------------------- intervals
+
+
+class Interval(NamedTuple):
+    """A mean over n values and its two-sided confidence interval [low, high]."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _beta_regularized(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), for 0 <= x <= 1."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def _t_cdf(t: float, df: float) -> float:
+    """Student's t distribution function with df degrees of freedom."""
+    tail = 0.5 * _beta_regularized(df / 2, 0.5, df / (df + t * t))  # P(T > |t|)
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t distribution with df degrees of freedom (bisection on its
+    distribution function, to about 1e-12). t_quantile(0.975, 29) = 2.0452..."""
+    p = checks.real("p", p, 0, 1, low_open=True, high_open=True)
+    df = checks.positive("df", df)
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    low, high = 0.0, 1.0
+    while _t_cdf(high, df) < p:
+        low, high = high, 2 * high
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_cdf(mid, df) < p else (low, mid)
+        if high - low < 1e-12 * max(1.0, high):
+            break
+    return (low + high) / 2
+
+
+def mean_interval(values: Sequence[float] | Tensor, confidence: float = 0.95) -> Interval:
+    """Mean of `values` with its Student-t confidence interval, mean +- t * sd / sqrt(n).
+
+    The interval is for the mean of the population the values were drawn from, assuming they are
+    independent draws (windows of text, seeds, facts): were the experiment repeated, about
+    `confidence` of such intervals would contain that mean. It says nothing of a single new draw,
+    which spreads about sqrt(n) times wider. Needs at least 2 finite values.
+    """
+    if isinstance(values, Tensor):
+        values = values.detach().double().reshape(-1).tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"values must be a sequence of numbers or a tensor, got {type(values).__name__}")
+    values = [checks.real(f"values[{i}]", v) for i, v in enumerate(values)]
+    if len(values) < 2:
+        raise ValueError(f"values must hold at least 2 numbers for an interval, got {len(values)}")
+    confidence = checks.real("confidence", confidence, 0, 1, low_open=True, high_open=True)
+    n, mean = len(values), math.fsum(values) / len(values)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Interval(mean=mean, low=mean - half, high=mean + half, n=n)
+
+
 # ---------------------------------------------------------------- length generalization
 
 
