@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -12,6 +13,7 @@ from ttt_helpers.adapt import (
     activation_bytes,
     adapt_lora,
     adapted,
+    adapter_gradient,
     answer_nll,
     chunk_batches,
     greedy_answer,
@@ -284,6 +286,7 @@ def test_linear_module_names(tiny):
         ),
         ({"target_modules": []}, "target_modules must be a non-empty list"),
         ({"chunk_tokens": 1}, "chunk_tokens must be >= 2, got 1"),
+        ({"alpha": 0}, "alpha must be > 0, got 0"),
     ],
 )
 def test_bad_input(tiny, tok, kwargs, match):
@@ -292,6 +295,69 @@ def test_bad_input(tiny, tok, kwargs, match):
     with pytest.raises(ValueError, match=match):
         adapt_lora(tiny, tok, args.pop("text"), **args)
     assert not lora_names(tiny) and weights_checksum(tiny) == before
+
+
+def lora_b(model) -> torch.Tensor:
+    """Every LoRA B matrix of a peft model, flattened in parameter order."""
+    return torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if "lora_B" in n])
+
+
+def test_alpha_scales_the_adapters_output(tiny, tok, rng):
+    """alpha defaults to 2r; the adapter's contribution to the output scales with alpha / r."""
+    text, ids = random_text(rng, 16), torch.randint(97, 123, (1, 10), generator=rng)
+    base = logits(tiny, ids)
+    deltas = {}
+    for alpha in (None, 8, 16):
+        with adapted(tiny, tok, text, steps=1, lr=1e-2, rank=4, seed=2, alpha=alpha) as run:
+            scales = {m.scaling["default"] for m in run.model.modules() if isinstance(m, LoraLayer)}
+            deltas[alpha] = logits(run.model, ids) - base
+        assert scales == {(alpha or 8) / 4}
+    # one step from B = 0 moves B by about -lr sign(grad B) whatever alpha is, so the change of the
+    # output, linear in B to first order, doubles with alpha
+    torch.testing.assert_close(deltas[None], deltas[8], rtol=0, atol=0)
+    ratio = deltas[16].norm() / deltas[8].norm()
+    assert 1.8 < ratio < 2.2, ratio
+
+
+def test_adapter_gradient_sets_the_first_adamw_step(tiny, tok, rng):
+    """AdamW's first step from B = 0 is -lr * g / (|g| + eps) on every B entry: -lr sign(g) where
+    |g| >> eps. adapter_gradient gives that g, in parameter order, and leaves the model as it was."""
+    text, lr = random_text(rng, 24), 1e-3
+    before = weights_checksum(tiny)
+    grad = adapter_gradient(tiny, tok, text, rank=4, seed=5)
+    assert weights_checksum(tiny) == before and not lora_names(tiny)
+    with adapted(tiny, tok, text, steps=1, lr=lr, rank=4, seed=5) as run:
+        names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+        sizes = [p.numel() for p in run.model.parameters() if p.requires_grad]
+        moved_b = lora_b(run.model)
+    assert grad.dtype == torch.float32 and grad.numel() == run.trainable_params == sum(sizes)
+    is_b = torch.cat([torch.full((k,), "lora_B" in n) for n, k in zip(names, sizes)])
+    assert grad[~is_b].abs().max() == 0  # with B = 0 nothing reaches A
+    g = grad[is_b]
+    big = g.abs() > 1e-5
+    assert big.float().mean() > 0.9
+    torch.testing.assert_close(moved_b[big], -lr * torch.sign(g[big]), rtol=1e-3, atol=0)
+
+
+def test_adapter_gradient_of_identical_rows_is_one_rows(tiny, tok, rng):
+    text = random_text(rng, 20)
+    one = adapter_gradient(tiny, tok, text, rank=4, seed=1)
+    three = adapter_gradient(tiny, tok, [text] * 3, rank=4, seed=1)
+    torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(one, adapter_gradient(tiny, tok, text, rank=4, seed=2))  # another A, another B grad
+
+
+def test_adapter_gradient_refuses_bad_input(tiny, tok):
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        adapter_gradient(tiny, tok, "some text", rank=0)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        adapter_gradient(tiny, tok, "some text", alpha=-1.0)
+    with pytest.raises(ValueError, match="target_modules must be"):
+        adapter_gradient(tiny, tok, "some text", target_modules=("nope",))
+    with adapted(tiny, tok, "some text", steps=1) as run:
+        with pytest.raises(ValueError, match="already carries a peft adapter"):
+            adapter_gradient(run.model, tok, "some text")
+    assert not lora_names(tiny)
 
 
 def test_refuses_a_model_that_already_has_an_adapter(tiny, tok):

@@ -132,42 +132,8 @@ def _remove_adapter(peft_model: PeftModel, snapshot: _Snapshot) -> nn.Module:
     return base
 
 
-def adapt_lora(
-    model: nn.Module,
-    tokenizer,
-    text: str | Sequence[str],
-    *,
-    steps: int = 30,
-    lr: float = 1e-3,
-    rank: int = 8,
-    target_modules: Sequence[str] = DEFAULT_TARGETS,
-    chunk_tokens: int | None = None,
-    seed: int = 0,
-    callback: Callable[[int, PeftModel], None] | None = None,
-) -> AdaptResult:
-    """Freeze `model`, attach LoRA adapters and train only them on `text` with AdamW.
-
-    The defaults (30 steps at lr 1e-3, rank 8 on q_proj and v_proj) stored a new one-sentence
-    fact exactly in 30 of 30 trials on SmolLM2-135M (6 facts x 5 seeds); 20 steps stored 27 of 30
-    (`benchmarks/lora_recall.py`, chapter 2). Fewer steps forget less of everything else.
-
-    text: one string, or a list of strings fed together as the rows of one batch (right-padded).
-      Each row starts from an empty context, so no row can copy from another (copies of a fact
-      concatenated in one string can be predicted from the earlier copies instead of being
-      stored). Identical rows give the same gradient as one row: rows help when they differ,
-      e.g. several facts or several phrasings of one.
-    chunk_tokens: rows longer than this (default: the model's context window) are cut into
-      chunks, learned in order (streaming): `steps` AdamW steps on the batch of first chunks,
-      then `steps` on the second chunks, and so on, with one optimizer throughout. So
-      `len(losses) == steps * chunks`.
-    rank: LoRA rank r (alpha = 2r, no dropout); target_modules: last names of the linear layers
-      that get adapters (see `linear_module_names`). `seed` seeds torch before the adapter is
-      initialised. The model is changed in place (peft injects the adapter layers): remove the
-      adapter with `result.unload()`, or use the `adapted` context manager which does it for you.
-    callback(step, peft_model): called after every AdamW step (step counts from 1), with the model
-      in eval mode and gradients off, to measure recall along the way; its time is not counted
-      in `seconds`. An exception from it stops the adaptation and removes the adapter.
-    """
+def _check_bare(model: nn.Module) -> None:
+    """A module without a peft adapter attached."""
     if isinstance(model, PeftModel):
         raise ValueError("model already carries a peft adapter: unload it first")
     checks.module("model", model)
@@ -177,14 +143,10 @@ def adapt_lora(
             "remove it with `result.unload()` on that call's result (or use `with adapted(...)`, which always "
             "removes it), or load the model again"
         )
-    checks.integer("steps", steps, 1)
-    checks.positive("lr", lr)
-    checks.integer("rank", rank, 1)
-    checks.integer("seed", seed)
-    if callback is not None and not callable(callback):
-        raise TypeError(
-            f"callback must be a function callback(step, peft_model) or None, got {type(callback).__name__}"
-        )
+
+
+def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """target_modules as a checked list of last names of the model's linear layers."""
     valid = linear_module_names(model)
     if not isinstance(target_modules, (str, list, tuple)):
         raise TypeError(f"target_modules must be a list of names from {valid}, got {type(target_modules).__name__}")
@@ -192,6 +154,14 @@ def adapt_lora(
     unknown = [t for t in targets if t not in valid]
     if not targets or unknown:
         raise ValueError(f"target_modules must be a non-empty list of names from {valid}, got {target_modules!r}")
+    return targets
+
+
+def _checked_batches(
+    model: nn.Module, tokenizer, text: str | Sequence[str], target_modules: Sequence[str], chunk_tokens: int | None
+) -> list[Batch]:
+    """Check the targets and the text against the model; the text's chunk batches (`chunk_batches`)."""
+    _targets(model, target_modules)
     if chunk_tokens is None:
         window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         chunk_tokens = window or 2**62  # no known window: every row is one chunk
@@ -210,15 +180,81 @@ def adapt_lora(
         # a TTT model refuses padding in a mask (its state would read it); right padding after a
         # row's tokens changes none of that row's predictions (causal) and its labels are -100
         batches = [{k: v for k, v in b.items() if k != "attention_mask"} for b in batches]
+    return batches
 
-    start = time.perf_counter()
+
+def _attach(
+    model: nn.Module, rank: int, alpha: float, target_modules: Sequence[str], seed: int
+) -> tuple[PeftModel, _Snapshot]:
+    """Seed torch, attach a fresh LoRA adapter (peft freezes every base parameter). -> (peft model, snapshot)"""
     snapshot = _take_snapshot(model)
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=_targets(model, target_modules),
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():
         # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, config)  # freezes every base parameter
+        peft_model = get_peft_model(model, config)
+    return peft_model, snapshot
+
+
+def adapt_lora(
+    model: nn.Module,
+    tokenizer,
+    text: str | Sequence[str],
+    *,
+    steps: int = 30,
+    lr: float = 1e-3,
+    rank: int = 8,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    chunk_tokens: int | None = None,
+    seed: int = 0,
+    callback: Callable[[int, PeftModel], None] | None = None,
+    alpha: float | None = None,
+) -> AdaptResult:
+    """Freeze `model`, attach LoRA adapters and train only them on `text` with AdamW.
+
+    The defaults (30 steps at lr 1e-3, rank 8 on q_proj and v_proj) stored a new one-sentence
+    fact exactly in 30 of 30 trials on SmolLM2-135M (6 facts x 5 seeds); 20 steps stored 27 of 30
+    (`benchmarks/lora_recall.py`, chapter 2). Fewer steps forget less of everything else.
+
+    text: one string, or a list of strings fed together as the rows of one batch (right-padded).
+      Each row starts from an empty context, so no row can copy from another (copies of a fact
+      concatenated in one string can be predicted from the earlier copies instead of being
+      stored). Identical rows give the same gradient as one row: rows help when they differ,
+      e.g. several facts or several phrasings of one.
+    chunk_tokens: rows longer than this (default: the model's context window) are cut into
+      chunks, learned in order (streaming): `steps` AdamW steps on the batch of first chunks,
+      then `steps` on the second chunks, and so on, with one optimizer throughout. So
+      `len(losses) == steps * chunks`.
+    rank: LoRA rank r (no dropout); target_modules: last names of the linear layers
+      that get adapters (see `linear_module_names`). alpha: the LoRA alpha, default 2r: the
+      adapter's output is scaled by alpha / r, 2 at every rank by default (with AdamW that does not
+      make a step's effect independent of r: chapter 2). `seed` seeds torch before the adapter is
+      initialised. The model is changed in place (peft injects the adapter layers): remove the
+      adapter with `result.unload()`, or use the `adapted` context manager which does it for you.
+    callback(step, peft_model): called after every AdamW step (step counts from 1), with the model
+      in eval mode and gradients off, to measure recall along the way; its time is not counted
+      in `seconds`. An exception from it stops the adaptation and removes the adapter.
+    """
+    _check_bare(model)
+    checks.integer("steps", steps, 1)
+    checks.positive("lr", lr)
+    checks.integer("rank", rank, 1)
+    checks.integer("seed", seed)
+    alpha = 2 * rank if alpha is None else checks.positive("alpha", alpha)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be a function callback(step, peft_model) or None, got {type(callback).__name__}"
+        )
+    batches = _checked_batches(model, tokenizer, text, target_modules, chunk_tokens)
+    start = time.perf_counter()
+    peft_model, snapshot = _attach(model, rank, alpha, target_modules, seed)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     device = next(model.parameters()).device
@@ -253,6 +289,43 @@ def adapt_lora(
         chunks=len(batches),
         _snapshot=snapshot,
     )
+
+
+def adapter_gradient(
+    model: nn.Module,
+    tokenizer,
+    text: str | Sequence[str],
+    *,
+    rank: int = 8,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    seed: int = 0,
+    alpha: float | None = None,
+) -> Tensor:
+    """The gradient of the next-token loss on `text` with respect to the adapter that `adapt_lora`
+    starts from with the same rank, targets, seed and alpha, flattened. -> [trainable params] float32
+
+    It sets the direction of the first AdamW step: with no history yet, AdamW moves each parameter
+    by the learning rate times the sign of its gradient (up to eps), whatever the scale of the loss.
+    Before that step B = 0, so only the entries of the B matrices have a nonzero gradient. The text
+    is taken as adapt_lora takes its first batch (one string is one row; a list gives rows). The
+    adapter is removed again: the model is left bitwise as it was.
+    """
+    _check_bare(model)
+    checks.integer("rank", rank, 1)
+    checks.integer("seed", seed)
+    alpha = 2 * rank if alpha is None else checks.positive("alpha", alpha)
+    batch = _checked_batches(model, tokenizer, text, target_modules, None)[0]
+    peft_model, snapshot = _attach(model, rank, alpha, target_modules, seed)
+    try:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        device = next(model.parameters()).device
+        peft_model.train()
+        with torch.enable_grad():
+            loss = peft_model(**{k: v.to(device) for k, v in batch.items()}).loss
+            grads = torch.autograd.grad(loss, trainable)
+        return torch.cat([g.detach().float().reshape(-1).cpu() for g in grads])
+    finally:
+        _remove_adapter(peft_model, snapshot)
 
 
 @contextmanager
