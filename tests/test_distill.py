@@ -16,7 +16,7 @@ from ttt_helpers import lora, pretrained
 from ttt_helpers.convert import config_from_llama, from_llama
 from ttt_helpers.data import corpus, store
 from ttt_helpers.distill import DistillConfig, Distiller, load_bank, prepare_bank, trainable
-from ttt_helpers.distill.bank import SEPARATOR, split_pages
+from ttt_helpers.distill.bank import CHAT_AFTER, CHAT_BEFORE, CHAT_END, CHAT_TURN, SEPARATOR, conversations, split_pages
 from ttt_helpers.distill.cli import delta_tensors
 from ttt_helpers.distill.cli import main as distill_main
 from ttt_helpers.model import TTTCache, TTTForCausalLM
@@ -209,6 +209,62 @@ def test_bank_holds_out_what_it_says(bank_folder):
         assert stream.size == manifest["sources"][name]["tokens"] and stream[0] == SEPARATOR
     windows = bank.sample(np.random.default_rng(0), 3, 16, {"kjv": 1.0, "code": 1.0})
     assert windows.shape == (3, 16) and windows.dtype == torch.int64
+
+
+def test_chat_stream_is_made_of_training_passages_and_changes_nothing_else(bank_folder, tmp_path):
+    bank = load_bank(bank_folder)
+    manifest = bank.manifest
+    chats = manifest["sources"]["chat"]["documents"]
+    trained = {name for source in ("kjv", "code", "pydocs") for name in manifest["sources"][source]["documents"]}
+    assert len(chats) == manifest["chats"] > 0 and {name.split(":", 1)[1] for name in chats} <= trained
+    # a bank without conversations has the same other streams and the same held-out documents
+    root = bank_folder.parent
+    prepare_bank(root / "corpus", root / "docs", tmp_path / "plain", code_tokens=1, chats=0, seed=0)
+    plain = load_bank(tmp_path / "plain")
+    assert plain.streams["chat"].size == 0
+    for source in ("kjv", "code", "pydocs"):
+        assert np.array_equal(plain.streams[source], bank.streams[source])
+    assert plain.manifest["eval"] == manifest["eval"] and np.array_equal(plain.eval_tokens, bank.eval_tokens)
+    with pytest.raises(ValueError, match=r"shorter than a window of .*\['chat'\]"):
+        Distiller(DistillConfig(out_dir=str(tmp_path / "run"), **SMALL), tiny_llama(), plain)
+    assert not (tmp_path / "run").exists()
+
+
+def test_conversations_follow_the_template(tokenizer_file):
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    docs = {
+        "kjv": [("kjv/A", np.arange(3, 3 + 2000, dtype="<u2") % VOCAB)],
+        "code": [("c/short.py", np.zeros(10, "<u2"))],
+    }
+    made = conversations(tokenizer, docs, 5, np.random.default_rng(3))
+    assert [name for name, _ in made] == [f"chat/{i}:kjv/A" for i in range(5)]  # too short a file is never used
+    before, after, end = encode(CHAT_BEFORE), encode(CHAT_AFTER), encode(CHAT_END)
+    for _, ids in made:
+        ids = ids.tolist()
+        assert ids[: len(before)] == before and ids[-len(end) :] == end
+        assert 2 * CHAT_TURN[0] + len(before) + len(after) + len(end) <= len(ids)
+        assert len(ids) <= 2 * CHAT_TURN[1] + len(before) + len(after) + len(end) + len(
+            encode("Continue this passage from the King James Bible:\n\n")
+        )
+    assert all(
+        np.array_equal(a, b)
+        for (_, a), (_, b) in zip(made, conversations(tokenizer, docs, 5, np.random.default_rng(3)))
+    )
+    with pytest.raises(ValueError, match="tokens a conversation needs"):
+        conversations(tokenizer, {"code": docs["code"]}, 1, np.random.default_rng(0))
+
+
+def test_chat_template_is_smollm2s():
+    from ttt_helpers.models import load_pretrained
+
+    tokenizer = load_pretrained()[1]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == CHAT_BEFORE + "Hello" + CHAT_AFTER
+    assert tokenizer.encode(CHAT_BEFORE, add_special_tokens=False)[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert CHAT_END == "<|im_end|>\n"
 
 
 def test_split_pages_holds_out_long_pages_and_every_tenth():

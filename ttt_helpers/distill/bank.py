@@ -12,8 +12,11 @@ hashes and provenance. What is held out never enters a training stream:
 * "pydocs": every Python documentation page of at least LONG tokens, and every tenth other page.
 
 The training sources are "kjv" (the Bible's training books), "code" (a seeded sample of the corpus's
-training code, `code_tokens` in all) and "pydocs" (the other pages). `load_bank` opens a folder,
-checks every stream against its hash, and `Bank.sample` draws training windows.
+training code, `code_tokens` in all), "pydocs" (the other pages) and "chat": conversations in
+SmolLM2's chat template made from passages of those training documents (the user asks to continue
+a passage, the assistant's turn is its continuation), so the student also learns the teacher where
+a chat puts it. `load_bank` opens a folder, checks every stream against its hash, and
+`Bank.sample` draws training windows.
 """
 
 from __future__ import annotations
@@ -37,7 +40,20 @@ FORMAT = 1
 SEPARATOR = 0  # <|endoftext|> in SmolLM2's vocabulary: what stands between two documents of a stream
 LONG = 32_768  # tokens: a document this long takes part in the long-document evaluation
 SHORT = 2_048  # tokens: a held-out document this long takes part in the perplexity evaluation
-TRAIN_SOURCES = ("kjv", "code", "pydocs")
+TRAIN_SOURCES = ("kjv", "code", "pydocs", "chat")
+# SmolLM2's chat template around one user message, with the system message it adds when none is given
+CHAT_BEFORE = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\n"
+)
+CHAT_AFTER = "<|im_end|>\n<|im_start|>assistant\n"
+CHAT_END = "<|im_end|>\n"
+CHAT_ASKS = {
+    "kjv": "Continue this passage from the King James Bible:\n\n",
+    "code": "Continue this Python code:\n\n",
+    "pydocs": "Continue this passage from the Python documentation:\n\n",
+}
+CHAT_TURN = (64, 512)  # tokens of the passage in the user's message, and in the assistant's turn: uniform in this range
 DOMAINS = ("plays", "code", "pydocs")
 MAX_EVAL_DOCS = 128  # per domain: every long document, then a seeded sample of the others
 
@@ -59,6 +75,46 @@ def _write_xz(path: Path, array: np.ndarray) -> None:
         f.write(np.ascontiguousarray(array, dtype="<u2").tobytes())
 
 
+def conversations(
+    tokenizer, documents: dict[str, list[tuple[str, np.ndarray]]], count: int, rng: np.random.Generator
+) -> list[tuple[str, np.ndarray]]:
+    """`count` chat-formatted training sequences: (name, ids [N] uint16). Each takes a training document
+    of `documents` ({source in CHAT_ASKS: [(name, ids)]}, a source drawn uniformly, then a document),
+    a passage at a uniform start, and writes: the template, the source's request, the passage's first
+    part (CHAT_TURN tokens, at most half the document), the assistant's header, the passage's next part,
+    the end of the turn."""
+    pieces = {
+        text: np.asarray(tokenizer.encode(text, add_special_tokens=False).ids)
+        for text in (CHAT_BEFORE, CHAT_AFTER, CHAT_END)
+    }
+    asks = {
+        source: np.asarray(tokenizer.encode(ask, add_special_tokens=False).ids) for source, ask in CHAT_ASKS.items()
+    }
+    lo, hi = CHAT_TURN
+    usable = {src: [d for d in docs if d[1].size >= 2 * lo] for src, docs in documents.items() if src in CHAT_ASKS}
+    sources = sorted(src for src, docs in usable.items() if docs)
+    if count and not sources:
+        raise ValueError(f"no training document has the {2 * lo} tokens a conversation needs")
+    out = []
+    for i in range(count):
+        source = sources[int(rng.integers(len(sources)))]
+        name, ids = usable[source][int(rng.integers(len(usable[source])))]
+        top = min(hi, ids.size // 2)  # a short document gives short turns
+        asked, answer = (int(n) for n in rng.integers(lo, top + 1, size=2))
+        start = int(rng.integers(0, ids.size - asked - answer + 1))
+        passage = ids[start : start + asked + answer]
+        parts = [
+            pieces[CHAT_BEFORE],
+            asks[source],
+            passage[:asked],
+            pieces[CHAT_AFTER],
+            passage[asked:],
+            pieces[CHAT_END],
+        ]
+        out.append((f"chat/{i}:{name}", np.concatenate(parts).astype("<u2")))
+    return out
+
+
 def split_pages(pages: list[tuple[str, np.ndarray]]) -> tuple[list[int], list[int]]:
     """Indices of the Python documentation's training and held-out pages (sorted by name): held out
     are the pages of at least LONG tokens and every tenth other page."""
@@ -78,6 +134,7 @@ def prepare_bank(
     out_dir: str | Path,
     *,
     code_tokens: int = 16_000_000,
+    chats: int = 4_000,
     seed: int = 0,
 ) -> dict:
     """Write the bank folder `out_dir` (refused if it exists) from a corpus folder and the root
@@ -87,6 +144,7 @@ def prepare_bank(
     from ..data.tokens import encode_documents, load_tokenizer
 
     checks.integer("code_tokens", code_tokens, 1)
+    checks.integer("chats", chats, 0)
     checks.integer("seed", seed, 0)
     out = Path(out_dir)
     if out.exists():
@@ -116,6 +174,8 @@ def prepare_bank(
         "code": corpus_docs(taken),
         "pydocs": [named_pages[i] for i in page_train],
     }
+    # its own generator, so the other streams and the held-out sample are those of a bank without chats
+    train["chat"] = conversations(tokenizer, train, chats, np.random.default_rng([seed, 1]))
     plays = [i for i in range(len(docs)) if docs[i]["name"].startswith("shakespeare/")]
     heldout = {
         "plays": corpus_docs(plays),
@@ -124,10 +184,11 @@ def prepare_bank(
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        manifest = {"format": FORMAT, "separator": SEPARATOR, "seed": seed, "code_tokens": code_tokens}
+        manifest = {"format": FORMAT, "separator": SEPARATOR, "seed": seed, "code_tokens": code_tokens, "chats": chats}
         manifest["sources"] = {}
         for name, documents in train.items():
-            order = rng.permutation(len(documents))
+            # the conversations come in a random order already; drawing none keeps the held-out sample
+            order = np.arange(len(documents)) if name == "chat" else rng.permutation(len(documents))
             stream = _stream([documents[i][1] for i in order])
             _write_xz(tmp / f"train-{name}.u16.xz", stream)
             manifest["sources"][name] = {

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--pydocs", required=True, help="the root under which python3.11-doc is installed or unpacked")
     prep.add_argument("--out", required=True, help="the new data folder")
     prep.add_argument("--code-tokens", type=int, default=16_000_000)
+    prep.add_argument("--chats", type=int, default=4_000, help="chat-formatted sequences made from training passages")
     prep.add_argument("--seed", type=int, default=0)
     run = sub.add_parser("run", help="distill (resumable)")
     run.add_argument("--bank", required=True, help="the data folder written by prepare")
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(args: argparse.Namespace) -> None:
-    manifest = prepare_bank(args.corpus, args.pydocs, args.out, code_tokens=args.code_tokens, seed=args.seed)
+    manifest = prepare_bank(
+        args.corpus, args.pydocs, args.out, code_tokens=args.code_tokens, chats=args.chats, seed=args.seed
+    )
     for name, entry in manifest["sources"].items():
         print(f"train {name}: {len(entry['documents'])} documents, {entry['tokens']:,} tokens")
     for domain in ("plays", "code", "pydocs"):

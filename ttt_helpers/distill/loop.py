@@ -65,7 +65,7 @@ class DistillConfig:
     warmup: int = 20
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    weights: dict[str, float] = field(default_factory=lambda: {"code": 0.55, "kjv": 0.15, "pydocs": 0.3})
+    weights: dict[str, float] = field(default_factory=lambda: {"code": 0.45, "kjv": 0.15, "pydocs": 0.25, "chat": 0.15})
     seed: int = 0
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (with a checkpoint) once this much time has passed in this call
@@ -186,6 +186,10 @@ class Distiller:
         missing = sorted(set(config.weights) - set(bank.streams))
         if missing:
             raise ValueError(f"weights name sources the bank lacks: {missing} (it has {sorted(bank.streams)})")
+        longest = max(config.layer_batch[1], config.logit_batch[1])
+        short = sorted(n for n, w in config.weights.items() if w > 0 and bank.streams[n].size < longest)
+        if short:
+            raise ValueError(f"weights give a weight to sources shorter than a window of {longest} tokens: {short}")
         if resume and not self.checkpoint_path.is_file():
             raise FileNotFoundError(f"resume: {self.checkpoint_path} does not exist")
         if not resume and self.out.exists() and any(self.out.iterdir()):
