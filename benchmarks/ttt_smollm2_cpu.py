@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,6 +65,27 @@ def summary(times: list[float]) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -79,7 +101,11 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": args.threads,
             "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
+            "load_average": os.getloadavg()[0],  # other work on the machine slows every step
+            "commit": os.environ.get("GIT_COMMIT") or git_commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "steps": args.steps,
         "contexts": {},
