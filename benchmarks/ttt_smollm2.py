@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -59,19 +58,6 @@ CHAT_PROMPTS = (
 def empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def commit() -> str:
-    """The commit of this tree (a copy without .git names it in the environment variable GIT_COMMIT)."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
-    try:
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return ""
 
 
 def save(results: dict, path: Path) -> None:
@@ -360,6 +346,8 @@ def main() -> None:
     bank = load_bank(args.bank)
     llama_cpu = load_teacher(args.gguf)
     tensors, info = pretrained.read_delta(args.delta)
+    from kernel_bench.timing import git_commit  # benchmarks/ is on the path of a script run from it
+
     provenance = results.setdefault("provenance", {"delta_sha256": info["sha256"], "visits": []})
     if provenance["delta_sha256"] != info["sha256"]:
         raise ValueError(f"{path} holds results of the delta {provenance['delta_sha256'][:12]}..., not of {args.delta}")
@@ -369,7 +357,7 @@ def main() -> None:
     provenance["visits"].append(
         {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "commit": commit(),
+            "commit": git_commit(),
             "environment": environment(),
             "arguments": vars(args),
         }

@@ -18,11 +18,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from kernel_bench.timing import git_commit
 from transformers import DynamicCache
 
 from ttt_helpers.compat import cache_kwargs, output_cache
@@ -76,16 +76,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -104,7 +94,7 @@ def main() -> None:
             "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
             "load_average": os.getloadavg()[0],  # other work on the machine slows every step
-            "commit": os.environ.get("GIT_COMMIT") or git_commit(),
+            "commit": git_commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         "steps": args.steps,

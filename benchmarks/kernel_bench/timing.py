@@ -107,6 +107,11 @@ def _shell(*cmd: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else f"unavailable ({done.stderr.strip()[:200]})"
 
 
+def git_commit() -> str:
+    """The commit of this tree; a copy of the tree without its .git names it in the variable GIT_COMMIT."""
+    return os.environ.get("GIT_COMMIT") or _shell("git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD")
+
+
 def provenance() -> dict:
     """What ran where: GPU, clocks, driver, CUDA, library versions, date, the command, the commit."""
     import triton
@@ -124,8 +129,7 @@ def provenance() -> dict:
         "python": sys.version.split()[0],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        # a copy of the tree without its .git can name the commit it was made from in GIT_COMMIT
-        "git_commit": os.environ.get("GIT_COMMIT") or _shell("git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD"),
+        "git_commit": git_commit(),
     }
 
 
