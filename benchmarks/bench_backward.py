@@ -1,7 +1,7 @@
 """Benchmark training through the TTT Triton kernels (forward + backward) on one GPU, as JSON.
 
-    python3 benchmarks/bench_backward.py --out benchmarks/results/backward_h200.json
-    python3 benchmarks/bench_backward.py --dry-run    # tiny shapes; on a machine without CUDA the
+    python3 -m benchmarks.bench_backward --out benchmarks/results/backward_h200.json
+    python3 -m benchmarks.bench_backward --dry-run    # tiny shapes; on a machine without CUDA the
                                                       # kernels run in Triton's interpreter
 
 Sections, each saved as soon as it ends (a case that fails records its error, the run goes on):
@@ -10,8 +10,7 @@ forward + backward time of one TTT-Linear op against fla's chunk_ttt_linear, cau
 reference under autograd; the same for TTT-MLP against its reference; and training tokens/s
 (forward, backward, AdamW step, bf16 autocast) of the 125M preset with TTT-Linear, TTT-MLP and a
 same-size Llama with SDPA, with peak memory; and that of chapter 5's 25M byte-level TTT-Linear
-(train_gpu.py's shape, batch 32, window 512) through the kernels and the reference. About 5
-minutes on an H100 or H200.
+(train_gpu.py's shape, batch 32, window 512) through the kernels and the reference.
 """
 
 from __future__ import annotations
@@ -19,19 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
-from kernel_bench import counts, inputs, timing  # noqa: E402
-from kernel_bench.op import FLA_NOTE  # noqa: E402
-from kernel_bench.timing import Runner  # noqa: E402
+from benchmarks.kernel_bench import counts, inputs, timing
+from benchmarks.kernel_bench.op import FLA_NOTE
+from benchmarks.kernel_bench.timing import Runner
+from ttt_helpers.testing import rel_err
 
 H, D, MB = 12, 64, 16  # heads, head dim and mini-batch size of the 125M model's TTT layers
 OP_CASES = [(8, 2048), (32, 512), (2, 8192), (16, 8192)]  # (B, T) at H = 12, D = 64, bf16
@@ -138,7 +136,7 @@ def gradients(run: Runner, cases: list) -> list[dict]:
                     ref_inputs = leaves(inputs.to64(args))
                     outs = reference(**ref_inputs)
                     want = torch.autograd.grad(outs, list(ref_inputs.values()), [c.double() for c in cot])
-                    return {k: timing.rel_err(g, w) for k, g, w in zip(inputs, got, want)}
+                    return {k: rel_err(g, w) for k, g, w in zip(inputs, got, want)}
 
                 errs = run.attempt(row, "rel_err", check)
                 row["ok"] = bool(errs) and max(errs.values()) < row["tolerance"]
@@ -148,12 +146,39 @@ def gradients(run: Runner, cases: list) -> list[dict]:
     return rows
 
 
+def fla_fwd_bwd(chunk_ttt_linear: Callable, args: dict) -> Callable[[], tuple]:
+    """fla's chunk_ttt_linear forward and backward on our inputs ([B, T, H, D], eta [B, T, H, 1]),
+    every input a leaf: a function to time."""
+    a = leaves(
+        {
+            **{n: args[n].transpose(1, 2).contiguous() for n in ("XQ", "XK", "XV")},
+            "eta": args["eta"].transpose(1, 2).unsqueeze(-1).contiguous(),
+            **{n: args[n] for n in ("ln_weight", "ln_bias", "W0", "b0")},
+        }
+    )
+
+    def fla():
+        o, *_ = chunk_ttt_linear(
+            a["XQ"], a["XK"], a["XV"], a["ln_weight"], a["ln_bias"], a["eta"],
+            initial_state=a["W0"], initial_state_bias=a["b0"], output_final_state=True, chunk_size=16,
+        )  # fmt: skip
+        return torch.autograd.grad(o, list(a.values()), torch.ones_like(o), allow_unused=True)
+
+    return fla
+
+
+def sdpa_fwd_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """Causal scaled_dot_product_attention forward and backward: the gradients of q, k, v. [B, H, T, D]"""
+    import torch.nn.functional as F
+
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+
+
 def op_level(run: Runner, cases: list, H: int, D: int, peaks: dict | None) -> list[dict]:
     """Forward + backward of one TTT-Linear op, bf16 inputs and a float32 state: ours under both
     schedules (and which one "auto" picks), fla's chunk_ttt_linear, causal SDPA on the same
     B, H, T, D, the reference under autograd; the roofline of ours."""
-    import torch.nn.functional as F
-
     from ttt_helpers import ops
     from ttt_helpers.kernels import ttt_linear_train
     from ttt_helpers.kernels.common import training_schedule
@@ -184,31 +209,9 @@ def op_level(run: Runner, cases: list, H: int, D: int, peaks: dict | None) -> li
         if chunk_ttt_linear is None:
             row["fla_chunk_fwd_bwd_ms"] = fla_missing
         else:
-            fla_args = leaves(
-                {
-                    **{n: args[n].transpose(1, 2).contiguous() for n in ("XQ", "XK", "XV")},
-                    "eta": args["eta"].transpose(1, 2).unsqueeze(-1).contiguous(),
-                    **{n: args[n] for n in ("ln_weight", "ln_bias", "W0", "b0")},
-                }
-            )
-
-            def fla():
-                a = fla_args
-                o, *_ = chunk_ttt_linear(
-                    a["XQ"], a["XK"], a["XV"], a["ln_weight"], a["ln_bias"], a["eta"],
-                    initial_state=a["W0"], initial_state_bias=a["b0"], output_final_state=True, chunk_size=16,
-                )  # fmt: skip
-                return torch.autograd.grad(o, list(a.values()), torch.ones_like(o), allow_unused=True)
-
-            run.attempt(row, "fla_chunk_fwd_bwd_ms", lambda: run.fast_ms(fla))
-            del fla_args
+            run.attempt(row, "fla_chunk_fwd_bwd_ms", lambda: run.fast_ms(fla_fwd_bwd(chunk_ttt_linear, args)))
         q, k, v = (args[n].detach().clone().requires_grad_(True) for n in ("XQ", "XK", "XV"))
-
-        def sdpa():
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
-
-        run.attempt(row, "sdpa_causal_fwd_bwd_ms", lambda: run.fast_ms(sdpa))
+        run.attempt(row, "sdpa_causal_fwd_bwd_ms", lambda: run.fast_ms(lambda: sdpa_fwd_bwd(q, k, v)))
         del q, k, v
         if B * T <= REFERENCE_MAX_TOKENS:  # the reference wants one dtype: a bf16 state here
             ref, _, _ = fwd_bwd(ops.ttt_linear, {**args, "W0": args["W0"].bfloat16(), "b0": args["b0"].bfloat16()})
@@ -256,29 +259,32 @@ def mlp_op_level(run: Runner, cases: list, H: int, D: int) -> list[dict]:
     return rows
 
 
-def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> dict:
-    """Training tokens/s of one step (forward, backward, AdamW) under bf16 autocast, float32
-    weights: the TTT-Linear and TTT-MLP models (ttt_impl='kernel') and a same-size Llama (SDPA)."""
+def training_model(name: str, preset: dict, vocab_size: int) -> torch.nn.Module:
+    """A new model of the preset's shape: "ttt_linear", "ttt_mlp" (ttt_impl='kernel') or "llama_sdpa",
+    and any of them with "_compiled" (under torch.compile: what a user who wants speed trains)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
-    def build(name: str):
-        if name.endswith("_compiled"):  # what a user who wants speed trains: torch.compile's fused graph
-            return torch.compile(build(name.removesuffix("_compiled")))
-        if name == "llama_sdpa":
-            config = LlamaConfig(
-                **preset,
-                num_key_value_heads=preset["num_attention_heads"],
-                vocab_size=vocab_size,
-                max_position_embeddings=8192,
-                tie_word_embeddings=True,
-                attn_implementation="sdpa",
-            )
-            return LlamaForCausalLM(config)
-        kind = name.removeprefix("ttt_")
-        return TTTForCausalLM(TTTConfig(**preset, vocab_size=vocab_size, ttt_layer_type=kind, ttt_impl="kernel"))
+    if name.endswith("_compiled"):
+        return torch.compile(training_model(name.removesuffix("_compiled"), preset, vocab_size))
+    if name == "llama_sdpa":
+        config = LlamaConfig(
+            **preset,
+            num_key_value_heads=preset["num_attention_heads"],
+            vocab_size=vocab_size,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config)
+    kind = name.removeprefix("ttt_")
+    return TTTForCausalLM(TTTConfig(**preset, vocab_size=vocab_size, ttt_layer_type=kind, ttt_impl="kernel"))
 
+
+def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> dict:
+    """Training tokens/s of one step (forward, backward, AdamW) under bf16 autocast, float32
+    weights: the TTT-Linear and TTT-MLP models (ttt_impl='kernel') and a same-size Llama (SDPA)."""
     result = {
         "note": "one optimizer step: forward with labels, backward, AdamW; float32 weights, bf16 autocast; "
         "median of 3 timed steps after one warm-up step; peak_memory_GiB is torch.cuda.max_memory_allocated "
@@ -289,7 +295,7 @@ def model_training(run: Runner, cases: list, preset: dict, vocab_size: int) -> d
     }
     for name in ("ttt_linear", "ttt_linear_compiled", "ttt_mlp", "llama_sdpa", "llama_sdpa_compiled"):
         torch.manual_seed(0)
-        model = build(name).to(run.device).train()
+        model = training_model(name, preset, vocab_size).to(run.device).train()
         result.setdefault("params_M", {})[name] = sum(p.numel() for p in model.parameters()) / 1e6
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         for B, T in cases[:1] if name.endswith("_compiled") else cases:  # compiling again per shape costs minutes

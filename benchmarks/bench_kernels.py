@@ -1,8 +1,8 @@
 """Benchmark the TTT Triton kernels and the models built on them on one GPU, and write the JSON.
 
-    python benchmarks/bench_kernels.py                      # every section (over 12 minutes on an H200)
-    python benchmarks/bench_kernels.py --only step,model_decode  # some sections, the others kept in --out
-    python benchmarks/bench_kernels.py --dry-run            # tiny shapes on the CPU (Triton's interpreter)
+    python -m benchmarks.bench_kernels                      # every section
+    python -m benchmarks.bench_kernels --only step,model_decode  # some sections, the others kept in --out
+    python -m benchmarks.bench_kernels --dry-run            # tiny shapes on the CPU (Triton's interpreter)
 
 Sections (benchmarks/kernel_bench, one module each): correctness, op, decode, precision (TTT-Linear
 op), mlp_correctness, mlp_op, mlp_decode (TTT-MLP op), mlp_state (TTT-MLP's state streamed or on
@@ -18,12 +18,9 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SECTIONS = (
     "correctness", "op", "decode", "precision", "mlp_correctness", "mlp_op", "mlp_decode", "mlp_state", "step",
@@ -53,7 +50,7 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return lengths
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help=f"comma-separated sections (default all: {', '.join(SECTIONS)})")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/kernels_<gpu>.json)")
@@ -64,7 +61,47 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--decode-contexts", default=None, help="model_decode's prompt lengths, e.g. 2048,8192 (default all)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def section_runs(run, scale, peaks: dict, prov: dict, keep: Callable[[str], Callable[[dict], None]]) -> dict:
+    """Each section's name and the call that measures it (`keep(name)`: a long section's progress)."""
+    from benchmarks.kernel_bench import decode, mlp, mlp_state, model, op, precision, step
+
+    clock = prov.get("sm_clock_max_mhz")
+    clock_mhz = float(clock) if isinstance(clock, str) and clock.replace(".", "").isdigit() else None
+    return {
+        "correctness": lambda: op.correctness(run, scale),
+        "op": lambda: op.op_level(run, scale, peaks),
+        "decode": lambda: decode.decode(run, scale, peaks),
+        "precision": lambda: precision.precision_variants(run, scale),
+        "mlp_correctness": lambda: mlp.mlp_correctness(run, scale),
+        "mlp_op": lambda: mlp.mlp_op_level(run, scale, peaks),
+        "mlp_decode": lambda: mlp.mlp_decode(run, scale),
+        "mlp_state": lambda: mlp_state.mlp_state(run, scale),
+        "step": lambda: step.step_latency(run, scale, clock_mhz),
+        "model_prefill": lambda: model.model_prefill(run, scale),
+        "model_decode": lambda: model.model_decode(run, scale, peaks, progress=keep("model_decode")),
+        "mlp_model": lambda: model.mlp_model_level(run, scale),
+    }
+
+
+def results_to_extend(out: Path, keep_others: bool) -> dict:
+    """The JSON this run writes into: with keep_others, the sections of an existing `out` (those not
+    rerun stay as they were); and the notes every run records."""
+    from benchmarks.kernel_bench import op
+    from ttt_helpers.kernels import common
+
+    results = json.loads(out.read_text()) if keep_others and out.exists() else {}
+    results.update(
+        {"fla_note": op.FLA_NOTE, "kernel_dot_precisions_16bit": dict(zip(("W", "grad"), common.PRECISION_16BIT))}
+    )
+    results.setdefault("section_provenance", {})
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     sections = parse_sections(args.only)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
@@ -72,14 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit(
-            "bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "bench_kernels needs a CUDA GPU (torch.cuda.is_available() is False); "
             "--dry-run runs its code on the CPU, and tests/test_kernels.py checks the kernels there"
         )
-    from kernel_bench import decode, mlp, mlp_state, model, op, precision, step
-    from kernel_bench.inputs import dry_scale, full_scale
-    from kernel_bench.timing import Runner, dry_provenance, measure_peaks, provenance, results_path
-
-    from ttt_helpers.kernels import common
+    from benchmarks.kernel_bench.inputs import dry_scale, full_scale
+    from benchmarks.kernel_bench.timing import Runner, dry_provenance, measure_peaks, provenance, results_path
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)  # fresh inputs every run unless --seed repeats one; each section records it
@@ -89,14 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = Runner(scale.device)
     prov = {**(dry_provenance() if args.dry_run else provenance()), "seed": seed}
     out = args.out or results_path("kernels", prov)
-    if args.only is not None and out.exists():
-        results = json.loads(out.read_text())  # the sections not rerun stay as they were
-    else:
-        results = {}
-    results.update(
-        {"fla_note": op.FLA_NOTE, "kernel_dot_precisions_16bit": dict(zip(("W", "grad"), common.PRECISION_16BIT))}
-    )
-    results.setdefault("section_provenance", {})
+    results = results_to_extend(out, keep_others=args.only is not None)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -120,22 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["peaks"] = peaks = measure_peaks(run)
     print(f"peaks: {peaks['bf16_matmul_tflops']:.0f} TFLOP/s bf16, {peaks['copy_gbps']:.0f} GB/s copy", flush=True)
     save()
-    clock = prov.get("sm_clock_max_mhz")
-    clock_mhz = float(clock) if isinstance(clock, str) and clock.replace(".", "").isdigit() else None
-    runs = {
-        "correctness": lambda: op.correctness(run, scale),
-        "op": lambda: op.op_level(run, scale, peaks),
-        "decode": lambda: decode.decode(run, scale, peaks),
-        "precision": lambda: precision.precision_variants(run, scale),
-        "mlp_correctness": lambda: mlp.mlp_correctness(run, scale),
-        "mlp_op": lambda: mlp.mlp_op_level(run, scale, peaks),
-        "mlp_decode": lambda: mlp.mlp_decode(run, scale),
-        "mlp_state": lambda: mlp_state.mlp_state(run, scale),
-        "step": lambda: step.step_latency(run, scale, clock_mhz),
-        "model_prefill": lambda: model.model_prefill(run, scale),
-        "model_decode": lambda: model.model_decode(run, scale, peaks, progress=keep("model_decode")),
-        "mlp_model": lambda: model.mlp_model_level(run, scale),
-    }
+    runs = section_runs(run, scale, peaks, prov, keep)
     for name in sections:
         print(f"== {name}", flush=True)
         section_started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Count the PyTorch operations one decode step of a 12-layer TTT-Linear model runs (on the CPU).
 
-    python benchmarks/decode_ops.py            # this checkout
-    python benchmarks/decode_ops.py OTHER_TREE # another checkout of the repository (git worktree)
+    python -m benchmarks.decode_ops            # this checkout
+    python -m benchmarks.decode_ops OTHER_TREE # another checkout of the repository (git worktree)
 
 Each operation that computes (views, reshapes and allocations left out) is a kernel launch on a
 GPU, and a batch-64 decode step of a small model is bound by how many it launches. The model is
@@ -14,6 +14,7 @@ does not depend on the width or the batch.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,12 +29,27 @@ NO_KERNEL = {  # operations that launch nothing: views, reshapes, allocations, s
 
 
 def main(argv: list[str]) -> None:
-    tree = Path(argv[0]).resolve() if argv else Path(__file__).resolve().parents[1]
+    """Count in this checkout, or with argv = [OTHER_TREE] in a process that imports that tree's ttt_helpers."""
+    if argv:
+        tree = Path(argv[0]).resolve()
+        root = str(Path(__file__).resolve().parents[1])  # where `benchmarks` is found from the other tree
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.decode_ops"],
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": root},
+            check=True,
+        )
+        return
+    count_decode_ops()
+
+
+def count_decode_ops() -> None:
+    """Print the operations per decode step of the ttt_helpers that Python imports (its tree's first)."""
     os.environ["TRITON_INTERPRET"] = "1"  # the prompt's prefill runs its kernel on the CPU
-    sys.path.insert(0, str(tree))
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import ttt_helpers
     from ttt_helpers import kernels
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
@@ -68,6 +84,7 @@ def main(argv: list[str]) -> None:
         if e.name.startswith("aten::") and not e.cpu_children and e.name.removeprefix("aten::") not in NO_KERNEL
     )
     ops.update(launches)
+    tree = Path(ttt_helpers.__file__).resolve().parents[1]
     print(f"{tree}: {sum(ops.values()) / steps:.0f} operations per decode step")
     print("  " + ", ".join(f"{name} {n / steps:.0f}" for name, n in ops.most_common(10)))
 

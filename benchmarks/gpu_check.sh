@@ -3,7 +3,7 @@
 #   tests     the GPU tests of tests/test_kernels.py and tests/test_kernels_backward.py (-v, --durations=10);
 #   sanitize  compute-sanitizer memcheck, then racecheck, over the bfloat16 backward GPU tests
 #             (TTT-Linear under both schedules, TTT-MLP);
-#   bench     benchmarks/bench_backward.py, its JSON written into OUT_DIR.
+#   bench     python3 -m benchmarks.bench_backward, its JSON written into OUT_DIR.
 #   GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh OUT_DIR [tests] [sanitize] [bench]   # default: all three
 # tests and sanitize take about 6 minutes on an H200, bench about 6 more: under a 10-minute limit
 # per command, run them as two commands. Each step has its own time limit, so a hang is reported
@@ -43,8 +43,8 @@ if [[ $steps == *" sanitize "* ]]; then
     done
 fi
 if [[ $steps == *" bench "* ]]; then
-    section "bench_backward.py -> $out/backward.json"
-    run 560 python3 benchmarks/bench_backward.py --out "$out/backward.json"
+    section "benchmarks.bench_backward -> $out/backward.json"
+    run 560 python3 -m benchmarks.bench_backward --out "$out/backward.json"
 fi
 section "done: exit status $status"
 exit "$status"

@@ -1,6 +1,6 @@
 """What the long-context experiment's text looks like from a token's point of view (CPU, seconds).
 
-    python benchmarks/long_context_corpus.py --corpus corpus/ --out benchmarks/results/long_context_corpus.json
+    python -m benchmarks.long_context_corpus --corpus corpus/ --out benchmarks/results/long_context_corpus.json
 
 Reads the document table of a corpus folder (`python -m ttt_helpers.data build-corpus`) and lays the
 documents out as `train_long.py` does: each split and kind in manifest order, a separator token after
@@ -18,15 +18,14 @@ import datetime
 import json
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_bench.timing import command_line
+from ttt_helpers.data.store import read_manifest
 
-from ttt_helpers.data.store import read_manifest  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EVAL_LENGTH, EVAL_WINDOWS = 4 * 8192, 24  # train_long.py's evaluation at a context of 8,192
 MARKS = (1024, 2048, 4096, 8192)
@@ -104,7 +103,7 @@ def main() -> None:
         "train": training(manifest),
         "heldout": {kind: evaluation_windows(manifest, kind) for kind in ("english", "code")},
         "provenance": {
-            "command": "python " + " ".join(sys.argv),
+            "command": command_line(),
             "git_commit": git("rev-parse", "HEAD"),
             "python": platform.python_version(),
             "numpy": np.__version__,

@@ -1,7 +1,7 @@
 """What does LoRA test-time training cost the rest of the model? Forgetting over facts and seeds.
 
-    python3 benchmarks/lora_forgetting.py      # about 40 minutes on a 2-core CPU; --device cuda on a GPU
-    python3 benchmarks/lora_forgetting.py --seeds 2 --windows 2 --schedule "0.001:20,30;0.002:20"  # a third of that
+    python3 -m benchmarks.lora_forgetting      # about 40 minutes on a 2-core CPU; --device cuda on a GPU
+    python3 -m benchmarks.lora_forgetting --seeds 2 --windows 2 --schedule "0.001:20,30;0.002:20"  # a third of that
 
 Forgetting is the perplexity of the adapted model on 4,096 tokens of text SmolLM2 cannot have
 read: its pretraining data predates late 2024, and this text was written in 2025 and 2026. It is
@@ -40,14 +40,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.lora_recall import CHAPTER_FACT, NEW_FACTS
+from ttt_helpers.adapt import adapted, answer_nll, greedy_answer
+from ttt_helpers.data import encode_tokens, load_plays, train_val_split
+from ttt_helpers.metrics import perplexity
+from ttt_helpers.pretrained import load_pretrained
 
-from benchmarks.lora_recall import CHAPTER_FACT, NEW_FACTS  # noqa: E402
-from ttt_helpers.adapt import adapted, answer_nll, greedy_answer  # noqa: E402
-from ttt_helpers.data import encode_tokens, load_plays, train_val_split  # noqa: E402
-from ttt_helpers.metrics import perplexity  # noqa: E402
-from ttt_helpers.models import load_pretrained  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECENT_HEADER = re.compile(r"^#.*Copyright.*\b(2025|2026)\b", re.M)
 SCHEDULES = {1e-3: (10, 20, 30), 2e-3: (20,)}  # lr -> the steps measured

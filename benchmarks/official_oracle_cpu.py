@@ -1,7 +1,7 @@
 """Our model against the authors' PyTorch model (ttt-lm-pytorch) on identical weights, in float64, on the CPU.
 
     git clone https://github.com/test-time-training/ttt-lm-pytorch /tmp/ttt-lm-pytorch   # cd831db
-    python benchmarks/official_oracle_cpu.py --official /tmp/ttt-lm-pytorch/ttt.py \\
+    python -m benchmarks.official_oracle_cpu --official /tmp/ttt-lm-pytorch/ttt.py \\
         --out benchmarks/results/official_oracle_cpu.json
 
 Their `TTTForCausalLM` is built in float64 with their own initialisation, then every parameter is
@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import transformers
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_bench.timing import command_line
+from ttt_helpers.model.convert import from_official
 
-from ttt_helpers.convert import from_official  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = dict(vocab_size=101, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4)
 ROWS, TOKENS = 2, 45
@@ -154,7 +154,7 @@ def modified_imports() -> list[str]:
 
 def provenance(official: Path) -> dict:
     return {
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "git_commit": git("rev-parse", "HEAD", cwd=ROOT),
         "ttt_helpers_modified": modified_imports(),
         "official_file_sha256": hashlib.sha256(official.read_bytes()).hexdigest(),

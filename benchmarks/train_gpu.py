@@ -1,9 +1,9 @@
 """Train a ~25M-parameter byte-level TTT-Linear and a Transformer of the same shape on one GPU,
 with the same data, steps and window, and write what the training chapter plots as JSON.
 
-    python benchmarks/train_gpu.py --budget-s 420
-    python benchmarks/train_gpu.py --steps 249 --only "TTT-Linear, no passing"   # add one run to the JSON
-    python benchmarks/train_gpu.py --compare-impls 200   # the TTT-Linear run through the kernels and the reference
+    python -m benchmarks.train_gpu --budget-s 420
+    python -m benchmarks.train_gpu --steps 249 --only "TTT-Linear, no passing"   # add one run to the JSON
+    python -m benchmarks.train_gpu --compare-impls 200   # the TTT-Linear run through the kernels and the reference
 
 A short probe times a TTT-Linear step first; the number of steps is then chosen so that the
 TTT runs fit the budget, and every run gets that same number of steps (equal tokens). Runs:
@@ -19,56 +19,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.byte_level_runs import COMMON, SHAPE, WINDOW, byte_plays
+from benchmarks.kernel_bench.timing import provenance, results_path
+from ttt_helpers import metrics
+from ttt_helpers.inference.generate import stream_generate
+from ttt_helpers.train import TrainConfig, train
 
-from kernel_bench.timing import provenance, results_path  # noqa: E402
-
-from ttt_helpers import metrics  # noqa: E402
-from ttt_helpers.data import encode_bytes, load_plays, train_val_split  # noqa: E402
-from ttt_helpers.generate import stream_generate  # noqa: E402
-from ttt_helpers.train import TrainConfig, train  # noqa: E402
-
-WINDOW = 512
-SHAPE = dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, mini_batch_size=16)
-COMMON = dict(
-    **SHAPE,
-    tokenizer="bytes",
-    doc_tokens=16384,
-    window=WINDOW,
-    batch_size=32,
-    lr=1e-3,
-    warmup_steps=30,
-    weight_decay=0.1,
-    grad_clip=1.0,
-    seed=0,
-    eval_lengths=20,
-    eval_tokens_per_doc=20480,
-    checkpoint_every=None,
-    tensorboard=False,
-    progress=False,
-    precision="bf16",  # autocast for every run; the TTT states stay float32
-)
 RUNS = {  # name: (model, state_passing)
     "TTT-Linear": ("ttt-linear", True),
     "Transformer": ("transformer", False),
     "TTT-Linear, no passing": ("ttt-linear", False),
 }
 PROMPT = "HAMLET\nTo be, or not to be, that is the question:\n"
-
-
-def corpus() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Training documents (plays cut into 16,384 bytes) and the four held-out plays."""
-    train_plays, val_plays = train_val_split(load_plays())
-    docs = [part for play in train_plays for part in encode_bytes(play.text).split(COMMON["doc_tokens"])]
-    return docs, [encode_bytes(play.text) for play in val_plays]
 
 
 def position_windows(val_docs: list[torch.Tensor], length: int, per_doc: int = 8) -> list[torch.Tensor]:
@@ -107,7 +74,7 @@ def compare_impls(steps: int, train_docs: list[torch.Tensor], runs_dir: Path) ->
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the two TTT-Linear runs together")
     parser.add_argument("--max-steps", type=int, default=2000, help="never more steps than this")
@@ -122,9 +89,78 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/ttt-train-gpu"), help="run folders (logs)")
     parser.add_argument("--compare-impls", type=int, default=None, metavar="N", help="only the kernel/reference runs")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def length_generalization_record(lg: metrics.LengthGeneralization) -> dict:
+    """A run's length generalization as the JSON holds it."""
+    return {
+        "train_window": lg.train_window,
+        "rows": [dict(ratio=r.ratio, length=r.length, perplexity=r.perplexity, tokens=r.tokens) for r in lg.rows],
+        "at_1x": lg.at_1x,
+        "at_5x": lg.at_5x,
+        "at_10x": lg.at_10x,
+        "best_length": lg.best_length,
+        "degradation": lg.degradation,
+    }
+
+
+def measured_run(
+    name: str, steps: int, train_docs: list[torch.Tensor], val_docs: list[torch.Tensor], runs_dir: Path
+) -> dict:
+    """Train run `name` of RUNS for `steps` steps, then measure it: length generalization on the
+    held-out plays' first bytes, the loss by position over windows of 10x the window, a sample."""
+    model, passing = RUNS[name]
+    config = TrainConfig(model=model, state_passing=passing, max_steps=steps, out_dir=str(runs_dir / name), **COMMON)
+    eval_docs = [d[: COMMON["eval_tokens_per_doc"]] for d in val_docs]
+    run_start = time.perf_counter()
+    stamps: list[float] = []
+    result = train(
+        config,
+        train_docs=train_docs,
+        val_docs=eval_docs,
+        callback=lambda step, record: stamps.append(time.perf_counter()),
+    )
+    train_s = stamps[-1] - run_start
+    model_ = result.model
+    device = next(model_.parameters()).device
+    windows = [w.to(device) for w in position_windows(val_docs, 10 * WINDOW)]
+    curve = metrics.per_position_loss(model_, windows, length=10 * WINDOW)
+    generator = torch.Generator().manual_seed(0)
+    sample = "".join(stream_generate(model_, None, PROMPT, 400, temperature=0.8, generator=generator))
+    lg = result.length_generalization
+    print(
+        f"{name}: {result.step} steps, loss {sum(result.losses[-20:]) / 20:.3f} (last 20), "
+        f"{result.tokens / train_s:,.0f} tok/s, perplexity at {lg.rows[0].length} {lg.rows[0].perplexity:.3f}, "
+        f"at {lg.rows[-1].length} {lg.rows[-1].perplexity:.3f}",
+        flush=True,
+    )
+    return {
+        "model": model,
+        "state_passing": passing,
+        "parameters": sum(p.numel() for p in model_.parameters()),
+        "steps": result.step,
+        "tokens": result.tokens,
+        "losses": [round(x, 5) for x in result.losses],
+        "train_seconds": train_s,
+        "tokens_per_s": result.tokens / train_s,
+        "length_generalization": length_generalization_record(lg),
+        "per_position_loss": {
+            "length": 10 * WINDOW,
+            "windows": 8 * len(windows),
+            "bin": 64,
+            "binned": curve.view(-1)[: (curve.numel() // 64) * 64].view(-1, 64).mean(1).tolist(),
+        },
+        "sample": {"prompt": PROMPT, "temperature": 0.8, "seed": 0, "text": sample},
+        "seconds_with_eval": time.perf_counter() - run_start,
+        "provenance": provenance(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("train_gpu.py needs a CUDA GPU; the CPU version of these runs is chapter 5")
+        raise SystemExit("train_gpu needs a CUDA GPU; the CPU version of these runs is chapter 5")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     started = time.perf_counter()
@@ -138,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         results["elapsed_s"] = time.perf_counter() - started
         out.write_text(json.dumps(results, indent=1) + "\n")
 
-    train_docs, val_docs = corpus()
+    train_docs, val_docs = byte_plays()
     if args.compare_impls:
         results["impl_comparison"] = {
             **compare_impls(args.compare_impls, train_docs, args.runs_dir),
@@ -156,68 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps
     results["tokens_per_run"] = steps * COMMON["batch_size"] * WINDOW
     save()
-    eval_docs = [d[: COMMON["eval_tokens_per_doc"]] for d in val_docs]
-    for name, (model, passing) in RUNS.items():
+    for name in RUNS:
         if args.only and name not in args.only:
             continue
-        config = TrainConfig(
-            model=model, state_passing=passing, max_steps=steps, out_dir=str(args.runs_dir / name), **COMMON
-        )
-        run_start = time.perf_counter()
-        stamps: list[float] = []
-        rates: list[float] = []
-        result = train(
-            config,
-            train_docs=train_docs,
-            val_docs=eval_docs,
-            callback=lambda step, record: (stamps.append(time.perf_counter()), rates.append(record["tokens_per_s"])),
-        )
-        train_s = stamps[-1] - run_start
-        model_ = result.model
-        device = next(model_.parameters()).device
-        windows = [w.to(device) for w in position_windows(val_docs, 10 * WINDOW)]
-        curve = metrics.per_position_loss(model_, windows, length=10 * WINDOW)
-        generator = torch.Generator().manual_seed(0)
-        sample = "".join(stream_generate(model_, None, PROMPT, 400, temperature=0.8, generator=generator))
-        lg = result.length_generalization
-        results["runs"][name] = {
-            "model": model,
-            "state_passing": passing,
-            "parameters": sum(p.numel() for p in model_.parameters()),
-            "steps": result.step,
-            "tokens": result.tokens,
-            "losses": [round(x, 5) for x in result.losses],
-            "train_seconds": train_s,
-            "tokens_per_s": result.tokens / train_s,
-            "length_generalization": {
-                "train_window": lg.train_window,
-                "rows": [
-                    dict(ratio=r.ratio, length=r.length, perplexity=r.perplexity, tokens=r.tokens) for r in lg.rows
-                ],
-                "at_1x": lg.at_1x,
-                "at_5x": lg.at_5x,
-                "at_10x": lg.at_10x,
-                "best_length": lg.best_length,
-                "degradation": lg.degradation,
-            },
-            "per_position_loss": {
-                "length": 10 * WINDOW,
-                "windows": 8 * len(windows),
-                "bin": 64,
-                "binned": curve.view(-1)[: (curve.numel() // 64) * 64].view(-1, 64).mean(1).tolist(),
-            },
-            "sample": {"prompt": PROMPT, "temperature": 0.8, "seed": 0, "text": sample},
-            "seconds_with_eval": time.perf_counter() - run_start,
-            "provenance": provenance(),
-        }
-        print(
-            f"{name}: {result.step} steps, loss {sum(result.losses[-20:]) / 20:.3f} (last 20), "
-            f"{result.tokens / train_s:,.0f} tok/s, perplexity at {lg.rows[0].length} {lg.rows[0].perplexity:.3f}, "
-            f"at {lg.rows[-1].length} {lg.rows[-1].perplexity:.3f}",
-            flush=True,
-        )
+        results["runs"][name] = measured_run(name, steps, train_docs, val_docs, args.runs_dir)
         save()
-        del model_, result
         torch.cuda.empty_cache()
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s", flush=True)
 

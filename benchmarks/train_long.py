@@ -2,9 +2,9 @@
 on the registry corpus (`python -m ttt_helpers.data build-corpus`), and record its held-out loss
 by token index, on English and on code separately, inside the trained context and past it.
 
-    python3 benchmarks/train_long.py --corpus corpus/ --model ttt-linear-m --context 8192 --tokens 100e6
-    python3 benchmarks/train_long.py --dry-run --model ttt-linear-m   # tiny shapes, random tokens, CPU
-    python3 benchmarks/train_long.py --dry-run --model llama --corpus corpus/   # tiny shapes, the corpus
+    python3 -m benchmarks.train_long --corpus corpus/ --model ttt-linear-m --context 8192 --tokens 100e6
+    python3 -m benchmarks.train_long --dry-run --model ttt-linear-m   # tiny shapes, random tokens, CPU
+    python3 -m benchmarks.train_long --dry-run --model llama --corpus corpus/   # tiny shapes, the corpus
 
 Models share the width, depth, heads, feed-forward width and SmolLM2's vocabulary (49,152):
   llama            a Llama (RoPE, SDPA attention)
@@ -17,9 +17,13 @@ Models share the width, depth, heads, feed-forward width and SmolLM2's vocabular
                    its gated backward kernel gives wrong gradients there)
 Training reads random windows of context tokens from the training documents (English and
 code, each split concatenated in manifest order with a separator token between documents, so a
-window of code reads neighbouring files of one package); every model sees the same windows in the
-same order (one seed). Evaluation reads the first windows of eval_factor x context tokens of the
-held-out English and code streams and averages the loss at each token index. Decoding is timed with
+window of code reads neighbouring files of one package: `ttt_helpers.train.windows`); every model
+sees the same windows in the same order (one seed). The loop is this script's own, not
+`ttt_helpers.train`'s, which reads documents in consecutive segments and builds only its own
+models: here any causal LM (a Llama, fla's DeltaNet) trains on random windows, with gradient
+accumulation and weight decay on every parameter. Evaluation reads the first windows of
+eval_factor x context tokens of the held-out English and code streams and averages the loss at each
+token index (`ttt_helpers.metrics.per_position_loss`). Decoding is timed with
 bf16 weights at batches 1 and 16 after prompts of --decode-lengths tokens: each model's own
 cache, one eager forward per step. Each call adds its model to --out under its context length, rewriting the JSON atomically.
 """
@@ -30,21 +34,18 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_bench.timing import dry_provenance, provenance, results_path
+from ttt_helpers.metrics import per_position_loss
+from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
+from ttt_helpers.train.windows import RandomWindows, corpus_stream
 
-from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM  # noqa: E402
-
-MODELS = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "deltanet")
-SEPARATOR = 0  # <|endoftext|> in SmolLM2's vocabulary
+ARCHITECTURES = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "deltanet")
 VOCAB = 49152
 DRY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 
@@ -75,14 +76,6 @@ def build(name: str, shape: dict, vocab: int, context: int) -> torch.nn.Module:
     return model
 
 
-def stream(corpus, split: str, kind: str) -> np.ndarray:
-    """The documents of a split and kind, in manifest order, joined by SEPARATOR: [N] int64."""
-    parts = []
-    for i in corpus.select(split, kind):
-        parts += [np.asarray(corpus.document_tokens(i), dtype=np.int64), np.array([SEPARATOR])]
-    return np.concatenate(parts)
-
-
 def load_streams(args) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     """Training stream (English then code), held-out streams by kind, and the corpus's provenance."""
     if args.corpus is None:  # a dry run without a corpus
@@ -93,36 +86,25 @@ def load_streams(args) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
 
     corpus = load_corpus(args.corpus)
     m = corpus.manifest
-    train = np.concatenate([stream(corpus, "train", k) for k in ("english", "code")])
-    heldout = {k: stream(corpus, "heldout", k) for k in ("english", "code")}
+    train = np.concatenate([corpus_stream(corpus, "train", k) for k in ("english", "code")])
+    heldout = {k: corpus_stream(corpus, "heldout", k) for k in ("english", "code")}
     info = {key: m.get(key) for key in ("content_sha256", "tokens_sha256", "versions")}
     info["train_tokens"], info["heldout_tokens"] = int(train.size), {k: int(v.size) for k, v in heldout.items()}
     return train, heldout, info
-
-
-def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token loss at every position of ids [B, T]: [T - 1], mean over the rows."""
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return loss.mean(0)
 
 
 def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins: int) -> dict:
     """Loss by token index over the first `windows` windows of `length` tokens of each held-out
     stream, in `bins` equal bins, and the mean loss up to each power of two of positions."""
     result = {}
-    model.eval()
     for kind, tokens in heldout.items():
         n = min(windows, tokens.size // length)
         if n == 0:
             result[kind] = f"skipped: fewer than {length} held-out tokens"
             continue
-        total = torch.zeros(length - 1, dtype=torch.float64)
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            for w in range(n):
-                ids = torch.from_numpy(tokens[w * length : (w + 1) * length].copy()).to(device)[None]
-                total += per_position_loss(model, ids).double().cpu()
-        curve = total / n
+        first_windows = torch.from_numpy(tokens[: n * length].copy())  # cut into its n windows
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            curve = per_position_loss(model, [first_windows], length=length).double()
         edges = np.linspace(0, length - 1, min(bins, length - 1) + 1).astype(int)  # no empty bin
         marks = [2**k for k in range(6, int(math.log2(length - 1)) + 1)]
         result[kind] = {
@@ -132,7 +114,6 @@ def evaluate(model, heldout: dict, length: int, windows: int, device: str, bins:
             "mean_up_to": {str(m): float(curve[:m].mean()) for m in marks},
             "mean_at": {str(m): float(curve[m // 2 : m].mean()) for m in marks},  # positions m/2 to m
         }
-    model.train()
     return result
 
 
@@ -195,8 +176,7 @@ def decode_cost(
 def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
     """AdamW with warm-up and cosine decay under bf16 autocast (on CUDA), gradient clipping at 1;
     each optimizer step reads args.step_tokens tokens in micro-batches of args.batch windows."""
-    rng = np.random.default_rng(args.seed)
-    window = args.context
+    windows = RandomWindows(train_tokens, args.context, args.batch, seed=args.seed)
     accum = max(1, args.step_tokens // (args.batch * args.context))
     steps = max(1, int(args.tokens) // (accum * args.batch * args.context))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -210,8 +190,7 @@ def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
     for step in range(steps):
         step_loss = torch.zeros((), device=device)
         for _ in range(accum):
-            starts = rng.integers(0, train_tokens.size - window, args.batch)
-            ids = torch.from_numpy(np.stack([train_tokens[s : s + window] for s in starts])).to(device)
+            ids = windows.next_batch().to(device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = model(input_ids=ids, labels=ids).loss / accum  # the models shift the labels
             loss.backward()
@@ -256,9 +235,10 @@ def lengths_list(text: str) -> list[int]:
     return lengths
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked; a dry run's tiny shapes set in place of the given ones."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--model", required=True, choices=ARCHITECTURES)
     parser.add_argument("--corpus", type=Path, help="a corpus folder (manifest.json and tokens.u16[.xz])")
     parser.add_argument("--context", type=int, default=8192, help="training context in tokens")
     parser.add_argument("--tokens", type=float, default=100e6, help="training tokens (rounded down to whole steps)")
@@ -289,10 +269,23 @@ def main(argv: list[str] | None = None) -> None:
         if not cuda:
             os.environ.setdefault("TRITON_INTERPRET", "1")
     args.vocab = 256 if args.dry_run and args.corpus is None else VOCAB
-    device = "cuda" if cuda else "cpu"
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from kernel_bench.timing import dry_provenance, provenance, results_path
+    return args
 
+
+def write_run(out: Path, context: int, model: str, run: dict) -> None:
+    """Add `run` to the JSON `out` under its context and model, rewriting the file atomically."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.setdefault(str(context), {})[model] = run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    partial.replace(out)  # never a half-written JSON
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
     prov = provenance() if cuda else dry_provenance()
     out = args.out or (Path("/tmp/long_context_dry_run.json") if args.dry_run else results_path("long_context", prov))
     train_tokens, heldout, corpus_info = load_streams(args)
@@ -312,12 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         model.to(torch.bfloat16)  # decoding as a user would run it: the weights in bf16
     run["decode"] = decode_cost(model, heldout["code"], args.decode_lengths, (1, 16), device)
     run["corpus"], run["provenance"] = corpus_info, prov
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results.setdefault(str(args.context), {})[args.model] = run
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".json.partial")
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    partial.replace(out)  # never a half-written JSON
+    write_run(out, args.context, args.model, run)
     t = run["training"]
     print(f"wrote {out}: {t['tokens']:,} tokens at {t['tokens_per_s']:,.0f} tokens/s", flush=True)
 

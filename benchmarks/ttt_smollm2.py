@@ -1,6 +1,6 @@
 """TTT-SmolLM2 against SmolLM2 on one GPU: perplexity, long documents, passkey recall, chat, decode.
 
-    python benchmarks/ttt_smollm2.py --bank BANK --delta DELTA --gguf GGUF --out RESULTS.json
+    python -m benchmarks.ttt_smollm2 --bank BANK --delta DELTA --gguf GGUF --out RESULTS.json
         [--sections perplexity,long,passkey,chat,decode] [--cpu-check]
 
 The models: SmolLM2-135M-Instruct (the teacher, from its GGUF), SmolLM2 with a sliding window of
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -29,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernel_bench.timing import git_commit
 from ttt_helpers import pretrained
 from ttt_helpers.compat import cache_kwargs
-from ttt_helpers.convert import from_llama
-from ttt_helpers.distill.bank import LONG, SHORT, load_bank
+from ttt_helpers.distill.bank import LONG, SHORT, Bank, load_bank
 from ttt_helpers.distill.cli import load_teacher
 from ttt_helpers.distill.loop import environment
-from ttt_helpers.models import sliding_window
+from ttt_helpers.model.convert import from_llama
+from ttt_helpers.pretrained import sliding_window
 
 WINDOW = 2048
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,14 +264,33 @@ def answers_long(model, ids, tokenizer, context, new_tokens: int = 64) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@torch.no_grad()
+def ttt_graph_decode(ttt, prompt: torch.Tensor, steps: int) -> dict:
+    """Greedy decode of TTT-SmolLM2 from `CUDAGraphDecoder` after reading `prompt` [B, T]: tokens/s over
+    `steps` steps after 16 untimed ones, the state's bytes and the peak memory."""
+    from ttt_helpers.compat import output_cache
+    from ttt_helpers.inference.cuda_graphs import CUDAGraphDecoder
+
+    torch.cuda.reset_peak_memory_stats()
+    o = ttt(prompt, use_cache=True, logits_to_keep=1)
+    cache, token = output_cache(o), o.logits[:, -1:].argmax(-1)
+    decoder = CUDAGraphDecoder(ttt, cache)
+    for _ in range(16):
+        token = decoder.step(token)[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = decoder.step(token)[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    rate = prompt.shape[0] * steps / (time.perf_counter() - t0)
+    return {"tokens_per_s": rate, "state_bytes": cache.nbytes(), "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
 def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float) -> None:
     """Greedy decode tokens/s after 2k, 8k and 32k tokens of context, bf16, B = 1 and 64: TTT-SmolLM2
-    through CUDAGraphDecoder, SmolLM2 through generate() with a static cache (its step compiled)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from kernel_bench.model import llama_static_tokens_per_s
-
-    from ttt_helpers.compat import output_cache
-    from ttt_helpers.kernels import CUDAGraphDecoder
+    through CUDAGraphDecoder (after 16 untimed steps), SmolLM2 through generate() with a static cache (its
+    step compiled; the second of two calls is timed, so compiling is not)."""
+    from benchmarks.kernel_bench.model import llama_static_tokens_per_s
 
     out = results.setdefault("decode", {"steps": 64, "cells": {}})
     ttt = ttt_cpu.to("cuda", torch.bfloat16).eval()
@@ -284,24 +303,7 @@ def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float
                 0, 49152, (batch, context), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
             )
             if "ttt" not in cell:
-                torch.cuda.reset_peak_memory_stats()
-                with torch.no_grad():
-                    o = ttt(prompt, use_cache=True, logits_to_keep=1)
-                    cache, token = output_cache(o), o.logits[:, -1:].argmax(-1)
-                    decoder = CUDAGraphDecoder(ttt, cache)
-                    for _ in range(16):
-                        token = decoder.step(token)[:, -1:].argmax(-1)
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(out["steps"]):
-                        token = decoder.step(token)[:, -1:].argmax(-1)
-                    torch.cuda.synchronize()
-                cell["ttt"] = {
-                    "tokens_per_s": batch * out["steps"] / (time.perf_counter() - t0),
-                    "state_bytes": cache.nbytes(),
-                    "peak_bytes": torch.cuda.max_memory_allocated(),
-                }
-                del decoder, cache, o
+                cell["ttt"] = ttt_graph_decode(ttt, prompt, out["steps"])
                 empty_cache()
                 save(results, path)
             if "smollm2" not in cell and time.perf_counter() - start < 60 * minutes:
@@ -315,7 +317,8 @@ def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float
                     * batch
                     * (context + out["steps"] + 1)
                 )
-                try:
+                try:  # the first call compiles the step and captures its graphs: time the second
+                    llama_static_tokens_per_s(llama, prompt, out["steps"])
                     rate = llama_static_tokens_per_s(llama, prompt, out["steps"])
                     cell["smollm2"] = {
                         "tokens_per_s": rate,
@@ -328,7 +331,7 @@ def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float
                 save(results, path)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bank", required=True)
     parser.add_argument("--delta", required=True)
@@ -340,20 +343,20 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=LONG, help="tokens of each long document (a dry run: fewer)")
     parser.add_argument("--passkey-lengths", default=",".join(map(str, PASSKEY_LENGTHS)))
     parser.add_argument("--ttt-impl", default="auto", choices=("auto", "reference"), help="the TTT layers' path")
-    args = parser.parse_args()
-    path = Path(args.out)
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    bank = load_bank(args.bank)
-    llama_cpu = load_teacher(args.gguf)
-    tensors, info = pretrained.read_delta(args.delta)
-    from kernel_bench.timing import git_commit  # benchmarks/ is on the path of a script run from it
+    return parser.parse_args()
 
+
+def record_visit(
+    results: dict, path: Path, args: argparse.Namespace, info: dict, llama_cpu: torch.nn.Module, bank: Bank
+) -> None:
+    """results["provenance"]: the delta, teacher and bank the results are of (a file holding another
+    delta's results is refused), and this invocation as one more visit: a cut-short run resumed on
+    another machine says what ran where."""
     provenance = results.setdefault("provenance", {"delta_sha256": info["sha256"], "visits": []})
     if provenance["delta_sha256"] != info["sha256"]:
         raise ValueError(f"{path} holds results of the delta {provenance['delta_sha256'][:12]}..., not of {args.delta}")
     provenance["teacher_sha256"] = pretrained.weights_sha256(llama_cpu)
     provenance["bank"] = bank.manifest["provenance"]
-    # each invocation adds a visit: a cut-short run resumed on another machine says what ran where
     provenance["visits"].append(
         {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -362,14 +365,28 @@ def main() -> None:
             "arguments": vars(args),
         }
     )
+
+
+def smollm2_tokenizer(gguf: str | None):
+    """SmolLM2's tokenizer: from its GGUF file where given, else from the installed package."""
+    if gguf is None:
+        from ttt_helpers.pretrained import load_pretrained
+
+        return load_pretrained()[1]
     from transformers import AutoTokenizer
 
-    gguf = Path(args.gguf) if args.gguf else None
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name) if gguf else None
-    if tokenizer is None:
-        from ttt_helpers.models import load_pretrained
+    return AutoTokenizer.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name)
 
-        tokenizer = load_pretrained()[1]
+
+def main() -> None:
+    args = parse_args()
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    bank = load_bank(args.bank)
+    llama_cpu = load_teacher(args.gguf)
+    tensors, info = pretrained.read_delta(args.delta)
+    record_visit(results, path, args, info, llama_cpu, bank)
+    tokenizer = smollm2_tokenizer(args.gguf)
     converted = from_llama(llama_cpu)
     ttt = from_llama(llama_cpu)
     pretrained.apply_delta(ttt, tensors, info)

@@ -1,6 +1,6 @@
 """Decode speed and memory on the CPU at batch 1: the TTT model converted from SmolLM2 against SmolLM2.
 
-    python benchmarks/ttt_smollm2_cpu.py --out benchmarks/results/ttt_smollm2_cpu.json [--threads 2]
+    python -m benchmarks.ttt_smollm2_cpu --out benchmarks/results/ttt_smollm2_cpu.json [--threads 2]
 
 After 2k, 8k and 32k tokens of context, greedy decode of `--steps` tokens, timed per token (median
 and spread over the steps). SmolLM2 reads a KV cache of that length (filled with random keys and
@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from kernel_bench.timing import git_commit
 from transformers import DynamicCache
 
+from benchmarks.kernel_bench.timing import git_commit
 from ttt_helpers.compat import cache_kwargs, output_cache
-from ttt_helpers.convert import from_llama
-from ttt_helpers.models import load_pretrained
+from ttt_helpers.model.convert import from_llama
+from ttt_helpers.pretrained import load_pretrained
 
 CONTEXTS = (2048, 8192, 32768)
 

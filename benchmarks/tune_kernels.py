@@ -2,7 +2,7 @@
 the defaults in ttt_helpers/kernels (warps per program, software-pipelining stages, and the
 TTT-MLP chunk width FB).
 
-    python benchmarks/tune_kernels.py          # writes benchmarks/results/tuning_<gpu>.json
+    python -m benchmarks.tune_kernels          # writes benchmarks/results/tuning_<gpu>.json
 
 Each setting is applied by wrapping the kernel's launch, so the wrappers' checks and argument
 handling are the ones the library uses. Times are medians of triton.testing.do_bench.
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
-from kernel_bench.inputs import MLP_PARAMS, decode_state, decode_tokens, mlp_inputs, to64, ttt_inputs  # noqa: E402
-from kernel_bench.launch import with_launch  # noqa: E402
-from kernel_bench.timing import Runner, bench_ms, provenance, rel_err, results_path  # noqa: E402
+from benchmarks.kernel_bench.inputs import MLP_PARAMS, decode_state, decode_tokens, mlp_inputs, to64, ttt_inputs
+from benchmarks.kernel_bench.launch import with_launch
+from benchmarks.kernel_bench.timing import Runner, bench_ms, provenance, results_path
+from ttt_helpers.testing import rel_err
 
 attempt = Runner("cuda").attempt  # record[key] = fn(), a failure recorded and the sweep goes on
 

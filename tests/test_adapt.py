@@ -368,7 +368,7 @@ def test_refuses_a_model_that_already_has_an_adapter(tiny, tok):
 
 
 def test_smollm2_recalls_the_secret_only_while_adapted():
-    from ttt_helpers.models import load_pretrained
+    from ttt_helpers.pretrained import load_pretrained
 
     model, tokenizer = load_pretrained()
     fact = "The operational password for Project Omega is 'BlueSky99'."

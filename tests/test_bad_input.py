@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_helpers import adapt, data, generate, layers, metrics, models, ops, transplant
+from ttt_helpers import adapt, data, generate, layers, metrics, ops, pretrained, transplant
 from ttt_helpers import train as T
 from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
@@ -245,7 +245,7 @@ def _bad_yaml(out: Path) -> list[str]:
 )
 def test_a_run_folder_or_config_file_that_cannot_serve_is_a_usage_error(setup, match, tmp_path, capsys, monkeypatch):
     """One `error: ...` line and exit status 2, as argparse reports a bad option: no traceback."""
-    monkeypatch.setattr(T.loop, "load_corpus", lambda config, tokenizer=None: (docs(), []))
+    monkeypatch.setattr(T.loop, "play_documents", lambda config, tokenizer=None: (docs(), []))
     argv = setup(tmp_path / "run")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -546,7 +546,7 @@ TYPE_CASES = [
     ("learning_rate", lambda m: T.learning_rate(1.5, T.TrainConfig()), TypeError, "step must be an int"),
     (
         "load_pretrained dtype",
-        lambda m: models.load_pretrained("x", dtype="float16"),
+        lambda m: pretrained.load_pretrained("x", dtype="float16"),
         TypeError,
         "dtype must be a floating-point torch.dtype",
     ),
@@ -636,7 +636,7 @@ def test_a_diverging_run_exits_non_zero_from_the_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     code = (
         "import sys, torch; from ttt_helpers import train as T; "
-        "T.loop.load_corpus = lambda config, tokenizer=None: ([torch.randint(0, 256, (60,)) for _ in range(4)], []); "
+        "T.loop.play_documents = lambda config, tokenizer=None: ([torch.randint(0, 256, (60,)) for _ in range(4)], []); "
         "T.main(sys.argv[1:])"
     )
     out = tmp_path / "run"
@@ -746,7 +746,7 @@ def test_evaluation_settings_are_checked_before_the_first_step(tmp_path):
 
 
 def fake_conversion(monkeypatch, tmp_path):
-    """models._convert_smollm2 on a tiny Llama and a fake tokenizer, counting conversions."""
+    """pretrained._convert_smollm2 on a tiny Llama and a fake tokenizer, counting conversions."""
     tiny = tiny_llama(vocab=16)
     calls = []
 
@@ -758,9 +758,9 @@ def fake_conversion(monkeypatch, tmp_path):
         calls.append(args)
         return tiny
 
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "x.gguf")
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    monkeypatch.setattr(pretrained, "smollm2_gguf_path", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(pretrained.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(pretrained.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
     return calls
 
 
@@ -769,10 +769,10 @@ def test_a_partial_model_cache_is_repaired(monkeypatch, tmp_path):
     target = tmp_path / "cache" / "smollm2-135m-instruct"
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")  # a conversion cut short: no weights, no tokenizer
-    models._convert_smollm2(target)
+    pretrained._convert_smollm2(target)
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in target.iterdir()}
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary folders left
-    assert models._is_converted(target) and len(calls) == 1
+    assert pretrained._is_converted(target) and len(calls) == 1
 
 
 # ---------------------------------------------------------------- import ttt_helpers registers the model

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ttt_helpers.compat import cache_kwargs, output_cache
-from ttt_helpers.convert import from_official, name_pairs, to_official
 from ttt_helpers.model import TTTConfig, TTTForCausalLM
+from ttt_helpers.model.convert import from_official, name_pairs, to_official
 
 F64 = torch.float64
 SMALL = dict(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)

@@ -201,7 +201,7 @@ def test_real_documents_are_deterministic():
 def test_smollm2_tokenizer_json_gives_the_same_ids(tmp_path):
     from transformers import AutoTokenizer
 
-    from ttt_helpers.models import smollm2_gguf_path
+    from ttt_helpers.pretrained import smollm2_gguf_path
 
     path = tokens.save_smollm2_tokenizer(tmp_path / "tokenizer.json")
     standalone = tokens.load_tokenizer(path)

@@ -13,13 +13,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ttt_helpers import lora, pretrained
-from ttt_helpers.convert import config_from_llama, from_llama
 from ttt_helpers.data import corpus, store
 from ttt_helpers.distill import DistillConfig, Distiller, load_bank, prepare_bank, trainable
 from ttt_helpers.distill.bank import CHAT_AFTER, CHAT_BEFORE, CHAT_END, CHAT_TURN, SEPARATOR, conversations, split_pages
 from ttt_helpers.distill.cli import delta_tensors
 from ttt_helpers.distill.cli import main as distill_main
 from ttt_helpers.model import TTTCache, TTTForCausalLM
+from ttt_helpers.model.convert import config_from_llama, from_llama
 from ttt_helpers.transplant import ttt_from_attention
 
 VOCAB = 400
@@ -256,7 +256,7 @@ def test_conversations_follow_the_template(tokenizer_file):
 
 
 def test_chat_template_is_smollm2s():
-    from ttt_helpers.models import load_pretrained
+    from ttt_helpers.pretrained import load_pretrained
 
     tokenizer = load_pretrained()[1]
     text = tokenizer.apply_chat_template(

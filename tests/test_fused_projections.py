@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ttt_helpers.compat import cache_kwargs, output_cache
-from ttt_helpers.fused_projections import FusedProjections
+from ttt_helpers.inference.fused_projections import FusedProjections
 from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

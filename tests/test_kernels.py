@@ -18,40 +18,23 @@ from ttt_helpers import ops  # noqa: E402
 from ttt_helpers.compat import output_cache  # noqa: E402
 from ttt_helpers.kernels import (  # noqa: E402
     TTTLinearDecoder,
-    ttt_linear_auto,
     ttt_linear_decode,
     ttt_linear_prefill,
     ttt_mlp_decode,
     ttt_mlp_prefill,
     use_kernels,
 )
+from ttt_helpers.layers import IMPLS, TTTLinear, pick_path  # noqa: E402
+from ttt_helpers.testing import random_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 def make_inputs(B, H, T, D, dtype, gen, state_dtype=None):
     """Random inputs of `ops.ttt_linear` at the scales a trained layer sees (eta ~ base_lr / D)."""
-
-    def r(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(DEVICE)
-
-    state_dtype = state_dtype or dtype
-    return dict(
-        XQ=r(B, H, T, D),
-        XK=r(B, H, T, D),
-        XV=r(B, H, T, D),
-        eta=(torch.rand(B, H, T, generator=gen) / D).to(dtype).to(DEVICE),
-        W0=r(B, H, D, D, scale=D**-0.5, dt=state_dtype),
-        b0=r(B, H, 1, D, scale=0.1, dt=state_dtype),
-        ln_weight=1 + r(H, D, scale=0.2),
-        ln_bias=r(H, D, scale=0.2),
-    )
+    return random_inputs("linear", B, H, T, D, gen, dtype=dtype, state_dtype=state_dtype, device=DEVICE)
 
 
 def reference(args: dict, mini_batch_size: int, **kw):
@@ -242,27 +225,37 @@ def test_cuda_graph_decoder_equals_eager(rng):
         assert torch.equal(a, b_)
 
 
-def test_auto_dispatch(rng):
+def test_path_picker(rng):
+    """`layers.pick_path`: "auto" runs the kernels on CUDA (the prefill, the training kernels when a
+    gradient is needed) and the reference elsewhere; "kernel" and "reference" force one path; a
+    layer's output through each path matches the reference's."""
     args = make_inputs(1, 2, 20, 32, torch.float32, rng)
-    assert use_kernels(args["XQ"]) == (DEVICE == "cuda")
-    Z_ref, *_ = ops.ttt_linear(**args)
-    Z_kernel, *_ = ttt_linear_auto(**args, impl="kernel")
-    Z_auto, *_ = ttt_linear_auto(**args)
-    assert torch.equal(ttt_linear_auto(**args, impl="reference")[0], Z_ref)
-    assert torch.equal(Z_auto, Z_kernel if DEVICE == "cuda" else Z_ref)
-    assert rel_err(Z_kernel, Z_ref.to(F64)) < TOL[torch.float32]
-    # a gradient is needed: auto takes the training kernels on CUDA (the reference elsewhere), and
-    # a forced kernel trains through them too; both gradients match the reference's
-    args["W0"].requires_grad_(True)
-    (grad_ref,) = torch.autograd.grad(ops.ttt_linear(**args)[0].sum(), args["W0"])
-    (grad_auto,) = torch.autograd.grad(ttt_linear_auto(**args)[0].sum(), args["W0"])
-    (grad_kernel,) = torch.autograd.grad(ttt_linear_auto(**args, impl="kernel")[0].sum(), args["W0"])
-    assert rel_err(grad_auto, grad_ref.to(F64)) < TOL[torch.float32]
-    assert rel_err(grad_kernel, grad_ref.to(F64)) < TOL[torch.float32]
+    XQ = args["XQ"]
+    assert use_kernels(XQ) == (DEVICE == "cuda")
+    assert pick_path("reference", XQ, 16, ()) == "reference"
+    assert pick_path("auto", XQ, 16, ()) == ("prefill" if DEVICE == "cuda" else "reference")
+    assert pick_path("kernel", XQ, 16, ()) == "prefill"
+    assert pick_path("kernel", XQ[:, :, :1], 16, (), stream=True) == "decode"
+    assert pick_path("auto", XQ, 16, (), primal=True) == "primal"
+    W0 = args["W0"].clone().requires_grad_(True)
+    assert pick_path("kernel", XQ, 16, (W0,)) == "train"
+    assert pick_path("auto", XQ, 16, (W0,)) == ("train" if DEVICE == "cuda" else "reference")
+    with torch.no_grad():
+        assert pick_path("kernel", XQ, 16, (W0,)) == "prefill"
+    # the layer's outputs and gradients through each path
+    x = torch.randn(1, 20, 64, generator=rng).to(DEVICE)
+    layers = {impl: TTTLinear(64, 2, impl=impl).to(DEVICE) for impl in IMPLS}
+    for layer in layers.values():
+        layer.load_state_dict(layers["reference"].state_dict())
+    outs = {impl: layer(x)[0] for impl, layer in layers.items()}
+    grads = {impl: torch.autograd.grad(out.sum(), layers[impl].W0)[0] for impl, out in outs.items()}
+    assert torch.equal(outs["auto"], outs["kernel"] if DEVICE == "cuda" else outs["reference"])
+    assert rel_err(outs["kernel"], outs["reference"].to(F64)) < TOL[torch.float32]
+    assert rel_err(grads["kernel"], grads["reference"].to(F64)) < TOL[torch.float32]
     with pytest.raises(ValueError, match="no backward"):
-        ttt_linear_prefill(**args)
+        ttt_linear_prefill(**args | {"W0": W0})
     with pytest.raises(ValueError, match="impl"):
-        ttt_linear_auto(**args, impl="fast")
+        TTTLinear(64, 2, impl="fast")
 
 
 def test_bad_inputs_raise_value_errors(rng):
@@ -399,144 +392,6 @@ def test_model_dispatch_bad_input():
         TTTConfig(ttt_impl="fast")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize(
-    "impl,layer_type,backbone",
-    [("kernel", "linear", "transformer"), ("auto", "linear", "transformer"), ("auto", "mlp", "transformer")]
-    + [("auto", "linear", "mamba"), ("auto", "mlp", "mamba")],
-)
-def test_cuda_graph_decoder_matches_eager_decode(impl, layer_type, backbone, rng):
-    """Graph replay against eager single-token forwards and one full forward, over 39 tokens after a
-    prefill of 21 (mini-batch boundaries crossed twice, one graph for every position); with the
-    Mamba backbone the replay also carries the convolution states."""
-    from ttt_helpers.kernels import CUDAGraphDecoder
-
-    model = tiny_model(impl, layer_type, backbone)
-    ids = torch.randint(0, 64, (3, 60), generator=rng).to(DEVICE)
-    with torch.no_grad():
-        whole = model(ids).logits
-        eager_cache = output_cache(model(ids[:, :21], use_cache=True))
-        decoder = CUDAGraphDecoder(model, output_cache(model(ids[:, :21], use_cache=True)))
-        for t in range(21, 60):
-            eager = model(ids[:, t : t + 1], cache=eager_cache, use_cache=True).logits
-            graph = decoder.step(ids[:, t : t + 1])
-            assert (graph - eager).abs().max().item() < 1e-5, f"token {t}"
-            assert (graph[:, 0] - whole[:, t]).abs().max().item() < 1e-4, f"token {t}"
-    assert decoder.cache.seen_tokens == 60 and decoder.cache.positions.tolist() == [60 % 16] * 3
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "mamba")])
-def test_cuda_graph_decoder_decodes_a_left_padded_batch_as_each_row_alone(layer_type, backbone, rng):
-    """Prompts of 37, 6, 23 and 16 tokens (mini-batch positions 5, 6, 7 and 0) left-padded in one
-    batch, then 30 teacher-forced tokens from one graph, with a 3-token call through the model in
-    between (the decoder copies what it replaced back): every logit as the row alone, eager."""
-    from ttt_helpers.kernels import CUDAGraphDecoder
-
-    model = tiny_model("auto", layer_type, backbone)
-    rows = [torch.randint(1, 64, (1, n), generator=rng).to(DEVICE) for n in (37, 6, 23, 16)]
-    ids = torch.zeros(4, 37, dtype=torch.long, device=DEVICE)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, 37 - row.shape[1] :], mask[i, 37 - row.shape[1] :] = row[0], 1
-    nxt = torch.randint(1, 64, (4, 33), generator=rng).to(DEVICE)
-    with torch.no_grad():
-        decoder = CUDAGraphDecoder(model, output_cache(model(ids, attention_mask=mask, use_cache=True)))
-        alone = [output_cache(model(row, use_cache=True)) for row in rows]
-        for t in range(33):
-            if t == 15:  # three tokens at once, through the model's forward
-                full = torch.cat([mask, torch.ones_like(nxt[:, : t + 3])], 1)
-                got = model(nxt[:, t : t + 3], attention_mask=full, cache=decoder.cache).logits
-            elif 15 < t < 18:
-                continue
-            else:
-                got = decoder.step(nxt[:, t : t + 1])
-            for i, cache in enumerate(alone):
-                want = model(nxt[i : i + 1, t : t + got.shape[1]], cache=cache).logits
-                assert (got[i] - want[0]).abs().max().item() < 1e-5, f"token {t}, row {i}"
-    assert decoder.cache.positions.tolist() == [(n + 33) % 16 for n in (37, 6, 23, 16)]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("fuse", [True, False])
-def test_cuda_graph_decoder_reads_weights_changed_in_place(fuse, rng):
-    """Weights changed in place between steps (an optimiser step, say) reach the replayed step:
-    with fused projections through their refreshed copies, without through the model's own."""
-    from ttt_helpers.kernels import CUDAGraphDecoder
-
-    model = tiny_model("auto", "linear", "mamba")
-    ids = torch.randint(0, 64, (2, 30), generator=rng).to(DEVICE)
-    with torch.no_grad():
-        eager_cache = output_cache(model(ids[:, :17], use_cache=True))
-        decoder = CUDAGraphDecoder(model, output_cache(model(ids[:, :17], use_cache=True)), fuse=fuse)
-        for t in range(17, 30):
-            if t == 22:
-                for block in model.model.layers:
-                    for p in (block.ttt.v_proj.weight, block.ttt.lr_gate.bias, block.mlp.gate_proj.weight):
-                        p.add_(0.05 * torch.randn(p.shape, generator=rng).to(p))
-            eager = model(ids[:, t : t + 1], cache=eager_cache, use_cache=True).logits
-            assert (decoder.step(ids[:, t : t + 1]) - eager).abs().max().item() < 1e-5, f"token {t}"
-
-
-def test_cuda_graph_decoder_bad_input():
-    from ttt_helpers.kernels import CUDAGraphDecoder
-
-    model = tiny_model("reference")
-    cache = model.model.new_cache(1)
-    with pytest.raises(ValueError, match="ttt_impl='reference'"):
-        CUDAGraphDecoder(model, cache)
-    with pytest.raises(ValueError, match="must be a TTTForCausalLM"):
-        CUDAGraphDecoder(torch.nn.Linear(2, 2), cache)
-    if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="CUDA device"):
-            CUDAGraphDecoder(tiny_model("auto"), cache)
-    else:
-        with pytest.raises(TypeError, match="fuse must be True or False"):
-            CUDAGraphDecoder(tiny_model("auto"), cache, fuse=1)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("layer_type,backbone", [("linear", "transformer"), ("linear", "mamba"), ("mlp", "mamba")])
-def test_cuda_graph_prefill_matches_eager(layer_type, backbone, rng):
-    """Replayed prefills against the eager forward at two shapes (one replayed twice with new ids):
-    the same last-token logits, and a cache that decodes as the eager one does."""
-    from ttt_helpers.kernels import CUDAGraphDecoder, CUDAGraphPrefill
-
-    model = tiny_model("auto", layer_type, backbone)
-    prefill = CUDAGraphPrefill(model)
-    with torch.no_grad():
-        for B, T in ((2, 37), (1, 16), (2, 37)):
-            ids = torch.randint(0, 64, (B, T + 5), generator=rng).to(DEVICE)
-            logits, cache = prefill(ids[:, :T])
-            eager = model(ids[:, :T], use_cache=True)
-            assert (logits - eager.logits[:, -1:]).abs().max().item() < 1e-5
-            assert cache.seen_tokens == T
-            eager_cache = output_cache(eager)
-            decoder = CUDAGraphDecoder(model, cache)
-            for t in range(T, T + 5):
-                want = model(ids[:, t : t + 1], cache=eager_cache, use_cache=True).logits
-                assert (decoder.step(ids[:, t : t + 1]) - want).abs().max().item() < 1e-5, f"token {t}"
-            no_cache, none = prefill(ids[:, :T], use_cache=False)
-            assert none is None and (no_cache - eager.logits[:, -1:]).abs().max().item() < 1e-5
-    assert len(prefill.captured) == 4  # (2, 37) and (1, 16), each with and without a cache
-
-
-def test_cuda_graph_prefill_bad_input():
-    from ttt_helpers.kernels import CUDAGraphPrefill
-
-    with pytest.raises(ValueError, match="ttt_impl='reference'"):
-        CUDAGraphPrefill(tiny_model("reference"))
-    if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="CUDA device"):
-            CUDAGraphPrefill(tiny_model("auto"))
-    else:
-        prefill = CUDAGraphPrefill(tiny_model("auto"))
-        with pytest.raises(ValueError, match="input_ids"):
-            prefill(torch.full((1, 4), 64, device=DEVICE))  # outside the vocabulary
-        with pytest.raises(ValueError, match="device"):
-            prefill(torch.zeros(1, 4, dtype=torch.long))
-
-
 def test_set_ttt_impl_switches_every_layer():
     model = tiny_model("auto")
     model.set_ttt_impl("reference")
@@ -553,16 +408,7 @@ def test_set_ttt_impl_switches_every_layer():
 
 def make_mlp_inputs(B, H, T, D, dtype, gen, F=None, state_dtype=None):
     """Random inputs of `ops.ttt_mlp` (hidden width F, 4D by default) at a layer's scales."""
-    F = F or 4 * D
-    args = make_inputs(B, H, T, D, dtype, gen, state_dtype)
-    del args["W0"], args["b0"]
-    state_dtype = state_dtype or dtype
-
-    def r(*shape, scale):
-        return (torch.randn(*shape, generator=gen) * scale).to(state_dtype).to(DEVICE)
-
-    return {**args, "W1": r(B, H, D, F, scale=D**-0.5), "b1": r(B, H, 1, F, scale=0.1),
-            "W2": r(B, H, F, D, scale=F**-0.5), "b2": r(B, H, 1, D, scale=0.1)}  # fmt: skip
+    return random_inputs("mlp", B, H, T, D, gen, F=F, dtype=dtype, state_dtype=state_dtype, device=DEVICE)
 
 
 def mlp_reference(args: dict, mini_batch_size: int = 16):

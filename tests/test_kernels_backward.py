@@ -21,6 +21,7 @@ from ttt_helpers import ops  # noqa: E402
 from ttt_helpers.kernels import ttt_linear_train, ttt_mlp_train  # noqa: E402
 from ttt_helpers.kernels.common import training_schedule  # noqa: E402
 from ttt_helpers.layers import TTTMLP, TTTLinear  # noqa: E402
+from ttt_helpers.testing import random_inputs, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -40,38 +41,11 @@ KINDS = {  # TTT-Linear under both schedules of its kernels (auto picks one by B
 }
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 def make_inputs(kind, B, H, T, D, b, gen, dtype=F64, F=None):
     """Inputs of the op at the scales a trained layer sees, with a non-zero initial state and a
     random token_idx (a learned offset moves it off 1/(1..b)); float64 leaves, rounded to dtype."""
-
-    def r(*shape, scale=1.0, shift=0.0):
-        return torch.randn(*shape, generator=gen, dtype=F64) * scale + shift
-
-    F = F or 4 * D
-    state = (
-        {"W0": r(B, H, D, D, scale=D**-0.5), "b0": r(B, H, 1, D, scale=0.1)}
-        if kind == "linear"
-        else {
-            "W1": r(B, H, D, F, scale=D**-0.5),
-            "b1": r(B, H, 1, F, scale=0.1),
-            "W2": r(B, H, F, D, scale=F**-0.5),
-            "b2": r(B, H, 1, D, scale=0.1),
-        }
-    )
-    args = dict(
-        XQ=r(B, H, T, D),
-        XK=r(B, H, T, D),
-        XV=r(B, H, T, D),
-        eta=torch.rand(B, H, T, generator=gen, dtype=F64) / D,
-        **state,
-        ln_weight=r(H, D, scale=0.2, shift=1.0),
-        ln_bias=r(H, D, scale=0.2),
-        token_idx=ops.default_token_idx(b, dtype=F64) + 0.1 * torch.rand(b, generator=gen, dtype=F64),
-    )
+    args = random_inputs(kind, B, H, T, D, gen, F=F)
+    args["token_idx"] = ops.default_token_idx(b, dtype=F64) + 0.1 * torch.rand(b, generator=gen, dtype=F64)
     return {k: v.to(dtype).to(DEVICE) for k, v in args.items()}
 
 

@@ -439,7 +439,7 @@ def same_state(a: TTTCache, b: TTTCache) -> bool:
 def test_a_chat_turn_that_is_interrupted_leaves_the_conversation_as_it_was(rng):
     """Chat.turn (stream_generate) interrupted while reading its third token: the cache holds
     what was read before, as a turn that stopped there would have left it."""
-    from ttt_helpers.generate import Chat
+    from ttt_helpers.inference.generate import Chat
 
     model = tiny_model(rng, vocab_size=128, backbone="mamba").double()  # bytes < 128: one piece per token
     chat, twin = Chat(model, temperature=0.0), Chat(model, temperature=0.0)
@@ -455,7 +455,7 @@ def test_a_chat_turn_that_is_interrupted_leaves_the_conversation_as_it_was(rng):
 
 
 def test_stopping_stream_generate_early_keeps_the_last_token_it_yielded(rng):
-    from ttt_helpers.generate import new_cache, stream_generate
+    from ttt_helpers.inference.generate import new_cache, stream_generate
 
     model = tiny_model(rng, vocab_size=128).double()  # bytes < 128: one piece per token
     cache, whole = new_cache(model), new_cache(model)
@@ -470,7 +470,7 @@ def test_a_float64_model_holds_the_same_exact_token_idx_table_however_it_was_mad
     """1/(1..b) rounded once in the model's dtype: a model cast with .double() holds the table that
     saving and loading, or converting to the authors' layout and back, make again, so their logits
     are bitwise equal."""
-    from ttt_helpers.convert import from_official, to_official
+    from ttt_helpers.model.convert import from_official, to_official
 
     model = tiny_model(rng, ttt_layer_type="linear").double()
     exact = 1.0 / torch.arange(1, 17, dtype=torch.float64)

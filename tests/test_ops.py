@@ -5,38 +5,14 @@ import torch
 from torch import Tensor
 
 from ttt_helpers import ops
+from ttt_helpers.testing import random_inputs, rel_err
 
 F64 = torch.float64
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def make_inputs(kind: str, B=2, H=3, T=37, D=8, dtype=F64, gen=None):
     """Random inputs of `ops.ttt_linear` / `ops.ttt_mlp` as a dict of keyword arguments."""
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, dtype=dtype, generator=gen) * scale
-
-    args = dict(
-        XQ=r(B, H, T, D),
-        XK=r(B, H, T, D),
-        XV=r(B, H, T, D),
-        eta=torch.rand(B, H, T, dtype=dtype, generator=gen) * 0.5,
-        ln_weight=1 + r(H, D, scale=0.2),
-        ln_bias=r(H, D, scale=0.2),
-    )
-    if kind == "linear":
-        args.update(W0=r(B, H, D, D, scale=0.3), b0=r(B, H, 1, D, scale=0.3))
-    else:
-        args.update(
-            W1=r(B, H, D, 4 * D, scale=0.3),
-            b1=r(B, H, 1, 4 * D, scale=0.3),
-            W2=r(B, H, 4 * D, D, scale=0.3),
-            b2=r(B, H, 1, D, scale=0.3),
-        )
-    return args
+    return random_inputs(kind, B, H, T, D, gen, eta_scale=0.5, state_scale=0.3, dtype=dtype)
 
 
 DUAL = {"linear": ops.ttt_linear, "mlp": ops.ttt_mlp}
@@ -179,6 +155,21 @@ def test_inner_loss_matches_gradient_step(rng):
     after = ops.inner_loss(XK, XV, W - lr * gW, b - lr * g, w, c)
     expected = lr * (gW.pow(2).sum() + g.pow(2).sum())
     assert abs((before - after).sum().item() - expected.item()) < 1e-3 * expected.item()
+
+
+def test_inner_loss_of_mlp_matches_its_definition(rng):
+    """`inner_loss` of a TTT-MLP state is 0.5 * ||LN(gelu(XK W1 + b1) W2 + b2) - (XV - XK)||^2 per
+    token, in float64; a wrong number of state tensors is refused."""
+    args = make_inputs("mlp", T=12, gen=rng)
+    XK, XV, w, c = args["XK"], args["XV"], args["ln_weight"], args["ln_bias"]
+    state = [args[k] for k in ("W1", "b1", "W2", "b2")]
+    f = ops.gelu_tanh(XK @ state[0] + state[1]) @ state[2] + state[3]
+    want = 0.5 * (ops.layer_norm(f, w[None, :, None], c[None, :, None], 1e-6) - (XV - XK)).pow(2).sum(-1)
+    got = ops.inner_loss(XK, XV, *state, w, c)
+    assert got.dtype == F64 and got.shape == XK.shape[:3]
+    assert rel_err(got, want) < 1e-14
+    with pytest.raises(ValueError, match="inner_loss takes"):
+        ops.inner_loss(XK, XV, *state[:3], w, c)
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,15 +1,14 @@
-"""benchmarks/train_long.py on the CPU: its control really turns the inner loop off, and a dry run
-writes a complete result."""
+"""benchmarks.train_long on the CPU: its control really turns the inner loop off, its held-out curve
+is the mean loss at each position over the first windows, and a dry run writes a complete result."""
 
 import json
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import train_long  # noqa: E402
+from benchmarks import train_long
 
 
 def test_zero_learning_rate_control_keeps_the_initial_state(rng):
@@ -21,6 +20,20 @@ def test_zero_learning_rate_control_keeps_the_initial_state(rng):
     for block, state in zip(model.model.layers, cache.states):
         assert block.ttt.base_lr == 0.0
         assert torch.equal(state[0], block.ttt.W0.expand_as(state[0])), f"seed {rng.initial_seed()}"
+
+
+def test_heldout_curve_is_the_mean_loss_at_each_position_of_the_first_windows(rng):
+    seed = rng.initial_seed()
+    torch.manual_seed(seed % 2**31)
+    model = train_long.build("llama", train_long.DRY_SHAPE, 256, 64).train()
+    tokens = np.random.default_rng(seed).integers(1, 256, 3 * 128 + 50)
+    result = train_long.evaluate(model, {"english": tokens}, 128, 5, "cpu", bins=127)["english"]
+    with torch.no_grad():  # each window through one forward, the last logit dropped
+        ids = torch.from_numpy(tokens[: 3 * 128].reshape(3, 128))
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        curve = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double().mean(0)
+    assert result["windows"] == 3 and model.training
+    assert np.allclose(result["binned"], curve.numpy(), rtol=1e-5, atol=1e-6), f"seed {seed}"
 
 
 def test_dry_run_writes_training_and_heldout_curves(tmp_path):
@@ -64,7 +77,7 @@ def test_save_model_writes_a_loadable_model_and_never_overwrites(tmp_path):
 
 
 def test_model_distances_checkpoint_needs_a_model_folder_and_a_corpus(tmp_path):
-    import model_distances
+    from benchmarks import model_distances
 
     for argv in (["--checkpoint", str(tmp_path)], ["--checkpoint", str(tmp_path), "--corpus", str(tmp_path)]):
         with pytest.raises(SystemExit):

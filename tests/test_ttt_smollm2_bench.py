@@ -1,27 +1,21 @@
-"""benchmarks/ttt_smollm2.py's Transformer paths on a tiny random Llama: the chunked prefill gives the
+"""benchmarks.ttt_smollm2's Transformer paths on a tiny random Llama: the chunked prefill gives the
 hidden states of one full forward, and the greedy loop over its cache says what generate() says, for
 the Llama and for its sliding-window copy (a window shorter than a chunk)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_helpers.models import sliding_window
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ttt_smollm2.py"
+from ttt_helpers.pretrained import sliding_window
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("ttt_smollm2_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import ttt_smollm2
+
+    return ttt_smollm2
 
 
 def tiny_llama() -> LlamaForCausalLM:

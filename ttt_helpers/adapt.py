@@ -203,6 +203,53 @@ def _attach(
     return peft_model, snapshot
 
 
+def _checked_settings(
+    steps: int, lr: float, rank: int, seed: int, alpha: float | None, callback: Callable | None
+) -> float:
+    """Check `adapt_lora`'s numbers and callback; returns the LoRA alpha (default 2 * rank)."""
+    checks.integer("steps", steps, 1)
+    checks.positive("lr", lr)
+    checks.integer("rank", rank, 1)
+    checks.integer("seed", seed)
+    alpha = 2 * rank if alpha is None else checks.positive("alpha", alpha)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback must be a function callback(step, peft_model) or None, got {type(callback).__name__}"
+        )
+    return alpha
+
+
+def _train_adapter(
+    peft_model: PeftModel,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    steps: int,
+    callback: Callable[[int, PeftModel], None] | None,
+) -> tuple[list[float], float]:
+    """`steps` AdamW steps on each chunk batch in order, the callback after each step in eval mode
+    without gradients; the model is left in eval mode. -> (losses, seconds spent in the callback)"""
+    device = next(peft_model.parameters()).device
+    losses, callback_seconds = [], 0.0
+    peft_model.train()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for _ in range(steps):
+            loss = peft_model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if callback is not None:
+                tick = time.perf_counter()
+                peft_model.eval()
+                with torch.no_grad():
+                    callback(len(losses), peft_model)
+                peft_model.train()
+                callback_seconds += time.perf_counter() - tick
+    peft_model.eval()
+    return losses, callback_seconds
+
+
 def adapt_lora(
     model: nn.Module,
     tokenizer,
@@ -219,9 +266,9 @@ def adapt_lora(
 ) -> AdaptResult:
     """Freeze `model`, attach LoRA adapters and train only them on `text` with AdamW.
 
-    The defaults (30 steps at lr 1e-3, rank 8 on q_proj and v_proj) stored a new one-sentence
-    fact exactly in 30 of 30 trials on SmolLM2-135M (6 facts x 5 seeds); 20 steps stored 27 of 30
-    (`benchmarks/lora_recall.py`, chapter 2). Fewer steps forget less of everything else.
+    The defaults (30 steps at lr 1e-3, rank 8 on q_proj and v_proj) come from measuring how
+    reliably a new one-sentence fact is stored (`benchmarks.lora_recall`, whose results
+    benchmarks/README.md and chapter 2 give). Fewer steps forget less of everything else.
 
     text: one string, or a list of strings fed together as the rows of one batch (right-padded).
       Each row starts from an empty context, so no row can copy from another (copies of a fact
@@ -243,40 +290,14 @@ def adapt_lora(
       in `seconds`. An exception from it stops the adaptation and removes the adapter.
     """
     _check_bare(model)
-    checks.integer("steps", steps, 1)
-    checks.positive("lr", lr)
-    checks.integer("rank", rank, 1)
-    checks.integer("seed", seed)
-    alpha = 2 * rank if alpha is None else checks.positive("alpha", alpha)
-    if callback is not None and not callable(callback):
-        raise TypeError(
-            f"callback must be a function callback(step, peft_model) or None, got {type(callback).__name__}"
-        )
+    alpha = _checked_settings(steps, lr, rank, seed, alpha, callback)
     batches = _checked_batches(model, tokenizer, text, target_modules, chunk_tokens)
     start = time.perf_counter()
     peft_model, snapshot = _attach(model, rank, alpha, target_modules, seed)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
-    device = next(model.parameters()).device
-    losses, callback_seconds = [], 0.0
     try:
-        peft_model.train()
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            for _ in range(steps):
-                loss = peft_model(**batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                if callback is not None:
-                    tick = time.perf_counter()
-                    peft_model.eval()
-                    with torch.no_grad():
-                        callback(len(losses), peft_model)
-                    peft_model.train()
-                    callback_seconds += time.perf_counter() - tick
-        peft_model.eval()
+        losses, callback_seconds = _train_adapter(peft_model, optimizer, batches, steps, callback)
     except BaseException:
         _remove_adapter(peft_model, snapshot)  # a failed adaptation leaves the model as it found it
         raise

@@ -9,16 +9,59 @@ the result back. The state can be passed in and out to stream a sequence in piec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, kernels, ops
-from .fused_projections import project
+from .ops import KINDS, State
 
-State = tuple[Tensor, ...]
+
+def project(
+    x: Tensor, projections: Sequence[nn.Linear | None], fused: tuple[Tensor, Tensor | None] | None
+) -> tuple[Tensor | None, ...]:
+    """Each of `projections` applied to x: [B, T, C] -> [B, T, width] each (None for a None):
+    separately, or, with `fused` (a (weight, bias) of `FusedProjections`), as one product whose
+    output is split."""
+    if fused is None:
+        return tuple(None if p is None else p(x) for p in projections)
+    widths = [p.out_features for p in projections if p is not None]
+    out = F.linear(x, *fused)
+    parts = iter(out.split([*widths, out.shape[-1] - sum(widths)], dim=-1))
+    return tuple(None if p is None else next(parts) for p in projections)
+
+
 IMPLS = ("auto", "kernel", "reference")
+PATHS = ("primal", "reference", "train", "decode", "prefill")
+
+
+def pick_path(
+    impl: str,
+    XQ: Tensor,
+    mini_batch_size: int,
+    tracked: tuple[object, ...],
+    *,
+    primal: bool = False,
+    stream: bool = False,
+) -> str:
+    """The path a layer's call takes, one of PATHS; chosen here and nowhere else.
+
+    "primal": the reference primal form (primal=True); "reference": the reference dual form, for
+    impl "reference", or "auto" where no kernel runs (`kernels.kernel_applies`: CUDA, triton and a
+    supported shape and dtype); otherwise the Triton kernels: "train" (forward and backward) when
+    autograd tracks any of `tracked`, "decode" for one streamed token (stream=True, T = 1), else
+    "prefill". XQ: [B, H, T, D].
+    """
+    if primal:
+        return "primal"
+    if impl == "reference" or (impl == "auto" and not kernels.kernel_applies(XQ, mini_batch_size)):
+        return "reference"
+    if kernels.needs_grad(tracked):
+        return "train"
+    return "decode" if stream and XQ.shape[2] == 1 else "prefill"
 
 
 class Padding(NamedTuple):
@@ -100,10 +143,8 @@ class TTTLayer(nn.Module):
     (the Mamba backbone). `use_gate`: the output is multiplied by gelu(g_proj(x)) before o_proj.
     """
 
-    kind = ""
-    op = staticmethod(ops.ttt_linear)
-    primal_op = staticmethod(ops.ttt_linear_primal)
-    default_base_lr = 1.0
+    kind: str  # "linear" or "mlp": the layer's row of the table `ops.KINDS`
+    default_base_lr: float
 
     def __init__(
         self,
@@ -120,22 +161,10 @@ class TTTLayer(nn.Module):
         rope_theta: float | None = 10000.0,
     ) -> None:
         super().__init__()
-        base_lr = self.default_base_lr if base_lr is None else base_lr
-        checks.one_of("impl", impl, IMPLS)
-        checks.integer("hidden_size", hidden_size, 1)
-        checks.integer("num_heads", num_heads, 1)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        checks.integer("mini_batch_size", mini_batch_size, 1)
-        base_lr = checks.positive("base_lr", base_lr)
-        eps = checks.positive("eps", eps)
-        checks.boolean("use_gate", use_gate)
-        checks.boolean("share_qk", share_qk)
-        checks.integer("conv_kernel", conv_kernel, 1)
-        if rope_theta is not None:
-            rope_theta = checks.positive("rope_theta", rope_theta)
-        if rope_theta is not None and (hidden_size // num_heads) % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got hidden_size // num_heads = {hidden_size // num_heads}")
+        base_lr, eps, rope_theta = _check_layer_args(
+            hidden_size, num_heads, mini_batch_size, self.default_base_lr if base_lr is None else base_lr,
+            eps, use_gate, impl, share_qk, conv_kernel, rope_theta,
+        )  # fmt: skip
         self.share_qk, self.rope_theta = share_qk, rope_theta
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
@@ -160,9 +189,8 @@ class TTTLayer(nn.Module):
         # optional output gate (the Mamba-style backbone): y = o_proj(norm(Z) * gelu(g_proj(x)))
         self.g_proj = nn.Linear(hidden_size, hidden_size, bias=False) if use_gate else None
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.lr_gate, self.o_proj, self.g_proj):
-            if proj is None:
-                continue
-            nn.init.normal_(proj.weight, std=0.02)
+            if proj is not None:
+                nn.init.normal_(proj.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
         self.init_inner_model(num_heads, self.head_dim)
         # (weight, bias) of input_projections() as one product, while a FusedProjections is applied
@@ -178,12 +206,15 @@ class TTTLayer(nn.Module):
         return self
 
     def init_inner_model(self, H: int, D: int) -> None:
-        """Create the learned initial state of the inner model as parameters."""
-        raise NotImplementedError
+        """Create the learned initial state of the inner model as parameters, named as in the kind's
+        table (`ops.KINDS`): weights [H, ...] ~ N(0, 0.02^2), biases zero; the MLP's width is 4D."""
+        for name, shape in zip(KINDS[self.kind].params, KINDS[self.kind].head_shapes(D, 4 * D)):
+            value = torch.randn(H, *shape) * 0.02 if name.startswith("W") else torch.zeros(H, *shape)
+            setattr(self, name, nn.Parameter(value))
 
     def initial_params(self) -> State:
         """The learned initial state, without a batch dimension."""
-        raise NotImplementedError
+        return tuple(getattr(self, name) for name in KINDS[self.kind].params)
 
     def initial_state(self, batch_size: int) -> State:
         """The learned initial state for a batch: tensors [B, H, ...]."""
@@ -280,13 +311,12 @@ class TTTLayer(nn.Module):
             got = f"{len(state)} tensors" if isinstance(state, (tuple, list)) else type(state).__name__
             hint = " (forward takes the parameters only; forward_stream takes *params, *grads)"
             raise ValueError(f"state of a TTT-{self.kind} layer must be {n} tensors{hint}, got {got}")
-        if primal:
-            op = self.primal_op
-        elif self._use_kernel(XQ):
-            prefill, _, train = self._kernels()
-            op = train if self._needs_grad(XQ, XK, XV, eta, *state) else prefill
+        kind, path = KINDS[self.kind], self._path(XQ, (XQ, XK, XV, eta, *state), primal=primal)
+        if path in ("primal", "reference"):
+            op = kind.primal if path == "primal" else kind.dual
         else:
-            op = self.op
+            prefill, _, train = kind.kernels()
+            op = train if path == "train" else prefill
         Z, *new_state = op(
             XQ,
             XK,
@@ -344,69 +374,70 @@ class TTTLayer(nn.Module):
         tail = () if conv_state is None else (conv_state,)
         token_idx, dual = self.token_idx(), None
         stream = (self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias)
-        if self._use_kernel(XQ):
-            prefill, decode, train = self._kernels()
-            if self._needs_grad(XQ, XK, XV, eta, *state):
-                dual = train  # whole mini-batches through the training kernels; ragged edges by reference
-            elif XQ.shape[2] == 1:  # one decoded token: the decode kernel updates the state in place
-                # the only path that skips ttt_continue, which checks the others; the kernel checks nothing
-                ops.check_stream(*stream, self.mini_batch_size, token_idx, self.eps, values=False)
-                state = tuple(t.contiguous() for t in state)
-                z = decode(XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps)
-                return self._output(z, g), state + tail, (position + 1) % self.mini_batch_size
-            else:
-                dual = prefill  # whole mini-batches of a prompt; ragged edges by reference
+        path = self._path(XQ, (XQ, XK, XV, eta, *state), stream=True)
+        if path != "reference":
+            prefill, decode, train = KINDS[self.kind].kernels()
+            dual = train if path == "train" else prefill  # whole mini-batches; ragged edges by reference
+        if path == "decode":  # one decoded token: the decode kernel updates the state in place
+            # the only path that skips ttt_continue: its checks, run here, are the only ones
+            ops.check_stream(*stream, self.mini_batch_size, token_idx, self.eps, values=False)
+            state = tuple(t.contiguous() for t in state)
+            z = decode(
+                XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps,
+                check=not kernels.kernel_applies(XQ, self.mini_batch_size),
+            )  # fmt: skip
+            return self._output(z, g), state + tail, (position + 1) % self.mini_batch_size
         Z, state, position = ops.ttt_continue(
             *stream, mini_batch_size=self.mini_batch_size, token_idx=token_idx, eps=self.eps, dual=dual
         )
         return self._output(Z, g), tuple(state) + tail, position
 
-    def _kernels(self) -> tuple:
-        """The Triton prefill, decode step and training op (forward and backward) of this layer's kind."""
-        if self.kind == "linear":
-            return kernels.ttt_linear_prefill, kernels.ttt_linear_decode, kernels.ttt_linear_train
-        return kernels.ttt_mlp_prefill, kernels.ttt_mlp_decode, kernels.ttt_mlp_train
-
-    def _use_kernel(self, XQ: Tensor) -> bool:
-        """Whether this call runs the Triton kernels (see `impl`): "auto" on CUDA for supported
-        shapes, with gradients (the training kernels) or without (prefill and decode)."""
-        if self.impl == "reference":
-            return False
-        return self.impl == "kernel" or kernels.kernel_applies(XQ, self.mini_batch_size)
-
-    def _needs_grad(self, *tensors: Tensor) -> bool:
-        """Whether autograd tracks this call: then the kernels that run are the training ones."""
-        return kernels.needs_grad((*tensors, self.ln_weight, self.ln_bias, self.token_idx_offset))
+    def _path(self, XQ: Tensor, tracked: tuple[Tensor, ...], *, primal: bool = False, stream: bool = False) -> str:
+        """`pick_path` for this layer: autograd tracks the call's tensors or the layer's own."""
+        tracked = (*tracked, self.ln_weight, self.ln_bias, self.token_idx_offset)
+        return pick_path(self.impl, XQ, self.mini_batch_size, tracked, primal=primal, stream=stream)
 
 
 class TTTLinear(TTTLayer):
-    """TTT layer whose hidden state is a linear model f(x) = x W + b per head."""
+    """TTT layer whose hidden state is a linear model f(x) = x W0 + b0 per head."""
 
     kind = "linear"
-    op = staticmethod(ops.ttt_linear)
-    primal_op = staticmethod(ops.ttt_linear_primal)
-
-    def init_inner_model(self, H: int, D: int) -> None:
-        self.W0 = nn.Parameter(torch.randn(H, D, D) * 0.02)
-        self.b0 = nn.Parameter(torch.zeros(H, 1, D))
-
-    def initial_params(self) -> State:
-        return (self.W0, self.b0)
+    default_base_lr = KINDS["linear"].default_base_lr
 
 
 class TTTMLP(TTTLayer):
     """TTT layer whose hidden state is a two-layer MLP f(x) = gelu(x W1 + b1) W2 + b2, width 4D."""
 
     kind = "mlp"
-    op = staticmethod(ops.ttt_mlp)
-    primal_op = staticmethod(ops.ttt_mlp_primal)
-    default_base_lr = 0.1
+    default_base_lr = KINDS["mlp"].default_base_lr
 
-    def init_inner_model(self, H: int, D: int) -> None:
-        self.W1 = nn.Parameter(torch.randn(H, D, 4 * D) * 0.02)
-        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * D))
-        self.W2 = nn.Parameter(torch.randn(H, 4 * D, D) * 0.02)
-        self.b2 = nn.Parameter(torch.zeros(H, 1, D))
 
-    def initial_params(self) -> State:
-        return (self.W1, self.b1, self.W2, self.b2)
+def _check_layer_args(
+    hidden_size: int,
+    num_heads: int,
+    mini_batch_size: int,
+    base_lr: float,
+    eps: float,
+    use_gate: bool,
+    impl: str,
+    share_qk: bool,
+    conv_kernel: int,
+    rope_theta: float | None,
+) -> tuple[float, float, float | None]:
+    """Raise unless a TTT layer's arguments are valid; returns base_lr, eps and rope_theta as floats."""
+    checks.one_of("impl", impl, IMPLS)
+    checks.integer("hidden_size", hidden_size, 1)
+    checks.integer("num_heads", num_heads, 1)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    checks.integer("mini_batch_size", mini_batch_size, 1)
+    base_lr = checks.positive("base_lr", base_lr)
+    eps = checks.positive("eps", eps)
+    checks.boolean("use_gate", use_gate)
+    checks.boolean("share_qk", share_qk)
+    checks.integer("conv_kernel", conv_kernel, 1)
+    if rope_theta is not None:
+        rope_theta = checks.positive("rope_theta", rope_theta)
+    if rope_theta is not None and (hidden_size // num_heads) % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got hidden_size // num_heads = {hidden_size // num_heads}")
+    return base_lr, eps, rope_theta

@@ -44,7 +44,9 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def check_documents(token_ids: Tensor | Sequence[Tensor], name: str, vocab_size: int | None = None) -> list[Tensor]:
+def check_token_documents(
+    token_ids: Tensor | Sequence[Tensor], name: str, vocab_size: int | None = None
+) -> list[Tensor]:
     """One 1-D LongTensor or a non-empty list of them, as a list; every id in [0, vocab_size)."""
     if not isinstance(token_ids, (Tensor, list, tuple)):
         raise TypeError(f"{name} must be a 1-D LongTensor or a list of them, got {type(token_ids).__name__}")
@@ -59,7 +61,7 @@ def check_documents(token_ids: Tensor | Sequence[Tensor], name: str, vocab_size:
     return docs
 
 
-def _model(model: nn.Module) -> int | None:
+def _model_vocab_size(model: nn.Module) -> int | None:
     """Check that `model` is a module with parameters; returns its vocabulary size where known."""
     checks.module("model", model)
     if next(model.parameters(), None) is None:
@@ -96,7 +98,7 @@ def perplexity(model: nn.Module, token_ids: Tensor | Sequence[Tensor], *, window
     separately and the result is weighted by token. A document of at most `window + 1` tokens is
     one window: `exp(model(ids, labels=ids).loss)`.
     """
-    docs = check_documents(token_ids, "token_ids", _model(model))
+    docs = check_token_documents(token_ids, "token_ids", _model_vocab_size(model))
     checks.integer("window", window, 2)
     if not 1 <= checks.integer("stride", stride) <= window:
         raise ValueError(f"stride must be between 1 and window={window}, got {stride}")
@@ -130,7 +132,7 @@ def per_position_loss(model: nn.Module, documents: Sequence[Tensor], *, length: 
     shorter than `length` is dropped, and the curve is the mean over all windows. A model that
     keeps using its context has a curve that keeps falling.
     """
-    docs = check_documents(documents, "documents", _model(model))
+    docs = check_token_documents(documents, "documents", _model_vocab_size(model))
     checks.integer("length", length, 2)
     for i, doc in enumerate(docs):
         if doc.numel() < length:
@@ -314,7 +316,7 @@ def evaluation_lengths(
     Raises what `length_generalization` would raise for these settings, also where no document
     is long enough for any length, so a training run can check its evaluation before it starts.
     """
-    docs = check_documents(documents, name)
+    docs = check_token_documents(documents, name)
     checks.integer("train_window", train_window, 2)
     if ratios is None:
         checks.integer("n", n, 2)
@@ -361,7 +363,7 @@ def length_generalization(
     Different lengths score slightly different tokens unless the document lengths minus one are
     multiples of every L.
     """
-    docs = check_documents(documents, "documents", _model(model))
+    docs = check_token_documents(documents, "documents", _model_vocab_size(model))
     rows = []
     for ratio, length in evaluation_lengths(docs, train_window=train_window, ratios=ratios, n=n):
         fitting = [d[: (d.numel() - 1) // length * length + 1] for d in docs if d.numel() > length]
@@ -514,23 +516,54 @@ def latency(
         ("warmup", warmup, 0),
     ):
         checks.integer(name, value, low)
-    model_vocab = _model(model)
-    vocab = checks.optional_integer("vocab_size", vocab_size, 1) if vocab_size is not None else model_vocab
-    if vocab is None:
-        raise ValueError("vocab_size must be given where the model has no config.vocab_size")
-    if model_vocab is not None and vocab > model_vocab:
-        raise ValueError(f"vocab_size ({vocab}) must be at most the model's config.vocab_size ({model_vocab})")
+    vocab = _prompt_vocab_size(model, vocab_size)
     device = _device(model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (batch, prompt_len), generator=gen).to(device)
     on_cuda = device.type == "cuda"
     track_rss = not on_cuda and _PeakRss.STATUS.exists()
-    firsts, decodes, steps, peaks = [], [], [], []
+    firsts, steps, peaks = _timed_runs(model, prompt, new_tokens, repeats, warmup, track_rss)
+    decoded = batch * (new_tokens - 1)
+    return LatencyResult(
+        device=str(device),
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        prefill_tokens_per_s=Spread.of([batch * prompt_len / t for t in firsts]),
+        time_to_first_token_s=Spread.of(firsts),
+        decode_tokens_per_s=Spread.of([decoded / sum(step) for step in steps]),
+        step_context=[prompt_len + i + 1 for i in range(new_tokens - 1)],
+        step_latency_s=[statistics.median(times) for times in zip(*steps)],
+        peak_memory_bytes=Spread.of(peaks) if peaks else None,
+        memory_measure="cuda max_memory_allocated" if on_cuda else ("peak RSS" if track_rss else "unavailable"),
+    )
+
+
+def _prompt_vocab_size(model: nn.Module, vocab_size: int | None) -> int:
+    """The ids a random prompt draws from: `vocab_size`, at most the model's, which is the default."""
+    model_vocab = _model_vocab_size(model)
+    vocab = checks.optional_integer("vocab_size", vocab_size, 1) if vocab_size is not None else model_vocab
+    if vocab is None:
+        raise ValueError("vocab_size must be given where the model has no config.vocab_size")
+    if model_vocab is not None and vocab > model_vocab:
+        raise ValueError(f"vocab_size ({vocab}) must be at most the model's config.vocab_size ({model_vocab})")
+    return vocab
+
+
+def _timed_runs(
+    model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int, warmup: int, track_rss: bool
+) -> tuple[list[float], list[list[float]], list[int]]:
+    """`warmup` untimed runs of `_greedy_decode`, then `repeats` timed ones in eval mode without
+    gradients. -> (times to the first token, each run's step times, each run's peak memory: CUDA's
+    peak allocation, the peak RSS where track_rss, else none)"""
+    device = prompt.device
+    firsts, steps, peaks = [], [], []
     with _evaluating(model):
         for _ in range(warmup):
             _greedy_decode(model, prompt, new_tokens)
         for _ in range(repeats):
-            if on_cuda:
+            if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 _, first, step = _greedy_decode(model, prompt, new_tokens)
                 peaks.append(torch.cuda.max_memory_allocated(device))
@@ -541,23 +574,8 @@ def latency(
             else:
                 _, first, step = _greedy_decode(model, prompt, new_tokens)
             firsts.append(first)
-            decodes.append(sum(step))
             steps.append(step)
-    decoded = batch * (new_tokens - 1)
-    return LatencyResult(
-        device=str(device),
-        batch=batch,
-        prompt_len=prompt_len,
-        new_tokens=new_tokens,
-        repeats=repeats,
-        prefill_tokens_per_s=Spread.of([batch * prompt_len / t for t in firsts]),
-        time_to_first_token_s=Spread.of(firsts),
-        decode_tokens_per_s=Spread.of([decoded / t for t in decodes]),
-        step_context=[prompt_len + i + 1 for i in range(new_tokens - 1)],
-        step_latency_s=[statistics.median(times) for times in zip(*steps)],
-        peak_memory_bytes=Spread.of(peaks) if peaks else None,
-        memory_measure="cuda max_memory_allocated" if on_cuda else ("peak RSS" if track_rss else "unavailable"),
-    )
+    return firsts, steps, peaks
 
 
 # ---------------------------------------------------------------- distribution distances

@@ -81,7 +81,8 @@ def ttt_from_attention(
     return layer.to(attn.q_proj.weight.dtype)
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-style causal LM (model.layers[i].self_attn); raises for another model."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ValueError("model must be a Llama-style causal LM with model.layers[i].self_attn")
@@ -89,7 +90,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _check_indices(model: nn.Module, layer_indices: Sequence[int]) -> nn.ModuleList:
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if not isinstance(layer_indices, (list, tuple, range)):
         raise TypeError(f"layer_indices must be a list of ints, got {type(layer_indices).__name__}")
     bad = [i for i in layer_indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(layers)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ttt_helpers.kernels.triton_ttt_linear import _dot, _ln_l2_grad, _ln_l2_grad_one_round, _sum
+from ttt_helpers.kernels.triton_ttt_linear import dot, ln_l2_grad, reduce_sum
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def dot_chain_kernel(X, W, OUT, N, D: tl.constexpr, MB: tl.constexpr, PRECISION:
     x = tl.load(X + rows[:, None] * D + cols[None, :])
     w = tl.load(W + cols[:, None] * D + cols[None, :])
     for _ in range(N):
-        x = _dot(x, w, PRECISION)
+        x = dot(x, w, PRECISION)
     tl.store(OUT + rows[:, None] * D + cols[None, :], x)
 
 
@@ -30,14 +30,13 @@ def sum_chain_kernel(X, OUT, N, D: tl.constexpr, MB: tl.constexpr, AXIS: tl.cons
     cols = tl.arange(0, D)
     x = tl.load(X + rows[:, None] * D + cols[None, :])
     for _ in range(N):
-        x = x - tl.expand_dims(_sum(x, axis=AXIS), AXIS) * 0.015625
+        x = x - tl.expand_dims(reduce_sum(x, axis=AXIS), AXIS) * 0.015625
     tl.store(OUT + rows[:, None] * D + cols[None, :], x)
 
 
 @triton.jit
-def ln_grad_chain_kernel(X, T, OUT, N, D: tl.constexpr, MB: tl.constexpr, ONE_ROUND: tl.constexpr = False):
-    """N dependent gradients of the inner loss through the LayerNorm: x <- LN-L2-grad(x, target)
-    (ONE_ROUND: through _ln_l2_grad_one_round)."""
+def ln_grad_chain_kernel(X, T, OUT, N, D: tl.constexpr, MB: tl.constexpr):
+    """N dependent gradients of the inner loss through the LayerNorm: x <- LN-L2-grad(x, target)."""
     rows = tl.arange(0, MB)
     cols = tl.arange(0, D)
     x = tl.load(X + rows[:, None] * D + cols[None, :])
@@ -45,10 +44,7 @@ def ln_grad_chain_kernel(X, T, OUT, N, D: tl.constexpr, MB: tl.constexpr, ONE_RO
     gamma = tl.full((D,), 1.0, tl.float32)
     beta = tl.zeros((D,), tl.float32)
     for _ in range(N):
-        if ONE_ROUND:
-            x = _ln_l2_grad_one_round(x, target, gamma, beta, D, 1e-6)
-        else:
-            x = _ln_l2_grad(x, target, gamma, beta, D, 1e-6)
+        x = ln_l2_grad(x, target, gamma, beta, D, 1e-6)
     tl.store(OUT + rows[:, None] * D + cols[None, :], x)
 
 
@@ -66,6 +62,6 @@ def recurrence_chain_kernel(
     gamma = tl.full((D,), 1.0, tl.float32)
     beta = tl.zeros((D,), tl.float32)
     for _ in range(N):
-        grad = _ln_l2_grad(_dot(xk, W, W_PRECISION), target, gamma, beta, D, 1e-6)
-        W -= _dot(tl.trans(xk), grad * 0.001, GRAD_PRECISION)
+        grad = ln_l2_grad(dot(xk, W, W_PRECISION), target, gamma, beta, D, 1e-6)
+        W -= dot(tl.trans(xk), grad * 0.001, GRAD_PRECISION)
     tl.store(OUT + cols[:, None] * D + cols[None, :], W)

@@ -19,12 +19,12 @@ class _Launch:
 
 def with_launch(module: ModuleType, name: str, **overrides) -> Callable[[], None]:
     """Make `module`'s next launches of kernel `name` use `overrides`; returns a function that undoes it.
-    module: a `ttt_helpers.kernels` wrapper module, which reaches its kernels through `_programs()`."""
-    real = module._programs
+    module: a `ttt_helpers.kernels` wrapper module, which reaches its kernels through `programs()`."""
+    real = module.programs
 
     def programs() -> SimpleNamespace:
         kernels = real()
         return SimpleNamespace(**{**vars(kernels), name: _Launch(getattr(kernels, name), **overrides)})
 
-    module._programs = programs
-    return lambda: setattr(module, "_programs", real)
+    module.programs = programs
+    return lambda: setattr(module, "programs", real)

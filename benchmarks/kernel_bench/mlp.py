@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from ttt_helpers.testing import rel_err
+
 from .counts import roofline, ttt_mlp_bytes, ttt_mlp_flops
 from .inputs import MLP_PARAMS, Scale, decode_state, decode_tokens, mlp_inputs, reference_decode, to64
 from .op import TOLERANCES
-from .timing import Runner, rel_err
+from .timing import Runner
 
 
 def mlp_correctness(run: Runner, scale: Scale) -> list[dict]:

@@ -11,13 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ttt_helpers.kernels.triton_ttt_linear import _chunk_rows, _dot, _ln_l2_grad, _load_rows, _residual_ln, _sum
-from ttt_helpers.kernels.triton_ttt_mlp import _gelu, _gelu_grad
+from ttt_helpers.kernels.triton_ttt_linear import chunk_rows, dot, ln_l2_grad, load_rows, reduce_sum, residual_ln
+from ttt_helpers.kernels.triton_ttt_mlp import gelu, gelu_grad
+from ttt_helpers.testing import rel_err
 
 from .inputs import MLP_PARAMS, Scale, mlp_inputs, to64
 from .launch import with_launch
 from .op import TOLERANCES
-from .timing import Runner, rel_err
+from .timing import Runner
 
 
 @triton.jit
@@ -68,29 +69,29 @@ def onchip_prefill_kernel(
     causal = rows[None, :] <= rows[:, None]
     x_base = pid.to(tl.int64) * T * D
     for c in range(0, tl.cdiv(T, MB)):
-        t, valid, n = _chunk_rows(T, c, MB, rows)
-        xq = _load_rows(XQ, x_base, t, D, cols, valid)
-        xk = _load_rows(XK, x_base, t, D, cols, valid)
-        xv = _load_rows(XV, x_base, t, D, cols, valid).to(tl.float32)
+        t, valid, n = chunk_rows(T, c, MB, rows)
+        xq = load_rows(XQ, x_base, t, D, cols, valid)
+        xk = load_rows(XK, x_base, t, D, cols, valid)
+        xv = load_rows(XV, x_base, t, D, cols, valid).to(tl.float32)
         eta = tl.load(ETA + pid.to(tl.int64) * T + t, mask=valid, other=0.0).to(tl.float32)
         e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
         e_last = tl.load(TOKEN_IDX + n - 1).to(tl.float32) * eta
 
-        z1k = _dot(xk, w1, W_PRECISION) + b1[None, :]
-        x2k = _gelu(z1k)
-        grad_z2 = _ln_l2_grad(_dot(x2k, w2, W_PRECISION) + b2[None, :], xv - xk.to(tl.float32), gamma, beta, D, eps)
-        grad_z1 = _dot(grad_z2, tl.trans(w2), W_PRECISION) * _gelu_grad(z1k)
-        e_qk = e * (_dot(xq, tl.trans(xk), QK_PRECISION) + 1.0)
-        h = _gelu(_dot(xq, w1, W_PRECISION) + b1[None, :] - _dot(e_qk, grad_z1, GRAD_PRECISION))
-        e_hx = e * (_dot(h, tl.trans(x2k), GRAD_PRECISION) + 1.0)
-        z2q = _dot(h, w2, W_PRECISION) + b2[None, :] - _dot(e_hx, grad_z2, GRAD_PRECISION)
+        z1k = dot(xk, w1, W_PRECISION) + b1[None, :]
+        x2k = gelu(z1k)
+        grad_z2 = ln_l2_grad(dot(x2k, w2, W_PRECISION) + b2[None, :], xv - xk.to(tl.float32), gamma, beta, D, eps)
+        grad_z1 = dot(grad_z2, tl.trans(w2), W_PRECISION) * gelu_grad(z1k)
+        e_qk = e * (dot(xq, tl.trans(xk), QK_PRECISION) + 1.0)
+        h = gelu(dot(xq, w1, W_PRECISION) + b1[None, :] - dot(e_qk, grad_z1, GRAD_PRECISION))
+        e_hx = e * (dot(h, tl.trans(x2k), GRAD_PRECISION) + 1.0)
+        z2q = dot(h, w2, W_PRECISION) + b2[None, :] - dot(e_hx, grad_z2, GRAD_PRECISION)
         weighted1 = e_last[:, None] * grad_z1
         weighted2 = e_last[:, None] * grad_z2
-        w1 -= _dot(tl.trans(xk), weighted1, GRAD_PRECISION)
-        b1 -= _sum(weighted1, axis=0)
-        w2 -= _dot(tl.trans(x2k), weighted2, GRAD_PRECISION)
-        b2 -= _sum(weighted2, axis=0)
-        out = _residual_ln(xq, z2q, gamma, beta, D, eps)
+        w1 -= dot(tl.trans(xk), weighted1, GRAD_PRECISION)
+        b1 -= reduce_sum(weighted1, axis=0)
+        w2 -= dot(tl.trans(x2k), weighted2, GRAD_PRECISION)
+        b2 -= reduce_sum(weighted2, axis=0)
+        out = residual_ln(xq, z2q, gamma, beta, D, eps)
         tl.store(Z + x_base + t[:, None] * D + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
     tl.store(w1_ptrs, w1)
     tl.store(B1 + pid * F + fcols, b1)

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import torch
+from torch import nn
 
 from .counts import decode_bytes, kv_cache_bytes, model_decode_bytes
 from .inputs import Scale
@@ -20,7 +21,7 @@ PREFILL_NOTE = (
     "built; *_compiled: torch.compile(dynamic=False) of the Llama, of each block of the TTT model (its "
     "kernels' launches left eager), compiled before timing; *_graph: the "
     "forward replayed from a CUDA graph captured for the shape (the TTT models through "
-    "kernels.CUDAGraphPrefill, the compiled Llama through the same capture). ttt_kernel runs "
+    "inference.cuda_graphs.CUDAGraphPrefill, the compiled Llama through the same capture). ttt_kernel runs "
     "ttt_impl='kernel'; ttt_reference the same weights on the PyTorch ops."
 )
 DECODE_NOTE = (
@@ -68,7 +69,7 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 def _graphed(fn):
     """fn captured in a CUDA graph after one untimed run: returns the replay."""
-    from ttt_helpers.kernels.graph_decode import capture_step
+    from ttt_helpers.kernels.cuda_graph import capture_step
 
     graph, _ = capture_step(fn, [])
     return graph.replay
@@ -87,7 +88,7 @@ def compiled_blocks(ttt):
 def prefill_variants(run: Runner, models: dict, ids: torch.Tensor, with_reference: bool) -> dict:
     """name -> a function that runs one prefill of `ids` (*_graph: a function that captures it and
     returns the replay). models: "ttt", "llama", and on a GPU "llama_compiled", "ttt_compiled"."""
-    from ttt_helpers.kernels import CUDAGraphPrefill
+    from ttt_helpers.inference.cuda_graphs import CUDAGraphPrefill
 
     def forward(model):
         return lambda: model(ids, use_cache=False, logits_to_keep=1).logits
@@ -214,7 +215,7 @@ def decode_tokens_per_s(
     A Python loop of single-token forwards (the Llama's over its dynamic cache); graph: a TTT model
     through CUDAGraphDecoder (with `fuse`), after 16 untimed steps (the first captures its graph);
     padded: the prompt left-padded by `staggered_padding` (each row at its own mini-batch position)."""
-    from ttt_helpers.kernels import CUDAGraphDecoder
+    from ttt_helpers.inference.cuda_graphs import CUDAGraphDecoder
 
     mask = staggered_padding(prompt, model.config.mini_batch_size) if padded else None
     cache, token = _read_prompt(model, prompt, mask)
@@ -259,7 +260,7 @@ def profile_decode(run: Runner, model, prompt: torch.Tensor, steps: int = 16) ->
     input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ttt_helpers.fused_projections import FusedProjections
+    from ttt_helpers.inference.fused_projections import FusedProjections
 
     cache, token = _read_prompt(model, prompt)
     cache.keep_positions(model.config.mini_batch_size)  # positions read on the device, as CUDAGraphDecoder runs
@@ -345,6 +346,45 @@ def model_prefill(run: Runner, scale: Scale) -> dict:
     return result
 
 
+def decode_variants(
+    run: Runner, ttt: nn.Module, llama: nn.Module, compiled: nn.Module | None, prompt: torch.Tensor, steps: int
+) -> dict:
+    """Each way of decoding `steps` tokens after `prompt` [B, context] that the section times, by
+    name: a function that returns tokens/s (the CUDA graph and compiled ones on a GPU only, the
+    reference where the context is at most 512 tokens: its per-token work does not depend on it)."""
+    timed = {
+        "llama_eager": lambda: decode_tokens_per_s(run, llama, prompt, steps),
+        "ttt_kernel": lambda: decode_tokens_per_s(run, ttt, prompt, steps),
+        "ttt_kernel_padded": lambda: decode_tokens_per_s(run, ttt, prompt, steps, padded=True),
+    }
+    if run.cuda:
+        timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
+        timed["ttt_kernel_graph"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
+        timed["ttt_kernel_graph_padded"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True, padded=True)
+        timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, compiled, prompt, steps, graph=True)
+        timed["ttt_compiled_graph_unfused"] = lambda: decode_tokens_per_s(
+            run, compiled, prompt, steps, graph=True, fuse=False
+        )
+    if prompt.shape[1] <= 512:
+        timed["ttt_reference"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
+    return timed
+
+
+def add_floor_fractions(row: dict, B: int) -> None:
+    """row["floor"][<name>_fraction]: the memory floor of a step over the measured step, for the
+    decodes from CUDA graphs and the static-cache Llama."""
+    for name, key in (
+        ("ttt_kernel_graph", "ttt_floor_ms"),
+        ("ttt_kernel_graph_padded", "ttt_floor_ms"),
+        ("ttt_compiled_graph", "ttt_floor_ms"),
+        ("ttt_compiled_graph_unfused", "ttt_floor_ms"),
+        ("llama_static", "llama_floor_ms"),
+    ):
+        if isinstance(row.get(f"{name}_tokens_per_s"), float):
+            step_ms = B / row[f"{name}_tokens_per_s"] * 1e3
+            row["floor"][f"{name}_fraction"] = row["floor"][key] / step_ms
+
+
 def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result: None) -> dict:
     """Decode at the decoding batch after each context: the Llama eager and from a static cache,
     the TTT model eager, from CUDA graphs, and with its blocks compiled inside the graphs; the
@@ -360,39 +400,14 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
         for context in scale.decode_contexts:
             prompt = torch.randint(0, vocab, (B, context), device=run.device)
             row = {"B": B, "context": context, "steps": steps}
-            timed = {
-                "llama_eager": lambda: decode_tokens_per_s(run, llama, prompt, steps),
-                "ttt_kernel": lambda: decode_tokens_per_s(run, ttt, prompt, steps),
-                "ttt_kernel_padded": lambda: decode_tokens_per_s(run, ttt, prompt, steps, padded=True),
-            }
-            if run.cuda:
-                timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
-                timed["ttt_kernel_graph"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
-                timed["ttt_kernel_graph_padded"] = lambda: decode_tokens_per_s(
-                    run, ttt, prompt, steps, graph=True, padded=True
-                )
-                timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, compiled, prompt, steps, graph=True)
-                timed["ttt_compiled_graph_unfused"] = lambda: decode_tokens_per_s(
-                    run, compiled, prompt, steps, graph=True, fuse=False
-                )
-            if context <= 512:  # the reference's per-token work does not depend on the context
-                timed["ttt_reference"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=False)
+            timed = decode_variants(run, ttt, llama, compiled, prompt, steps)
             for name, fn in timed.items():
                 for model in (ttt, compiled):
                     if model is not None:
                         model.set_ttt_impl("reference" if name == "ttt_reference" else "kernel")
                 run.median_of_3(row, name, fn)
             row["floor"] = decode_floor(ttt, llama, B, context, steps, peaks["copy_gbps"])
-            for name, key in (
-                ("ttt_kernel_graph", "ttt_floor_ms"),
-                ("ttt_kernel_graph_padded", "ttt_floor_ms"),
-                ("ttt_compiled_graph", "ttt_floor_ms"),
-                ("ttt_compiled_graph_unfused", "ttt_floor_ms"),
-                ("llama_static", "llama_floor_ms"),
-            ):
-                if isinstance(row.get(f"{name}_tokens_per_s"), float):
-                    step_ms = B / row[f"{name}_tokens_per_s"] * 1e3
-                    row["floor"][f"{name}_fraction"] = row["floor"][key] / step_ms
+            add_floor_fractions(row, B)
             result["decode"].append(row)
             progress(result)
             print(f"  model decode {row}", flush=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from ttt_helpers.testing import rel_err
+
 from .counts import roofline, sdpa_bytes, sdpa_flops, ttt_linear_bytes, ttt_linear_flops
 from .inputs import Scale, decode_state, decode_tokens, to64, ttt_inputs
-from .timing import Runner, rel_err
+from .timing import Runner
 
 FLA_NOTE = (
     "fla's chunk_ttt_linear / fused_chunk_ttt_linear take [B, T, H, D] inputs, scale queries by 1/sqrt(D), "

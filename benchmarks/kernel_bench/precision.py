@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from ttt_helpers.testing import rel_err
+
 from .inputs import Scale, to64, ttt_inputs
-from .timing import Runner, rel_err
+from .timing import Runner
 
 
 def precision_variants(run: Runner, scale: Scale) -> list[dict]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from ttt_helpers.testing import rel_err
+
 from .inputs import Scale, to64, ttt_inputs
 from .launch import with_launch
-from .timing import Runner, rel_err
+from .timing import Runner
 
 WARPS = (1, 2, 4, 8)
 
@@ -47,9 +49,6 @@ def primitives(run: Runner, scale: Scale, clock_mhz: float | None) -> list[dict]
         "row sum (over D)": lambda n, nw: chains.sum_chain_kernel[(1,)](x, out, n, D=D, MB=MB, AXIS=1, num_warps=nw),
         "column sum (over b)": lambda n, nw: chains.sum_chain_kernel[(1,)](x, out, n, D=D, MB=MB, AXIS=0, num_warps=nw),
         "LN-L2 gradient": lambda n, nw: chains.ln_grad_chain_kernel[(1,)](x, x * 0.5, out, n, D=D, MB=MB, num_warps=nw),
-        "LN-L2 gradient, one round of sums": lambda n, nw: chains.ln_grad_chain_kernel[(1,)](
-            x, x * 0.5, out, n, D=D, MB=MB, ONE_ROUND=True, num_warps=nw
-        ),
         "recurrence (dot, LN-L2 gradient, update dot)": lambda n, nw: chains.recurrence_chain_kernel[(1,)](
             xk, xv, w, out_w, n, D=D, MB=MB, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, num_warps=nw
         ),
@@ -71,8 +70,7 @@ def primitives(run: Runner, scale: Scale, clock_mhz: float | None) -> list[dict]
 
 def kernel_steps(run: Runner, scale: Scale) -> list[dict]:
     """Microseconds per mini-batch step of the prefill at batch 1 (H heads in parallel) for each
-    schedule and warp count (and the fused one with the one-round LN-L2 gradient), the time at a
-    full batch, and the error against float64 with bf16 and float32 inputs."""
+    schedule and warp count, the time at a full batch, and the error against float64 with bf16 and float32 inputs."""
     from ttt_helpers import ops
     from ttt_helpers.kernels import ttt_linear as module
     from ttt_helpers.kernels import ttt_linear_prefill
@@ -83,13 +81,11 @@ def kernel_steps(run: Runner, scale: Scale) -> list[dict]:
     inputs = {T: ttt_inputs(1, H, T, D, torch.bfloat16, device=run.device) for T in scale.step_lengths}
     big = scale.op_cases[-1]
     batch = ttt_inputs(*big[:1], H, big[1], D, torch.bfloat16, device=run.device)
-    variants = [(schedule, nw, False) for schedule in ("fused", "split") for nw in (WARPS if run.cuda else (None,))]
-    variants += [("fused", nw, True) for nw in ((4, 8) if run.cuda else (4,))]
+    variants = [(schedule, nw) for schedule in ("fused", "split") for nw in (WARPS if run.cuda else (None,))]
     rows = []
-    for schedule, nw, one_round in variants:
-        row = {"schedule": schedule, "num_warps": nw, "ln_one_round": one_round}
-        overrides = ({"num_warps": nw} if nw else {}) | ({"LN_ONE_ROUND": True} if one_round else {})
-        undo = with_launch(module, "ttt_linear_prefill_kernel", **overrides)
+    for schedule, nw in variants:
+        row = {"schedule": schedule, "num_warps": nw}
+        undo = with_launch(module, "ttt_linear_prefill_kernel", **({"num_warps": nw} if nw else {}))
         try:
             for T, args in inputs.items():
                 ms = run.attempt(
@@ -121,7 +117,6 @@ def step_latency(run: Runner, scale: Scale, clock_mhz: float | None) -> dict:
     """Both halves: the real kernel's step, and the chained operations' latencies."""
     result = {
         "note": "us_per_step: prefill time at batch 1 over T / b steps (H heads run in parallel, one chain each); "
-        "ln_one_round: the fused kernel with the LN-L2 gradient's sums in one round (LN_ONE_ROUND); "
         "chains: ns per repetition of one operation, each reading the last one's result, one program; "
         "cycles at the GPU's maximum SM clock (sm_clock_mhz)",
         "sm_clock_mhz": clock_mhz,

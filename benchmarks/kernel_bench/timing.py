@@ -38,11 +38,6 @@ def slow_ms(fn: Callable[[], object], repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64."""
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 class Runner:
     """Timing and error capture on a GPU, or their CPU stand-ins in a dry run (device "cpu")."""
 
@@ -107,6 +102,13 @@ def _shell(*cmd: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else f"unavailable ({done.stderr.strip()[:200]})"
 
 
+def command_line() -> str:
+    """The command that started this process, as typed: `python -m benchmarks.NAME ARGS` for a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name else [sys.argv[0]]
+    return " ".join([Path(sys.executable).name, *head, *sys.argv[1:]])
+
+
 def git_commit() -> str:
     """The commit of this tree; a copy of the tree without its .git names it in the variable GIT_COMMIT."""
     return os.environ.get("GIT_COMMIT") or _shell("git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD")
@@ -128,7 +130,7 @@ def provenance() -> dict:
         "triton": triton.__version__,
         "python": sys.version.split()[0],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "git_commit": git_commit(),
     }
 
@@ -141,7 +143,7 @@ def dry_provenance() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": sys.version.split()[0],
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
     }
 
 

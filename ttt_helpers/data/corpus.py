@@ -84,7 +84,7 @@ def assign_splits(
 ) -> list[tuple[CorpusDocument, str]]:
     """(document, split) in the given order, without duplicates: a text seen before is dropped, and a
     training document whose text is also a held-out document's is dropped."""
-    check_documents(documents)
+    check_corpus_documents(documents)
     heldout_texts = {_digest(d.text) for d in documents if split_of(d, heldout) == "heldout"}
     seen: set[bytes] = set()
     kept = []
@@ -97,7 +97,7 @@ def assign_splits(
     return kept
 
 
-def check_documents(documents) -> list[CorpusDocument]:
+def check_corpus_documents(documents) -> list[CorpusDocument]:
     """A non-empty list of CorpusDocuments with unique names and known kinds. -> documents"""
     if not isinstance(documents, list) or not documents or not all(isinstance(d, CorpusDocument) for d in documents):
         raise TypeError("documents must be a non-empty list of CorpusDocuments")

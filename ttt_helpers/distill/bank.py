@@ -29,12 +29,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import checks
+
+if TYPE_CHECKING:
+    from ..data.store import Corpus
 
 FORMAT = 1
 SEPARATOR = 0  # <|endoftext|> in SmolLM2's vocabulary: what stands between two documents of a stream
@@ -155,9 +159,39 @@ def prepare_bank(
     page_ids = list(encode_documents(tokenizer, [text for _, text in pages]))
     named_pages = [(name, ids) for (name, _), ids in zip(pages, page_ids)]
     rng = np.random.default_rng(seed)
+    train, heldout = _split_documents(corpus, named_pages, code_tokens, rng)
+    # its own generator, so the other streams and the held-out sample are those of a bank without chats
+    train["chat"] = conversations(tokenizer, train, chats, np.random.default_rng([seed, 1]))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        manifest = {"format": FORMAT, "separator": SEPARATOR, "seed": seed, "code_tokens": code_tokens, "chats": chats}
+        manifest["sources"] = _write_training_streams(tmp, train, rng)
+        manifest["eval"] = _write_eval_stream(tmp, heldout, rng)
+        manifest["heldout"] = {domain: [name for name, _ in documents] for domain, documents in heldout.items()}
+        manifest["provenance"] = {
+            "corpus_content_sha256": corpus.manifest["content_sha256"],
+            "corpus_tokens_sha256": corpus.manifest["tokens_sha256"],
+            "tokenizer_sha256": corpus.manifest["tokenizer_sha256"],
+            "pydocs": {"package": pydocs.PACKAGE, "version": pydocs.version(pydocs_root), "pages": len(pages)},
+        }
+        (tmp / "bank.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, out)  # the folder appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+Named = list[tuple[str, np.ndarray]]  # documents as (name, token ids [N])
+
+
+def _split_documents(
+    corpus: Corpus, named_pages: Named, code_tokens: int, rng: np.random.Generator
+) -> tuple[dict[str, Named], dict[str, Named]]:
+    """The training documents by source (kjv, code: a seeded sample of `code_tokens` tokens, pydocs)
+    and the held-out documents by domain (plays, code, pydocs)."""
     docs = corpus.documents
 
-    def corpus_docs(indices: list[int]) -> list[tuple[str, np.ndarray]]:
+    def corpus_docs(indices: list[int]) -> Named:
         return [(docs[i]["name"], np.asarray(corpus.document_tokens(i))) for i in indices]
 
     kjv = [i for i in corpus.select("train", "english") if docs[i]["name"].startswith("kjv/")]
@@ -174,55 +208,51 @@ def prepare_bank(
         "code": corpus_docs(taken),
         "pydocs": [named_pages[i] for i in page_train],
     }
-    # its own generator, so the other streams and the held-out sample are those of a bank without chats
-    train["chat"] = conversations(tokenizer, train, chats, np.random.default_rng([seed, 1]))
     plays = [i for i in range(len(docs)) if docs[i]["name"].startswith("shakespeare/")]
     heldout = {
         "plays": corpus_docs(plays),
         "code": corpus_docs(corpus.select("heldout", "code")),
         "pydocs": [named_pages[i] for i in page_heldout],
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
-        manifest = {"format": FORMAT, "separator": SEPARATOR, "seed": seed, "code_tokens": code_tokens, "chats": chats}
-        manifest["sources"] = {}
-        for name, documents in train.items():
-            # the conversations come in a random order already; drawing none keeps the held-out sample
-            order = np.arange(len(documents)) if name == "chat" else rng.permutation(len(documents))
-            stream = _stream([documents[i][1] for i in order])
-            _write_xz(tmp / f"train-{name}.u16.xz", stream)
-            manifest["sources"][name] = {
-                "file": f"train-{name}.u16.xz",
-                "tokens": int(stream.size),
-                "sha256": _sha256(stream),
-                "documents": [documents[i][0] for i in order],
-            }
-        evaluation, parts, offset = [], [], 0
-        for domain, documents in heldout.items():
-            documents = [d for d in documents if d[1].size >= SHORT]
-            long = [d for d in documents if d[1].size >= LONG]
-            rest = [d for d in documents if d[1].size < LONG]
-            keep = max(0, MAX_EVAL_DOCS - len(long))
-            rest = [rest[i] for i in sorted(rng.permutation(len(rest))[:keep])]
-            for name, ids in long + rest:
-                evaluation.append({"name": name, "domain": domain, "offset": offset, "tokens": int(ids.size)})
-                parts.append(ids.astype("<u2"))
-                offset += ids.size
-        eval_stream = np.concatenate(parts) if parts else np.zeros(0, dtype="<u2")
-        _write_xz(tmp / "eval.u16.xz", eval_stream)
-        manifest["eval"] = {"file": "eval.u16.xz", "sha256": _sha256(eval_stream), "documents": evaluation}
-        manifest["heldout"] = {domain: [name for name, _ in documents] for domain, documents in heldout.items()}
-        manifest["provenance"] = {
-            "corpus_content_sha256": corpus.manifest["content_sha256"],
-            "corpus_tokens_sha256": corpus.manifest["tokens_sha256"],
-            "tokenizer_sha256": corpus.manifest["tokenizer_sha256"],
-            "pydocs": {"package": pydocs.PACKAGE, "version": pydocs.version(pydocs_root), "pages": len(pages)},
+    return train, heldout
+
+
+def _write_training_streams(folder: Path, train: dict[str, Named], rng: np.random.Generator) -> dict[str, dict]:
+    """One stream per source, its documents in a seeded order, written as `train-<source>.u16.xz`.
+    -> bank.json's "sources": {source: file, tokens, sha256, document names in order}"""
+    sources = {}
+    for name, documents in train.items():
+        # the conversations come in a random order already; drawing none keeps the held-out sample
+        order = np.arange(len(documents)) if name == "chat" else rng.permutation(len(documents))
+        stream = _stream([documents[i][1] for i in order])
+        _write_xz(folder / f"train-{name}.u16.xz", stream)
+        sources[name] = {
+            "file": f"train-{name}.u16.xz",
+            "tokens": int(stream.size),
+            "sha256": _sha256(stream),
+            "documents": [documents[i][0] for i in order],
         }
-        (tmp / "bank.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, out)  # the folder appears complete or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    return sources
+
+
+def _write_eval_stream(folder: Path, heldout: dict[str, Named], rng: np.random.Generator) -> dict:
+    """The held-out documents of at least SHORT tokens, per domain every long one and a seeded sample
+    of the others (MAX_EVAL_DOCS in all), concatenated into `eval.u16.xz`.
+    -> bank.json's "eval": file, sha256, and each document's name, domain, offset and tokens"""
+    evaluation, parts, offset = [], [], 0
+    for domain, documents in heldout.items():
+        documents = [d for d in documents if d[1].size >= SHORT]
+        long = [d for d in documents if d[1].size >= LONG]
+        rest = [d for d in documents if d[1].size < LONG]
+        keep = max(0, MAX_EVAL_DOCS - len(long))
+        rest = [rest[i] for i in sorted(rng.permutation(len(rest))[:keep])]
+        for name, ids in long + rest:
+            evaluation.append({"name": name, "domain": domain, "offset": offset, "tokens": int(ids.size)})
+            parts.append(ids.astype("<u2"))
+            offset += ids.size
+    eval_stream = np.concatenate(parts) if parts else np.zeros(0, dtype="<u2")
+    _write_xz(folder / "eval.u16.xz", eval_stream)
+    return {"file": "eval.u16.xz", "sha256": _sha256(eval_stream), "documents": evaluation}
 
 
 def _read_stream(folder: Path, entry: dict) -> np.ndarray:

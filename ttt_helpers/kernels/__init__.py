@@ -17,19 +17,16 @@ saves the state at the start of every mini-batch and whose backward carries the 
 through the mini-batches in reverse. TTT-Linear has two schedules: with few (batch, head)
 chains everything but the adjoint's recurrence runs in kernels parallel over mini-batches
 ("split"); once the chains fill half the GPU, one sequential kernel each way does it all
-("fused"); `schedule="auto"` picks. `ttt_linear_auto` picks the kernel on CUDA and the reference elsewhere; the layers (and so
-`TTTForCausalLM`, through `TTTConfig.ttt_impl`) make the same choice for both kinds.
-`CUDAGraphDecoder` replays a whole model's decode step from CUDA graphs, `CUDAGraphPrefill` its
-prefill of one prompt shape; `TTTLinearDecoder` replays the decode step of one TTT-Linear op.
+("fused"); `schedule="auto"` picks. The layers (`ttt_helpers.layers`, and so `TTTForCausalLM`
+through `TTTConfig.ttt_impl`) choose between the kernels and the reference.
+`TTTLinearDecoder` replays the decode step of one TTT-Linear op from a CUDA graph (a whole model's
+decode step and prefill: `ttt_helpers.inference.cuda_graphs`).
 """
 
 from .common import HEAD_DIMS, MAX_MINI_BATCH, kernel_applies, needs_grad, triton_available, use_kernels
-from .graph_decode import CUDAGraphDecoder
-from .graph_prefill import CUDAGraphPrefill
 from .ttt_linear import (
     TTTLinearDecoder,
     TTTLinearFunction,
-    ttt_linear_auto,
     ttt_linear_decode,
     ttt_linear_prefill,
     ttt_linear_train,
@@ -37,8 +34,6 @@ from .ttt_linear import (
 from .ttt_mlp import TTTMLPFunction, ttt_mlp_decode, ttt_mlp_prefill, ttt_mlp_train
 
 __all__ = [
-    "CUDAGraphDecoder",
-    "CUDAGraphPrefill",
     "HEAD_DIMS",
     "MAX_MINI_BATCH",
     "TTTLinearDecoder",
@@ -47,7 +42,6 @@ __all__ = [
     "kernel_applies",
     "needs_grad",
     "triton_available",
-    "ttt_linear_auto",
     "ttt_linear_decode",
     "ttt_linear_prefill",
     "ttt_linear_train",

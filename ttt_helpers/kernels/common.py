@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .. import ops
+from ..ops.checks import Expected, check_table, shape_table
+from ..ops.kinds import Kind, State
+from ..ops.mini_batch import default_token_idx
 
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_MINI_BATCH = 64
@@ -38,9 +39,8 @@ def needs_grad(tensors: tuple[object, ...]) -> bool:
 
 
 def kernel_applies(XQ: Tensor, mini_batch_size: int) -> bool:
-    """The automatic choice: a kernel runs for CUDA inputs of a supported shape and dtype when
-    triton is importable (the prefill without gradients, the training kernels with them); the
-    reference op everywhere else."""
+    """Whether the kernels can run on XQ: CUDA inputs of a supported shape and dtype, with triton
+    importable. `layers.pick_path` reads it to choose a path ("auto")."""
     supported = (
         XQ.dim() == 4
         and XQ.dtype in INPUT_DTYPES
@@ -60,12 +60,10 @@ def training_schedule(schedule: str, XQ: Tensor) -> str:
     "split" moves everything that does not depend on the state (or its adjoint) out of the
     sequential loops into kernels parallel over mini-batches, at the cost of writing and reading
     [B * H, T, D] intermediates; "fused" runs forward and backward as one sequential kernel each.
-    "auto" picks fused once the chains alone keep half the GPU's SMs busy (B * H >= 66 on an
-    H200's 132), where the split's extra memory traffic costs more than its parallelism gains, and
-    split below. Measured on an H200 (H = 12, D = 64, bf16, benchmarks/results/backward_h200.json):
-    at B * H = 24 split is 2.1x faster; at 96 they tie; at 192 and 384 fused is 1.35x and 1.5x faster.
-    The fused backward holds more at once: at D = 128 with 32- or 64-bit inputs it needs 273 KiB of
-    shared memory where an H200 has 227 KiB, so there it is refused and auto picks split.
+    "auto" picks fused once the chains alone keep half the GPU's SMs busy, and split below.
+    The fused backward does not fit in shared memory at D = 128 with 32- or 64-bit inputs: there
+    "fused" is refused and "auto" picks split (benchmarks/README.md, "Measurements behind kernel
+    choices").
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -92,10 +90,9 @@ def precisions(dtype: torch.dtype) -> tuple[str, str, str]:
     """tl.dot precisions of xq xk^T, of the products with the state W, of those with the gradients.
 
     float32 inputs: full float32 products. 16-bit inputs: xq xk^T in their own type (exact), the
-    W products in tf32 and the gradient products in bf16 (PRECISION_16BIT). Rounding W to bf16
-    lets the error of Z grow with T (past 5e-3 at T = 64k on an H100), tf32 keeps it near the
-    output's own bf16 rounding for 10 to 15% more time (benchmarks/README.md). The interpreter's
-    tl.dot mishandles 16-bit operands (triton 3.9), so it computes everything in float32.
+    W products in tf32 and the gradient products in bf16 (PRECISION_16BIT; why tf32 for W:
+    benchmarks/README.md, "Measurements behind kernel choices"). The interpreter's tl.dot
+    mishandles 16-bit operands (triton 3.9), so it computes everything in float32.
     float64 inputs (the training kernels' exact checks) multiply in float64.
     """
     if dtype == torch.float64:
@@ -161,20 +158,9 @@ def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def check_tensors(
-    expected: dict[str, tuple[object, tuple[int, ...]]],
-    device: torch.device,
-    dtypes: tuple[torch.dtype, ...] = INPUT_DTYPES,
-) -> None:
+def check_tensors(expected: Expected, device: torch.device, dtypes: tuple[torch.dtype, ...] = INPUT_DTYPES) -> None:
     """Each entry name: (tensor, shape) must be a tensor of that shape and one of `dtypes` on `device`."""
-    for name, (tensor, shape) in expected.items():
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
-            got = f"shape {list(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must have shape {list(shape)}, got {got}")
-        if tensor.dtype not in dtypes:
-            raise ValueError(f"{name} must be {_dtype_names(dtypes)}, got {tensor.dtype}")
-        if tensor.device != device:
-            raise ValueError(f"{name} must be on device {device} like XQ, got {tensor.device}")
+    check_table(expected, device, lambda name, t: None if t.dtype in dtypes else f"be {_dtype_names(dtypes)}")
 
 
 def same_strides(XQ: Tensor, XK: Tensor, XV: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,8 +192,8 @@ def prepare_prefill(
     XK: Tensor,
     XV: Tensor,
     eta: Tensor,
-    params: dict[str, Tensor],
-    param_shapes: Callable[[int, int, int], tuple[tuple[int, ...], ...]],
+    kind: Kind,
+    params: State,
     ln_weight: Tensor,
     ln_bias: Tensor,
     mini_batch_size: int,
@@ -216,34 +202,23 @@ def prepare_prefill(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Check a prefill's arguments, each error naming the argument.
 
-    params: the initial state by name; param_shapes(B, H, D): their expected shapes; dtypes: those
-    every tensor may have (TRAIN_DTYPES for the training kernels, which run in float64 too). Returns
-    XQ, XK, XV with one set of strides, token_idx (default 1/(1..b) filled in) and Z, an empty
-    output in XQ's dtype and layout (a [B, T, H, D] view stays one).
+    params: the initial state of `kind`, in its order; dtypes: those every tensor may have
+    (TRAIN_DTYPES for the training kernels, which run in float64 too). Returns XQ, XK, XV with
+    one set of strides, token_idx (default 1/(1..b) filled in) and Z, an empty output in XQ's
+    dtype and layout (a [B, T, H, D] view stays one).
     """
     check_common(XQ, mini_batch_size, dtypes=dtypes)
-    B, H, T, D = XQ.shape
-    if T == 0:
+    if XQ.shape[2] == 0:
         raise ValueError("XQ must hold at least one token (T >= 1), got T = 0")
     if token_idx is None:
-        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device)
-    check_tensors(
-        {
-            "XK": (XK, (B, H, T, D)),
-            "XV": (XV, (B, H, T, D)),
-            "eta": (eta, (B, H, T)),
-            **{name: (p, shape) for (name, p), shape in zip(params.items(), param_shapes(B, H, D))},
-            "ln_weight": (ln_weight, (H, D)),
-            "ln_bias": (ln_bias, (H, D)),
-            "token_idx": (token_idx, (mini_batch_size,)),
-        },
-        XQ.device,
-        dtypes,
-    )
+        token_idx = default_token_idx(mini_batch_size, device=XQ.device)
+    state = dict(zip(kind.params, params))
+    expected = shape_table(XQ, XK, XV, eta, kind, state, ln_weight, ln_bias, token_idx, mini_batch_size)
+    check_tensors(expected, XQ.device, dtypes)
     for name, x in (("XK", XK), ("XV", XV)):
         if x.dtype != XQ.dtype:
             raise ValueError(f"{name} must have dtype {XQ.dtype} like XQ, got {x.dtype}")
-    if needs_grad((XQ, XK, XV, eta, *params.values(), ln_weight, ln_bias, token_idx)):
+    if needs_grad((XQ, XK, XV, eta, *params, ln_weight, ln_bias, token_idx)):
         raise ValueError(
             "the Triton prefill has no backward: call it under torch.no_grad(), or train through "
             "kernels.ttt_linear_train / ttt_mlp_train"
@@ -252,51 +227,35 @@ def prepare_prefill(
     return XQ, XK, XV, token_idx, torch.empty_like(XQ)
 
 
-def prepare_decode(
+def check_decode(
     xq: Tensor,
     xk: Tensor,
     xv: Tensor,
     eta: Tensor,
-    state: tuple[Tensor, ...],
-    names: tuple[str, ...],
-    state_shapes: Callable[[int, int, int], tuple[tuple[int, ...], ...]],
+    kind: Kind,
+    state: State,
     position: int | Tensor,
     ln_weight: Tensor,
     ln_bias: Tensor,
     token_idx: Tensor,
     out: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int, tuple[Tensor, int, bool, int]]:
-    """Check a decode step's arguments, each error naming the argument.
-
-    state: the tensors `names`, updated in place (so contiguous); state_shapes(B, H, D): their
-    expected shapes. Returns xq, xk, xv with one set of strides, the output buffer (`out` when
-    given), the mini-batch size and the position as (pointer, value, from_pointer, stride): a
-    device tensor, one element for all rows (stride 0) or [B] with one per row (stride 1), is
-    read in the kernel (no host sync, so a CUDA graph can replay the step; its range is not
-    checked); an int is passed by value.
-    """
+) -> None:
+    """Check a decode step's arguments, each error naming the argument: state = (*params, *grads)
+    of `kind`, updated in place (so contiguous); position an int in [0, b) or an int32 or int64
+    device tensor with one element or one per row [B] (its values are not read back)."""
     b = token_idx.shape[0] if isinstance(token_idx, Tensor) and token_idx.dim() == 1 else 0
     check_common(xq, max(b, 1), "xq")
     B, H, one, D = xq.shape
     if one != 1:
         raise ValueError(f"xq must hold one token [B, H, 1, D], got {list(xq.shape)}")
+    names = kind.stream_names()
     if not isinstance(state, tuple) or len(state) != len(names):
         raise ValueError(f"state must be a tuple ({', '.join(names)}), got {type(state).__name__}")
-    check_tensors(
-        {
-            "xk": (xk, (B, H, 1, D)),
-            "xv": (xv, (B, H, 1, D)),
-            "eta": (eta, (B, H)),
-            **{f"state[{i}] ({n})": (t, s) for i, (n, t, s) in enumerate(zip(names, state, state_shapes(B, H, D)))},
-            "ln_weight": (ln_weight, (H, D)),
-            "ln_bias": (ln_bias, (H, D)),
-            "token_idx": (token_idx, (b,)),
-        },
-        xq.device,
-    )
-    for i, (name, t) in enumerate(zip(names, state)):
+    labelled = {f"state[{i}] ({n})": t for i, (n, t) in enumerate(zip(names, state))}
+    check_tensors(shape_table(xq, xk, xv, eta, kind, labelled, ln_weight, ln_bias, token_idx, b, step=True), xq.device)
+    for (label, t), name in zip(labelled.items(), names):
         if not t.is_contiguous():
-            raise ValueError(f"state[{i}] ({name}) must be contiguous to be updated in place; pass {name}.contiguous()")
+            raise ValueError(f"{label} must be contiguous to be updated in place; pass {name}.contiguous()")
     if isinstance(position, Tensor):
         one = position.numel() == 1
         if not (one or tuple(position.shape) == (B,)) or position.dtype not in (torch.int32, torch.int64):
@@ -306,14 +265,53 @@ def prepare_decode(
             )
         if position.device != xq.device or not position.is_contiguous():
             raise ValueError(f"position must be a contiguous tensor on {xq.device}, got one on {position.device}")
-        pos = (position, 0, True, 0 if one else 1)
-    elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < b:
-        pos = (token_idx, position, False, 0)  # the pointer is unused when the value is given
-    else:
+    elif not (isinstance(position, int) and not isinstance(position, bool) and 0 <= position < b):
         raise ValueError(f"position must be in [0, {b}), got {position!r}")
+    if out is not None and (tuple(out.shape) != (B, H, 1, D) or not out.is_contiguous() or out.device != xq.device):
+        raise ValueError(f"out must be a contiguous tensor [B, H, 1, D] = {[B, H, 1, D]} on {xq.device}")
+
+
+def decode_buffers(
+    xq: Tensor, xk: Tensor, xv: Tensor, position: int | Tensor, token_idx: Tensor, out: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, object]]:
+    """What a decode kernel launches with, from checked arguments: xq, xk, xv with one set of
+    strides, the output buffer (`out` when given) and the position as keyword arguments of the
+    kernel: a device tensor, one element for all rows (pos_stride 0) or [B] with one per row (1),
+    is read in the kernel (no host sync, so a CUDA graph can replay the step); an int is passed
+    by value."""
+    if isinstance(position, Tensor):
+        stride = 0 if position.numel() == 1 else 1
+        pos = dict(POS=position, pos_value=0, POS_FROM_PTR=True, pos_stride=stride)
+    else:  # the pointer is unused when the value is given
+        pos = dict(POS=token_idx, pos_value=position, POS_FROM_PTR=False, pos_stride=0)
     xq, xk, xv = same_strides(xq, xk, xv)
     if out is None:
-        out = torch.empty((B, H, 1, D), dtype=xq.dtype, device=xq.device)
-    elif tuple(out.shape) != (B, H, 1, D) or not out.is_contiguous() or out.device != xq.device:
-        raise ValueError(f"out must be a contiguous tensor [B, H, 1, D] = {[B, H, 1, D]} on {xq.device}")
-    return xq, xk, xv, out, b, pos
+        out = torch.empty(xq.shape, dtype=xq.dtype, device=xq.device)
+    return xq, xk, xv, out, pos
+
+
+def strides(prefix: str, tensor: Tensor, dims: str = "bht") -> dict[str, int]:
+    """A kernel's stride arguments for `tensor`, by keyword: strides("sx", XQ) is
+    {"sx_b": XQ.stride(0), "sx_h": XQ.stride(1), "sx_t": XQ.stride(2)}."""
+    return {f"{prefix}_{d}": s for d, s in zip(dims, tensor.stride())}
+
+
+def launch_settings(dtype: torch.dtype, D: int, mini_batch_size: int) -> dict[str, object]:
+    """The compile-time arguments a prefill or training kernel takes for inputs of `dtype`, head
+    dim D and the mini-batch size: tile sizes, tl.dot precisions, ACC and warps."""
+    qk, w, grad = precisions(dtype)
+    return dict(
+        D=D,
+        MB=mini_batch_size,
+        BLOCK_MB=mini_batch_block(mini_batch_size),
+        QK_PRECISION=qk,
+        W_PRECISION=w,
+        GRAD_PRECISION=grad,
+        ACC=accumulator(dtype)[1],
+        num_warps=num_warps(D),
+    )
+
+
+def norm_args(ln_weight: Tensor, ln_bias: Tensor, token_idx: Tensor) -> dict[str, Tensor]:
+    """The LayerNorm parameters and token_idx as a kernel reads them: LN_W, LN_B, TOKEN_IDX, contiguous."""
+    return dict(LN_W=ln_weight.contiguous(), LN_B=ln_bias.contiguous(), TOKEN_IDX=token_idx.contiguous())

@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
+def dot(a, b, PRECISION: tl.constexpr):
     """a @ b with a float32 result. PRECISION "bf16" / "fp16" rounds the operands to that type for
     the tensor cores; "tf32" keeps 10 mantissa bits of float32 operands (tensor cores too); "ieee"
     multiplies in full float32 (no tensor cores: what the float32 path needs for 1e-5); "fp64"
@@ -43,7 +43,7 @@ _SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
 
 
 @triton.jit
-def _sum(x, axis: tl.constexpr):
+def reduce_sum(x, axis: tl.constexpr):
     """tl.sum of a float32 tensor through the builtin tl.reduce (see the module docstring)."""
     return tl.reduce(x, axis, _SUM_COMBINE)
 
@@ -51,27 +51,27 @@ def _sum(x, axis: tl.constexpr):
 @triton.jit
 def _normalize(x, D: tl.constexpr, eps):
     """Rows of x: [n, D] standardised over D, and 1/std per row: [n]."""
-    mean = _sum(x, axis=1) / D
+    mean = reduce_sum(x, axis=1) / D
     xc = x - mean[:, None]
-    rstd = 1.0 / tl.sqrt(_sum(xc * xc, axis=1) / D + eps)
+    rstd = 1.0 / tl.sqrt(reduce_sum(xc * xc, axis=1) / D + eps)
     return xc * rstd[:, None], rstd
 
 
 @triton.jit
 def _ln_l2_grad_parts(z, target, gamma, beta, D: tl.constexpr, eps):
-    """_ln_l2_grad with the per-row quantities its backward reuses: returns grad, z_hat, rstd,
+    """ln_l2_grad with the per-row quantities its backward reuses: returns grad, z_hat, rstd,
     g_hat = (gamma z_hat + beta - target) gamma, c1 = mean(g_hat) and c2 = mean(g_hat z_hat);
     grad = rstd (g_hat - c1 - z_hat c2). z, target: [n, D]; gamma, beta: [D]."""
     z_hat, rstd = _normalize(z, D, eps)
     g_hat = (gamma[None, :] * z_hat + beta[None, :] - target) * gamma[None, :]
-    c1 = _sum(g_hat, axis=1) / D
-    c2 = _sum(g_hat * z_hat, axis=1) / D
+    c1 = reduce_sum(g_hat, axis=1) / D
+    c2 = reduce_sum(g_hat * z_hat, axis=1) / D
     grad = (g_hat - c1[:, None] - z_hat * c2[:, None]) * rstd[:, None]
     return grad, z_hat, rstd, g_hat, c1, c2
 
 
 @triton.jit
-def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
+def ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
     """Gradient w.r.t. z of 0.5 * ||LN(z) - target||^2 per row, in closed form (ops.layer_norm_l2_grad).
     z, target: [n, D]; gamma, beta: [D]."""
     grad, _, _, _, _, _ = _ln_l2_grad_parts(z, target, gamma, beta, D, eps)
@@ -79,31 +79,7 @@ def _ln_l2_grad(z, target, gamma, beta, D: tl.constexpr, eps):
 
 
 @triton.jit
-def _ln_l2_grad_one_round(z, target, gamma, beta, D: tl.constexpr, eps):
-    """_ln_l2_grad with every row sum taken in one round: six sums of z, z^2 and their products with
-    gamma^2 and gamma (beta - target), none waiting on another (_ln_l2_grad chains three rounds:
-    the mean, the variance, then c1 and c2). With a = gamma^2, c = gamma (beta - target) and
-    means over D: var = m(z^2) - mu^2, c1 = rstd (m(a z) - mu m(a)) + m(c) and
-    c2 = rstd^2 (m(a z^2) - 2 mu m(a z) + mu^2 m(a)) + rstd (m(c z) - mu m(c)). The moments
-    cancel where |mu| >> std, a risk _ln_l2_grad does not run. z, target: [n, D]; gamma, beta: [D]."""
-    a = (gamma * gamma)[None, :]
-    c = gamma[None, :] * (beta[None, :] - target)
-    mu = _sum(z, axis=1) / D
-    m_zz = _sum(z * z, axis=1) / D
-    m_az = _sum(a * z, axis=1) / D
-    m_azz = _sum(a * z * z, axis=1) / D
-    m_c = _sum(c, axis=1) / D
-    m_cz = _sum(c * z, axis=1) / D
-    m_a = _sum(gamma * gamma, axis=0) / D
-    rstd = 1.0 / tl.sqrt(m_zz - mu * mu + eps)
-    c1 = rstd * (m_az - mu * m_a) + m_c
-    c2 = rstd * rstd * (m_azz - 2.0 * mu * m_az + mu * mu * m_a) + rstd * (m_cz - mu * m_c)
-    z_hat = (z - mu[:, None]) * rstd[:, None]
-    return (a * z_hat + c - c1[:, None] - z_hat * c2[:, None]) * rstd[:, None]
-
-
-@triton.jit
-def _residual_ln(x, z, gamma, beta, D: tl.constexpr, eps):
+def residual_ln(x, z, gamma, beta, D: tl.constexpr, eps):
     """The layer's output x + LN(z) per row, in z's dtype. x, z: [n, D]; gamma, beta: [D]."""
     z_hat, _ = _normalize(z, D, eps)
     return x.to(z.dtype) + z_hat * gamma[None, :] + beta[None, :]
@@ -112,14 +88,14 @@ def _residual_ln(x, z, gamma, beta, D: tl.constexpr, eps):
 @triton.jit
 def _normalize_bwd(dz_hat, z_hat, rstd, D: tl.constexpr):
     """Backward of z_hat = _normalize(z): dz from dz_hat, both [n, D] (1/std depends on z too)."""
-    mean = _sum(dz_hat, axis=1) / D
-    mean_z = _sum(dz_hat * z_hat, axis=1) / D
+    mean = reduce_sum(dz_hat, axis=1) / D
+    mean_z = reduce_sum(dz_hat * z_hat, axis=1) / D
     return (dz_hat - mean[:, None] - z_hat * mean_z[:, None]) * rstd[:, None]
 
 
 @triton.jit
 def _ln_l2_grad_bwd_z(dgrad, grad, z_hat, rstd, g_hat, c2, gamma, D: tl.constexpr):
-    """Backward of grad = _ln_l2_grad(z, ...) w.r.t. z, from the parts _ln_l2_grad_parts returns;
+    """Backward of grad = ln_l2_grad(z, ...) w.r.t. z, from the parts _ln_l2_grad_parts returns;
     rows of [n, D]. Returns dz and the adjoint of g_hat, dg_hat (both linear in dgrad).
 
     Why: grad = rstd (g_hat - c1 - z_hat c2). With q = rstd dgrad, the adjoint of g_hat is
@@ -127,22 +103,22 @@ def _ln_l2_grad_bwd_z(dgrad, grad, z_hat, rstd, g_hat, c2, gamma, D: tl.constexp
     and c2, and through g_hat by gamma^2; the outer rstd adds -rstd z_hat mean(dgrad grad) to dz.
     """
     q = dgrad * rstd[:, None]
-    qz = _sum(q * z_hat, axis=1) / D
-    dg_hat = q - (_sum(q, axis=1) / D)[:, None] - z_hat * qz[:, None]
+    qz = reduce_sum(q * z_hat, axis=1) / D
+    dg_hat = q - (reduce_sum(q, axis=1) / D)[:, None] - z_hat * qz[:, None]
     dz_hat = dg_hat * (gamma * gamma)[None, :] - c2[:, None] * q - qz[:, None] * g_hat
-    through_rstd = (_sum(dgrad * grad, axis=1) / D * rstd)[:, None] * z_hat
+    through_rstd = (reduce_sum(dgrad * grad, axis=1) / D * rstd)[:, None] * z_hat
     return _normalize_bwd(dz_hat, z_hat, rstd, D) - through_rstd, dg_hat
 
 
 @triton.jit
 def _ln_l2_grad_bwd(dgrad, grad, z, target, gamma, beta, D: tl.constexpr, eps):
-    """Backward of grad = _ln_l2_grad(z, target, gamma, beta), given dgrad; rows of [n, D].
+    """Backward of grad = ln_l2_grad(z, target, gamma, beta), given dgrad; rows of [n, D].
     Returns dz, dtarget: [n, D] and dgamma, dbeta: [D] summed over the rows (g_hat is linear in
     target and beta, quadratic in gamma)."""
     _, z_hat, rstd, g_hat, _, c2 = _ln_l2_grad_parts(z, target, gamma, beta, D, eps)
     dz, dg_hat = _ln_l2_grad_bwd_z(dgrad, grad, z_hat, rstd, g_hat, c2, gamma, D)
-    dgamma = _sum(dg_hat * (2.0 * gamma[None, :] * z_hat + beta[None, :] - target), axis=0)
-    return dz, -dg_hat * gamma[None, :], dgamma, _sum(dg_hat * gamma[None, :], axis=0)
+    dgamma = reduce_sum(dg_hat * (2.0 * gamma[None, :] * z_hat + beta[None, :] - target), axis=0)
+    return dz, -dg_hat * gamma[None, :], dgamma, reduce_sum(dg_hat * gamma[None, :], axis=0)
 
 
 @triton.jit
@@ -210,7 +186,6 @@ def ttt_linear_prefill_kernel(
     SAVE_STATES: tl.constexpr,
     WRITE_Z: tl.constexpr,
     ACC: tl.constexpr,
-    LN_ONE_ROUND: tl.constexpr = False,
 ):
     """TTT-Linear over a whole sequence for one (batch, head): program id = batch * H + head.
 
@@ -227,8 +202,6 @@ def ttt_linear_prefill_kernel(
     ttt_linear_output_kernel, parallel over mini-batches, so that only the state update stays in
     this sequential loop.
     ACC: the dtype of the state and arithmetic (float32; float64 for float64 inputs).
-    LN_ONE_ROUND: the inner gradient through _ln_l2_grad_one_round (an experiment of the
-    benchmark's step section) instead of _ln_l2_grad.
     """
     pid = tl.program_id(0)
     bi = pid // H
@@ -263,26 +236,23 @@ def ttt_linear_prefill_kernel(
             tl.store(B_START + chunk * D + cols, bias)
 
         # the inner model's gradient at every token, all taken at the mini-batch's start state
-        z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
-        if LN_ONE_ROUND:
-            grad = _ln_l2_grad_one_round(z1, xv - xk.to(ACC), gamma, beta, D, eps)
-        else:
-            grad = _ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
+        z1 = dot(xk, W, W_PRECISION) + bias[None, :]
+        grad = ln_l2_grad(z1, xv - xk.to(ACC), gamma, beta, D, eps)
 
         if WRITE_Z:
             # dual form: z_i = xq_i W_i + b_i with W_i = W - sum_{s<=i} e[i, s] xk_s^T grad_s, so
             # z = xq W + b - (e * (xq xk^T)) grad - e grad = xq W + b - (e * (xq xk^T + 1)) grad
             e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
-            attn = _dot(xq, tl.trans(xk), QK_PRECISION)
-            z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * (attn + 1.0), grad, GRAD_PRECISION)
-            out = _residual_ln(xq, z, gamma, beta, D, eps)
+            attn = dot(xq, tl.trans(xk), QK_PRECISION)
+            z = dot(xq, W, W_PRECISION) + bias[None, :] - dot(e * (attn + 1.0), grad, GRAD_PRECISION)
+            out = residual_ln(xq, z, gamma, beta, D, eps)
             tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
         # commit with the last valid row of e: token_idx[n - 1] * eta[s] for s < n
         e_last = tl.load(TOKEN_IDX + n - 1).to(ACC) * eta
         weighted = e_last[:, None] * grad
-        W -= _dot(tl.trans(xk), weighted, GRAD_PRECISION)
-        bias -= _sum(weighted, axis=0)
+        W -= dot(tl.trans(xk), weighted, GRAD_PRECISION)
+        bias -= reduce_sum(weighted, axis=0)
 
     out_base = pid.to(tl.int64) * D * D
     tl.store(W_OUT + out_base + cols[:, None] * D + cols[None, :], W.to(W_OUT.dtype.element_ty))
@@ -290,7 +260,7 @@ def ttt_linear_prefill_kernel(
 
 
 @triton.jit
-def _chunk_rows(T, c, MB: tl.constexpr, rows):
+def chunk_rows(T, c, MB: tl.constexpr, rows):
     """Mini-batch c's tokens: their times t (int64), which rows hold one (valid) and how many (n)."""
     start = c * MB
     n = tl.minimum(T - start, MB)
@@ -298,7 +268,7 @@ def _chunk_rows(T, c, MB: tl.constexpr, rows):
 
 
 @triton.jit
-def _load_rows(P, base, t, stride_t, cols, valid):
+def load_rows(P, base, t, stride_t, cols, valid):
     """Rows t of a [.., T, D] tensor with contiguous last dim at P + base; rows not valid read 0."""
     return tl.load(P + base + t[:, None] * stride_t + cols[None, :], mask=valid[:, None], other=0.0)
 
@@ -324,11 +294,11 @@ def _recompute_chunk(
     """The prefill's arithmetic for one mini-batch from its start state (W, bias), as the
     backward needs it: z1 = xk W + b, grad = LN-L2-grad(z1, target), e[i, s] = token_idx[i] eta[s]
     (s <= i), attn1 = xq xk^T + 1 and z = xq W + b - (e * attn1) grad."""
-    z1 = _dot(xk, W, W_PRECISION) + bias[None, :]
-    grad = _ln_l2_grad(z1, target, gamma, beta, D, eps)
+    z1 = dot(xk, W, W_PRECISION) + bias[None, :]
+    grad = ln_l2_grad(z1, target, gamma, beta, D, eps)
     e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
-    attn1 = _dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
-    z = _dot(xq, W, W_PRECISION) + bias[None, :] - _dot(e * attn1, grad, GRAD_PRECISION)
+    attn1 = dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
+    z = dot(xq, W, W_PRECISION) + bias[None, :] - dot(e * attn1, grad, GRAD_PRECISION)
     return z1, grad, e, attn1, z
 
 
@@ -373,16 +343,16 @@ def ttt_linear_output_kernel(
     hi = pid % H
     rows = tl.arange(0, BLOCK_MB)
     cols = tl.arange(0, D)
-    t, valid, _ = _chunk_rows(T, c, MB, rows)
+    t, valid, _ = chunk_rows(T, c, MB, rows)
     gamma = tl.load(LN_W + hi * D + cols).to(ACC)
     beta = tl.load(LN_B + hi * D + cols).to(ACC)
     token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
     causal = rows[None, :] <= rows[:, None]
 
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
-    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
-    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
-    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+    xq = load_rows(XQ, x_base, t, sx_t, cols, valid)
+    xk = load_rows(XK, x_base, t, sx_t, cols, valid)
+    target = load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
     eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
     chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
     W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
@@ -391,7 +361,7 @@ def ttt_linear_output_kernel(
     _, _, _, _, z = _recompute_chunk(
         xq, xk, target, eta, token_idx, W, bias, gamma, beta, causal, D, eps, QK_PRECISION, W_PRECISION, GRAD_PRECISION
     )
-    out = _residual_ln(xq, z, gamma, beta, D, eps)
+    out = residual_ln(xq, z, gamma, beta, D, eps)
     z_offs = bi.to(tl.int64) * sz_b + hi * sz_h + t[:, None] * sz_t + cols[None, :]
     tl.store(Z + z_offs, out.to(Z.dtype.element_ty), mask=valid[:, None])
 
@@ -450,18 +420,18 @@ def ttt_linear_bwd_local_kernel(
     hi = pid % H
     rows = tl.arange(0, BLOCK_MB)
     cols = tl.arange(0, D)
-    t, valid, _ = _chunk_rows(T, c, MB, rows)
+    t, valid, _ = chunk_rows(T, c, MB, rows)
     gamma = tl.load(LN_W + hi * D + cols).to(ACC)
     beta = tl.load(LN_B + hi * D + cols).to(ACC)
     token_idx = tl.load(TOKEN_IDX + rows, mask=rows < MB, other=0.0).to(ACC)
     causal = rows[None, :] <= rows[:, None]
 
     x_base = bi.to(tl.int64) * sx_b + hi * sx_h
-    xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
-    xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
-    target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+    xq = load_rows(XQ, x_base, t, sx_t, cols, valid)
+    xk = load_rows(XK, x_base, t, sx_t, cols, valid)
+    target = load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
     eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
-    dout = _load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
+    dout = load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
     chunk = pid.to(tl.int64) * tl.cdiv(T, MB) + c
     W = tl.load(W_START + chunk * D * D + cols[:, None] * D + cols[None, :])
     bias = tl.load(B_START + chunk * D + cols)
@@ -471,7 +441,7 @@ def ttt_linear_bwd_local_kernel(
     )
     z_hat, rstd = _normalize(z, D, eps)
     dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
-    dgrad = -_dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
+    dgrad = -dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
     _, z_hat1, rstd1, g_hat, c1, c2 = _ln_l2_grad_parts(z1, target, gamma, beta, D, eps)
 
     offs = pid.to(tl.int64) * T * D + t[:, None] * D + cols[None, :]
@@ -547,13 +517,13 @@ def ttt_linear_bwd_state_kernel(
         chunk = pid.to(tl.int64) * NC + c
         tl.store(DW_END + chunk * D * D + state_offs, dW)
         tl.store(DB_END + chunk * D + cols, db)
-        t, valid, n = _chunk_rows(T, c, MB, rows)
-        xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
-        xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
-        dz = _load_rows(DZ_LOCAL, l_base, t, D, cols, valid)
-        dgrad_local = _load_rows(DGRAD_LOCAL, l_base, t, D, cols, valid)
-        z_hat = _load_rows(Z_HAT1, l_base, t, D, cols, valid)
-        g_hat = _load_rows(G_HAT, l_base, t, D, cols, valid)
+        t, valid, n = chunk_rows(T, c, MB, rows)
+        xq = load_rows(XQ, x_base, t, sx_t, cols, valid)
+        xk = load_rows(XK, x_base, t, sx_t, cols, valid)
+        dz = load_rows(DZ_LOCAL, l_base, t, D, cols, valid)
+        dgrad_local = load_rows(DGRAD_LOCAL, l_base, t, D, cols, valid)
+        z_hat = load_rows(Z_HAT1, l_base, t, D, cols, valid)
+        g_hat = load_rows(G_HAT, l_base, t, D, cols, valid)
         row_offs = pid.to(tl.int64) * T + t
         rstd = tl.load(STATS + row_offs, mask=valid, other=0.0)
         c1 = tl.load(STATS + BH * T + row_offs, mask=valid, other=0.0)
@@ -561,10 +531,10 @@ def ttt_linear_bwd_state_kernel(
         e_last = tl.load(TOKEN_IDX + n - 1).to(ACC) * tl.load(ETA + e_base + t * se_t, mask=valid, other=0.0).to(ACC)
         grad = (g_hat - c1[:, None] - z_hat * c2[:, None]) * rstd[:, None]
 
-        u = _dot(xk, dW, GRAD_PRECISION) + db[None, :]
+        u = dot(xk, dW, GRAD_PRECISION) + db[None, :]
         dz1, _ = _ln_l2_grad_bwd_z(dgrad_local - e_last[:, None] * u, grad, z_hat, rstd, g_hat, c2, gamma, D)
-        dW += _dot(tl.trans(xq), dz, GRAD_PRECISION) + _dot(tl.trans(xk), dz1, GRAD_PRECISION)
-        db += _sum(dz + dz1, axis=0)
+        dW += dot(tl.trans(xq), dz, GRAD_PRECISION) + dot(tl.trans(xk), dz1, GRAD_PRECISION)
+        db += reduce_sum(dz + dz1, axis=0)
 
     tl.store(DW + pid.to(tl.int64) * D * D + state_offs, dW)
     tl.store(DB + pid * D + cols, db)
@@ -666,12 +636,12 @@ def ttt_linear_bwd_inputs_kernel(
             c = NC - 1 - step
         else:
             c = tl.program_id(0)
-        t, valid, n = _chunk_rows(T, c, MB, rows)
-        xq = _load_rows(XQ, x_base, t, sx_t, cols, valid)
-        xk = _load_rows(XK, x_base, t, sx_t, cols, valid)
-        target = _load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
+        t, valid, n = chunk_rows(T, c, MB, rows)
+        xq = load_rows(XQ, x_base, t, sx_t, cols, valid)
+        xk = load_rows(XK, x_base, t, sx_t, cols, valid)
+        target = load_rows(XV, x_base, t, sx_t, cols, valid).to(ACC) - xk.to(ACC)
         eta = tl.load(ETA + bi.to(tl.int64) * se_b + hi * se_h + t * se_t, mask=valid, other=0.0).to(ACC)
-        dout = _load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
+        dout = load_rows(DZ, bi.to(tl.int64) * sd_b + hi * sd_h, t, sd_t, cols, valid).to(ACC)
         chunk = pid.to(tl.int64) * NC + c
         W = tl.load(W_START + chunk * D * D + cells)
         bias = tl.load(B_START + chunk * D + cols)
@@ -685,30 +655,32 @@ def ttt_linear_bwd_inputs_kernel(
         )  # fmt: skip
         z_hat, rstd = _normalize(z, D, eps)
         # out = xq + LN(z)
-        dgamma = _sum(dout * z_hat, axis=0)
-        dbeta = _sum(dout, axis=0)
+        dgamma = reduce_sum(dout * z_hat, axis=0)
+        dbeta = reduce_sum(dout, axis=0)
         dz = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
         # z = xq W + b - M grad, M = e * (xq xk^T + 1)
-        dM = -_dot(dz, tl.trans(grad), W_PRECISION)
+        dM = -dot(dz, tl.trans(grad), W_PRECISION)
         de = tl.where(causal, dM * attn1, 0.0)
-        dxq = dout + _dot(dz, tl.trans(W), W_PRECISION) + _dot(dM * e, xk, GRAD_PRECISION)
-        dxk = _dot(tl.trans(dM * e), xq, GRAD_PRECISION)
+        dxq = dout + dot(dz, tl.trans(W), W_PRECISION) + dot(dM * e, xk, GRAD_PRECISION)
+        dxk = dot(tl.trans(dM * e), xq, GRAD_PRECISION)
         # the commit: W' = W - xk^T u, b' = b - sum_s u_s with u = e_last grad
         tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
         e_last = tau_last * eta
-        du = -(_dot(xk, dW, W_PRECISION) + db[None, :])
-        dxk -= _dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
-        dgrad = e_last[:, None] * du - _dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
-        de_last = _sum(du * grad, axis=1)
+        du = -(dot(xk, dW, W_PRECISION) + db[None, :])
+        dxk -= dot(e_last[:, None] * grad, tl.trans(dW), GRAD_PRECISION)
+        dgrad = e_last[:, None] * du - dot(tl.trans(e * attn1), dz, GRAD_PRECISION)
+        de_last = reduce_sum(du * grad, axis=1)
         # grad = LN-L2-grad(z1, xv - xk), z1 = xk W + b
         dz1, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad, grad, z1, target, gamma, beta, D, eps)
-        dxk += _dot(dz1, tl.trans(W), W_PRECISION) - dtarget
+        dxk += dot(dz1, tl.trans(W), W_PRECISION) - dtarget
         # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
-        deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
-        dtoken_idx = _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
+        deta = reduce_sum(de * token_idx[:, None], axis=0) + tau_last * de_last
+        dtoken_idx = reduce_sum(de * eta[None, :], axis=1) + tl.where(
+            rows == n - 1, reduce_sum(de_last * eta, axis=0), 0.0
+        )
         if SEQUENTIAL:  # the adjoint of this mini-batch's start state, for the one before it
-            dW += _dot(tl.trans(xq), dz, GRAD_PRECISION) + _dot(tl.trans(xk), dz1, GRAD_PRECISION)
-            db += _sum(dz + dz1, axis=0)
+            dW += dot(tl.trans(xq), dz, GRAD_PRECISION) + dot(tl.trans(xk), dz1, GRAD_PRECISION)
+            db += reduce_sum(dz + dz1, axis=0)
 
         goffs = g_base + t[:, None] * sg_t + cols[None, :]
         tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
@@ -783,8 +755,8 @@ def ttt_linear_decode_kernel(
     for r0 in tl.static_range(0, D, ROWS):
         w = tl.load(W + s_base + (r0 + rows)[:, None] * D + cols[None, :]).to(tl.float32)
         xk_r = tl.load(XK + x_base + r0 + rows).to(tl.float32)
-        z1 += _sum(xk_r[:, None] * w, axis=0)
-    g = _sum(_ln_l2_grad(z1[None, :], (xv - xk)[None, :], gamma, beta, D, eps), axis=0)
+        z1 += reduce_sum(xk_r[:, None] * w, axis=0)
+    g = reduce_sum(ln_l2_grad(z1[None, :], (xv - xk)[None, :], gamma, beta, D, eps), axis=0)
 
     # pass 2: add this token's gradient, predict with W - scale * grad_W, commit at the last position
     commit = pos == MB - 1
@@ -799,9 +771,9 @@ def ttt_linear_decode_kernel(
         xq_r = tl.load(XQ + x_base + r0 + rows).to(tl.float32)
         gw += eta * xk_r[:, None] * g[None, :]
         w_eff = w - scale * gw
-        z += _sum(xq_r[:, None] * w_eff, axis=0)
+        z += reduce_sum(xq_r[:, None] * w_eff, axis=0)
         _store_state(W, GW, offs, w_eff, gw, commit)  # a commit starts the next mini-batch from w_eff
     _store_state(Bv, GB, pid * D + cols, b_eff, grad_b, commit)
 
-    out = _sum(_residual_ln(xq[None, :], z[None, :], gamma, beta, D, eps), axis=0)
+    out = reduce_sum(residual_ln(xq[None, :], z[None, :], gamma, beta, D, eps), axis=0)
     tl.store(Z + pid * D + cols, out.to(Z.dtype.element_ty))

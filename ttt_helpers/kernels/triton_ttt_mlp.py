@@ -13,15 +13,15 @@ import triton
 import triton.language as tl
 
 from .triton_ttt_linear import (
-    _dot,
-    _ln_l2_grad,
     _ln_l2_grad_bwd,
     _normalize,
     _normalize_bwd,
     _position,
-    _residual_ln,
     _store_state,
-    _sum,
+    dot,
+    ln_l2_grad,
+    reduce_sum,
+    residual_ln,
 )
 
 _K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), a constexpr: the only globals a kernel may read
@@ -35,21 +35,21 @@ def _gelu_tanh_term(x):
 
 
 @triton.jit
-def _gelu(x):
+def gelu(x):
     """GELU with the tanh approximation (ops.gelu_tanh)."""
     return 0.5 * x * (1.0 + _gelu_tanh_term(x))
 
 
 @triton.jit
-def _gelu_grad(x):
-    """Derivative of _gelu (ops.gelu_tanh_grad)."""
+def gelu_grad(x):
+    """Derivative of gelu (ops.gelu_tanh_grad)."""
     t = _gelu_tanh_term(x)
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _K * (1.0 + 0.134145 * x * x)
 
 
 @triton.jit
 def _gelu_grad2(x):
-    """Second derivative of _gelu. With t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3):
+    """Second derivative of gelu. With t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3):
     gelu' = (1 + t) / 2 + x (1 - t^2) u' / 2, so gelu'' = (1 - t^2) (u' + x u'' / 2 - x t u'^2)."""
     t = _gelu_tanh_term(x)
     du = _K * (1.0 + 0.134145 * x * x)
@@ -147,38 +147,38 @@ def ttt_mlp_prefill_kernel(
         # pass 1: z2 of the keys, then the gradient of the inner loss at the output layer
         z2k = tl.zeros([BLOCK_MB, D], dtype=ACC) + b2[None, :]
         for f0 in range(0, F, FB):
-            z1k = _dot(xk, tl.load(w1_ptrs + src * D * F + f0), W_PRECISION) + tl.load(b1_ptrs + src * F + f0)[None, :]
-            z2k += _dot(_gelu(z1k), tl.load(w2_ptrs + src * F * D + f0 * D), W_PRECISION)
-        grad_z2 = _ln_l2_grad(z2k, xv - xk.to(ACC), gamma, beta, D, eps)
+            z1k = dot(xk, tl.load(w1_ptrs + src * D * F + f0), W_PRECISION) + tl.load(b1_ptrs + src * F + f0)[None, :]
+            z2k += dot(gelu(z1k), tl.load(w2_ptrs + src * F * D + f0 * D), W_PRECISION)
+        grad_z2 = ln_l2_grad(z2k, xv - xk.to(ACC), gamma, beta, D, eps)
         weighted2 = e_last[:, None] * grad_z2
 
         # pass 2: dual form of both layers, chunk by chunk of the hidden width
         # z1_i = xq_i W1 + b1 - sum_{s<=i} e[i, s] (xq_i xk_s^T + 1) grad_z1_s
         # z2_i = h_i W2 + b2 - sum_{s<=i} e[i, s] (h_i x2_s^T + 1) grad_z2_s, h = gelu(z1)
-        e_qk = e * (_dot(xq, tl.trans(xk), QK_PRECISION) + 1.0)
+        e_qk = e * (dot(xq, tl.trans(xk), QK_PRECISION) + 1.0)
         z2q = tl.zeros([BLOCK_MB, D], dtype=ACC) + b2[None, :]
         hx2 = tl.zeros([BLOCK_MB, BLOCK_MB], dtype=ACC)  # h x2^T, summed over the chunks
         for f0 in range(0, F, FB):
             w1 = tl.load(w1_ptrs + src * D * F + f0)
             b1 = tl.load(b1_ptrs + src * F + f0)
             w2 = tl.load(w2_ptrs + src * F * D + f0 * D)
-            z1k = _dot(xk, w1, W_PRECISION) + b1[None, :]
-            x2k = _gelu(z1k)
-            grad_z1 = _dot(grad_z2, tl.trans(w2), W_PRECISION) * _gelu_grad(z1k)
-            h = _gelu(_dot(xq, w1, W_PRECISION) + b1[None, :] - _dot(e_qk, grad_z1, GRAD_PRECISION))
-            z2q += _dot(h, w2, W_PRECISION)
-            hx2 += _dot(h, tl.trans(x2k), GRAD_PRECISION)
+            z1k = dot(xk, w1, W_PRECISION) + b1[None, :]
+            x2k = gelu(z1k)
+            grad_z1 = dot(grad_z2, tl.trans(w2), W_PRECISION) * gelu_grad(z1k)
+            h = gelu(dot(xq, w1, W_PRECISION) + b1[None, :] - dot(e_qk, grad_z1, GRAD_PRECISION))
+            z2q += dot(h, w2, W_PRECISION)
+            hx2 += dot(h, tl.trans(x2k), GRAD_PRECISION)
             weighted1 = e_last[:, None] * grad_z1
             tl.debug_barrier()  # every thread has read this chunk before it is overwritten
-            tl.store(w1_ptrs + dst * D * F + f0, w1 - _dot(tl.trans(xk), weighted1, GRAD_PRECISION))
-            tl.store(b1_ptrs + dst * F + f0, b1 - _sum(weighted1, axis=0))
-            tl.store(w2_ptrs + dst * F * D + f0 * D, w2 - _dot(tl.trans(x2k), weighted2, GRAD_PRECISION))
+            tl.store(w1_ptrs + dst * D * F + f0, w1 - dot(tl.trans(xk), weighted1, GRAD_PRECISION))
+            tl.store(b1_ptrs + dst * F + f0, b1 - reduce_sum(weighted1, axis=0))
+            tl.store(w2_ptrs + dst * F * D + f0 * D, w2 - dot(tl.trans(x2k), weighted2, GRAD_PRECISION))
         tl.debug_barrier()  # the next mini-batch reads the updated weights
-        z2q -= _dot(e * (hx2 + 1.0), grad_z2, GRAD_PRECISION)
-        b2 -= _sum(weighted2, axis=0)
+        z2q -= dot(e * (hx2 + 1.0), grad_z2, GRAD_PRECISION)
+        b2 -= reduce_sum(weighted2, axis=0)
         if SAVE_STATES:
             tl.store(b2_ptrs + dst * D, b2)
-        out = _residual_ln(xq, z2q, gamma, beta, D, eps)
+        out = residual_ln(xq, z2q, gamma, beta, D, eps)
         tl.store(Z + z_base + t[:, None] * sz_t + cols[None, :], out.to(Z.dtype.element_ty), mask=valid[:, None])
 
     if not SAVE_STATES:
@@ -295,7 +295,7 @@ def ttt_mlp_backward_kernel(
         b1_ptrs = B1 + slot * F + fcols
         b2 = tl.load(B2 + slot * D + cols)
         e = tl.where(causal, token_idx[:, None] * eta[None, :], 0.0)
-        attn1 = _dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
+        attn1 = dot(xq, tl.trans(xk), QK_PRECISION) + 1.0
         E1 = e * attn1
         tau_last = tl.load(TOKEN_IDX + n - 1).to(ACC)
         e_last = tau_last * eta
@@ -303,9 +303,9 @@ def ttt_mlp_backward_kernel(
         # pass A: the keys through the MLP, to grad_z2
         z2k = tl.zeros([BLOCK_MB, D], dtype=ACC) + b2[None, :]
         for f0 in range(0, F, FB):
-            z1k = _dot(xk, tl.load(w1_ptrs + f0), W_PRECISION) + tl.load(b1_ptrs + f0)[None, :]
-            z2k += _dot(_gelu(z1k), tl.load(w2_ptrs + f0 * D), W_PRECISION)
-        grad_z2 = _ln_l2_grad(z2k, target, gamma, beta, D, eps)
+            z1k = dot(xk, tl.load(w1_ptrs + f0), W_PRECISION) + tl.load(b1_ptrs + f0)[None, :]
+            z2k += dot(gelu(z1k), tl.load(w2_ptrs + f0 * D), W_PRECISION)
+        grad_z2 = ln_l2_grad(z2k, target, gamma, beta, D, eps)
 
         # pass B: the queries' output z2q, h x2^T and x2 dW2'
         z2q = tl.zeros([BLOCK_MB, D], dtype=ACC) + b2[None, :]
@@ -315,29 +315,29 @@ def ttt_mlp_backward_kernel(
             w1 = tl.load(w1_ptrs + f0)
             b1 = tl.load(b1_ptrs + f0)
             w2 = tl.load(w2_ptrs + f0 * D)
-            z1k = _dot(xk, w1, W_PRECISION) + b1[None, :]
-            x2 = _gelu(z1k)
-            grad_z1 = _dot(grad_z2, tl.trans(w2), W_PRECISION) * _gelu_grad(z1k)
-            h = _gelu(_dot(xq, w1, W_PRECISION) + b1[None, :] - _dot(E1, grad_z1, GRAD_PRECISION))
-            z2q += _dot(h, w2, W_PRECISION)
-            hx2 += _dot(h, tl.trans(x2), GRAD_PRECISION)
-            x2_dw2 += _dot(x2, tl.load(dw2_ptrs + f0 * D), GRAD_PRECISION)
+            z1k = dot(xk, w1, W_PRECISION) + b1[None, :]
+            x2 = gelu(z1k)
+            grad_z1 = dot(grad_z2, tl.trans(w2), W_PRECISION) * gelu_grad(z1k)
+            h = gelu(dot(xq, w1, W_PRECISION) + b1[None, :] - dot(E1, grad_z1, GRAD_PRECISION))
+            z2q += dot(h, w2, W_PRECISION)
+            hx2 += dot(h, tl.trans(x2), GRAD_PRECISION)
+            x2_dw2 += dot(x2, tl.load(dw2_ptrs + f0 * D), GRAD_PRECISION)
         attn2 = hx2 + 1.0
         E2 = e * attn2
-        z2q -= _dot(E2, grad_z2, GRAD_PRECISION)
+        z2q -= dot(E2, grad_z2, GRAD_PRECISION)
 
         # out = xq + LN(z2q); z2q = h W2 + b2 - E2 grad_z2, E2 = e (h x2^T + 1); the commit of W2, b2
         z_hat, rstd = _normalize(z2q, D, eps)
-        dgamma += _sum(dout * z_hat, axis=0)
-        dbeta += _sum(dout, axis=0)
+        dgamma += reduce_sum(dout * z_hat, axis=0)
+        dbeta += reduce_sum(dout, axis=0)
         dz2q = _normalize_bwd(dout * gamma[None, :], z_hat, rstd, D)
-        dE2 = -_dot(dz2q, tl.trans(grad_z2), GRAD_PRECISION)
+        dE2 = -dot(dz2q, tl.trans(grad_z2), GRAD_PRECISION)
         de = tl.where(causal, dE2 * attn2, 0.0)
         dP = dE2 * e  # adjoint of h x2^T
         du2 = -(x2_dw2 + db2[None, :])  # u2 = e_last grad_z2 leaves W2' = W2 - x2^T u2, b2' = b2 - sum u2
         u2 = e_last[:, None] * grad_z2
-        dgrad_z2 = e_last[:, None] * du2 - _dot(tl.trans(E2), dz2q, GRAD_PRECISION)
-        de_last = _sum(du2 * grad_z2, axis=1)
+        dgrad_z2 = e_last[:, None] * du2 - dot(tl.trans(E2), dz2q, GRAD_PRECISION)
+        de_last = reduce_sum(du2 * grad_z2, axis=1)
         dxq = dout
         dxk = tl.zeros([BLOCK_MB, D], dtype=ACC)
         dE1 = tl.zeros([BLOCK_MB, BLOCK_MB], dtype=ACC)
@@ -350,31 +350,31 @@ def ttt_mlp_backward_kernel(
             dw1 = tl.load(dw1_ptrs + f0)
             db1 = tl.load(db1_ptrs + f0)
             dw2 = tl.load(dw2_ptrs + f0 * D)
-            z1k = _dot(xk, w1, W_PRECISION) + b1[None, :]
-            x2 = _gelu(z1k)
-            slope = _gelu_grad(z1k)
-            grad_h = _dot(grad_z2, tl.trans(w2), W_PRECISION)  # grad_z1 = grad_h * slope
+            z1k = dot(xk, w1, W_PRECISION) + b1[None, :]
+            x2 = gelu(z1k)
+            slope = gelu_grad(z1k)
+            grad_h = dot(grad_z2, tl.trans(w2), W_PRECISION)  # grad_z1 = grad_h * slope
             grad_z1 = grad_h * slope
-            z1q = _dot(xq, w1, W_PRECISION) + b1[None, :] - _dot(E1, grad_z1, GRAD_PRECISION)
-            h = _gelu(z1q)
-            dh = _dot(dz2q, tl.trans(w2), W_PRECISION) + _dot(dP, x2, GRAD_PRECISION)
-            dz1q = dh * _gelu_grad(z1q)
-            dxq += _dot(dz1q, tl.trans(w1), W_PRECISION)
-            dE1 -= _dot(dz1q, tl.trans(grad_z1), GRAD_PRECISION)
-            du1 = -(_dot(xk, dw1, GRAD_PRECISION) + db1[None, :])
-            dxk -= _dot(e_last[:, None] * grad_z1, tl.trans(dw1), GRAD_PRECISION)
-            dgrad_z1 = e_last[:, None] * du1 - _dot(tl.trans(E1), dz1q, GRAD_PRECISION)
-            de_last += _sum(du1 * grad_z1, axis=1)
+            z1q = dot(xq, w1, W_PRECISION) + b1[None, :] - dot(E1, grad_z1, GRAD_PRECISION)
+            h = gelu(z1q)
+            dh = dot(dz2q, tl.trans(w2), W_PRECISION) + dot(dP, x2, GRAD_PRECISION)
+            dz1q = dh * gelu_grad(z1q)
+            dxq += dot(dz1q, tl.trans(w1), W_PRECISION)
+            dE1 -= dot(dz1q, tl.trans(grad_z1), GRAD_PRECISION)
+            du1 = -(dot(xk, dw1, GRAD_PRECISION) + db1[None, :])
+            dxk -= dot(e_last[:, None] * grad_z1, tl.trans(dw1), GRAD_PRECISION)
+            dgrad_z1 = e_last[:, None] * du1 - dot(tl.trans(E1), dz1q, GRAD_PRECISION)
+            de_last += reduce_sum(du1 * grad_z1, axis=1)
             dgrad_h = dgrad_z1 * slope
-            dgrad_z2 += _dot(dgrad_h, w2, W_PRECISION)
+            dgrad_z2 += dot(dgrad_h, w2, W_PRECISION)
             # z1k's adjoint but for its path through z2k (pass D): via x2 into h x2^T and the
             # commit of W2, and via gelu'(z1k) into grad_z1
-            dx2 = _dot(tl.trans(dP), h, GRAD_PRECISION) - _dot(u2, tl.trans(dw2), GRAD_PRECISION)
+            dx2 = dot(tl.trans(dP), h, GRAD_PRECISION) - dot(u2, tl.trans(dw2), GRAD_PRECISION)
             dz1k = dx2 * slope + dgrad_z1 * grad_h * _gelu_grad2(z1k)
-            dxk += _dot(dz1k, tl.trans(w1), W_PRECISION)
-            dw1 += _dot(tl.trans(xq), dz1q, GRAD_PRECISION) + _dot(tl.trans(xk), dz1k, GRAD_PRECISION)
-            db1 += _sum(dz1q, axis=0) + _sum(dz1k, axis=0)
-            dw2 += _dot(tl.trans(h), dz2q, GRAD_PRECISION) + _dot(tl.trans(dgrad_h), grad_z2, GRAD_PRECISION)
+            dxk += dot(dz1k, tl.trans(w1), W_PRECISION)
+            dw1 += dot(tl.trans(xq), dz1q, GRAD_PRECISION) + dot(tl.trans(xk), dz1k, GRAD_PRECISION)
+            db1 += reduce_sum(dz1q, axis=0) + reduce_sum(dz1k, axis=0)
+            dw2 += dot(tl.trans(h), dz2q, GRAD_PRECISION) + dot(tl.trans(dgrad_h), grad_z2, GRAD_PRECISION)
             tl.debug_barrier()  # every thread has read this chunk's adjoint before it is overwritten
             tl.store(dw1_ptrs + f0, dw1)
             tl.store(db1_ptrs + f0, db1)
@@ -383,24 +383,24 @@ def ttt_mlp_backward_kernel(
 
         # E1 = e (xq xk^T + 1); grad_z2 = LN-L2-grad(z2k, xv - xk), z2k = x2 W2 + b2
         de += tl.where(causal, dE1 * attn1, 0.0)
-        dxq += _dot(dE1 * e, xk, GRAD_PRECISION)
-        dxk += _dot(tl.trans(dE1 * e), xq, GRAD_PRECISION)
+        dxq += dot(dE1 * e, xk, GRAD_PRECISION)
+        dxk += dot(tl.trans(dE1 * e), xq, GRAD_PRECISION)
         dz2k, dtarget, dgamma_g, dbeta_g = _ln_l2_grad_bwd(dgrad_z2, grad_z2, z2k, target, gamma, beta, D, eps)
         dgamma += dgamma_g
         dbeta += dbeta_g
         dxk -= dtarget
-        db2 += _sum(dz2q, axis=0) + _sum(dz2k, axis=0)
+        db2 += reduce_sum(dz2q, axis=0) + reduce_sum(dz2k, axis=0)
 
         # pass D: dz2k through x2 = gelu(z1k) and W2
         for f0 in range(0, F, FB):
             w1 = tl.load(w1_ptrs + f0)
             w2 = tl.load(w2_ptrs + f0 * D)
-            z1k = _dot(xk, w1, W_PRECISION) + tl.load(b1_ptrs + f0)[None, :]
-            dz1k = _dot(dz2k, tl.trans(w2), W_PRECISION) * _gelu_grad(z1k)
-            dxk += _dot(dz1k, tl.trans(w1), W_PRECISION)
-            dw1 = tl.load(dw1_ptrs + f0) + _dot(tl.trans(xk), dz1k, GRAD_PRECISION)
-            db1 = tl.load(db1_ptrs + f0) + _sum(dz1k, axis=0)
-            dw2 = tl.load(dw2_ptrs + f0 * D) + _dot(tl.trans(_gelu(z1k)), dz2k, GRAD_PRECISION)
+            z1k = dot(xk, w1, W_PRECISION) + tl.load(b1_ptrs + f0)[None, :]
+            dz1k = dot(dz2k, tl.trans(w2), W_PRECISION) * gelu_grad(z1k)
+            dxk += dot(dz1k, tl.trans(w1), W_PRECISION)
+            dw1 = tl.load(dw1_ptrs + f0) + dot(tl.trans(xk), dz1k, GRAD_PRECISION)
+            db1 = tl.load(db1_ptrs + f0) + reduce_sum(dz1k, axis=0)
+            dw2 = tl.load(dw2_ptrs + f0 * D) + dot(tl.trans(gelu(z1k)), dz2k, GRAD_PRECISION)
             tl.debug_barrier()
             tl.store(dw1_ptrs + f0, dw1)
             tl.store(db1_ptrs + f0, db1)
@@ -408,8 +408,10 @@ def ttt_mlp_backward_kernel(
         tl.debug_barrier()  # the previous mini-batch reads this adjoint
 
         # e[i, s] = token_idx[i] eta[s] (s <= i), e_last[s] = token_idx[n - 1] eta[s]
-        deta = _sum(de * token_idx[:, None], axis=0) + tau_last * de_last
-        dtoken_idx += _sum(de * eta[None, :], axis=1) + tl.where(rows == n - 1, _sum(de_last * eta, axis=0), 0.0)
+        deta = reduce_sum(de * token_idx[:, None], axis=0) + tau_last * de_last
+        dtoken_idx += reduce_sum(de * eta[None, :], axis=1) + tl.where(
+            rows == n - 1, reduce_sum(de_last * eta, axis=0), 0.0
+        )
         goffs = g_base + t[:, None] * sg_t + cols[None, :]
         tl.store(DXQ + goffs, dxq.to(DXQ.dtype.element_ty), mask=valid[:, None])
         tl.store(DXK + goffs, dxk.to(DXK.dtype.element_ty), mask=valid[:, None])
@@ -487,10 +489,10 @@ def ttt_mlp_decode_kernel(
     z2 = b2
     for f0 in range(0, F, FB):
         w1 = tl.load(W1 + w1_offs + f0).to(tl.float32)
-        z1 = _sum(xk[:, None] * w1, axis=0) + tl.load(B1 + b1_offs + f0).to(tl.float32)
+        z1 = reduce_sum(xk[:, None] * w1, axis=0) + tl.load(B1 + b1_offs + f0).to(tl.float32)
         w2 = tl.load(W2 + w2_offs + f0 * D).to(tl.float32)
-        z2 += _sum(_gelu(z1)[:, None] * w2, axis=0)
-    g2 = _sum(_ln_l2_grad(z2[None, :], (xv - xk)[None, :], gamma, beta, D, eps), axis=0)
+        z2 += reduce_sum(gelu(z1)[:, None] * w2, axis=0)
+    g2 = reduce_sum(ln_l2_grad(z2[None, :], (xv - xk)[None, :], gamma, beta, D, eps), axis=0)
 
     # pass 2: gradient sums, the prediction with params - scale * sums, the commit at the last position
     commit = pos == MB - 1
@@ -504,21 +506,21 @@ def ttt_mlp_decode_kernel(
         gb1 = tl.load(GB1 + b1_offs + f0).to(tl.float32)
         w2 = tl.load(W2 + w2_offs + f0 * D).to(tl.float32)
         gw2 = tl.load(GW2 + w2_offs + f0 * D).to(tl.float32)
-        z1 = _sum(xk[:, None] * w1, axis=0) + b1
-        g1 = _sum(w2 * g2[None, :], axis=1) * _gelu_grad(z1)
+        z1 = reduce_sum(xk[:, None] * w1, axis=0) + b1
+        g1 = reduce_sum(w2 * g2[None, :], axis=1) * gelu_grad(z1)
         gw1 += eta * xk[:, None] * g1[None, :]
         gb1 += eta * g1
-        gw2 += eta * _gelu(z1)[:, None] * g2[None, :]
+        gw2 += eta * gelu(z1)[:, None] * g2[None, :]
         w1_eff = w1 - scale * gw1
         b1_eff = b1 - scale * gb1
         w2_eff = w2 - scale * gw2
-        h = _gelu(_sum(xq[:, None] * w1_eff, axis=0) + b1_eff)
-        f += _sum(h[:, None] * w2_eff, axis=0)
+        h = gelu(reduce_sum(xq[:, None] * w1_eff, axis=0) + b1_eff)
+        f += reduce_sum(h[:, None] * w2_eff, axis=0)
         # a commit starts the next mini-batch from the updated weights with empty sums
         _store_state(W1, GW1, w1_offs + f0, w1_eff, gw1, commit)
         _store_state(B1, GB1, b1_offs + f0, b1_eff, gb1, commit)
         _store_state(W2, GW2, w2_offs + f0 * D, w2_eff, gw2, commit)
     _store_state(B2, GB2, pid * D + cols, b2_eff, grad_b2, commit)
 
-    out = _sum(_residual_ln(xq[None, :], f[None, :], gamma, beta, D, eps), axis=0)
+    out = reduce_sum(residual_ln(xq[None, :], f[None, :], gamma, beta, D, eps), axis=0)
     tl.store(Z + pid * D + cols, out.to(Z.dtype.element_ty))

@@ -16,34 +16,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
+from ..ops.kinds import KINDS, State
+from ..ops.mini_batch import default_token_idx
 from .common import (
     TRAIN_DTYPES,
     accumulator,
-    kernel_applies,
-    mini_batch_block,
-    needs_grad,
+    check_decode,
+    decode_buffers,
+    launch_settings,
+    norm_args,
     num_warps,
-    precisions,
-    prepare_decode,
     prepare_prefill,
+    strides,
     training_schedule,
 )
-from .graph_decode import capture_step
+from .cuda_graph import capture_step
 
-State = tuple[Tensor, ...]
+LINEAR = KINDS["linear"]
 
 
-def _programs():
-    """The Triton module, imported on first use."""
+def programs():
+    """The Triton module of the TTT-Linear kernels, imported on first use."""
     from . import triton_ttt_linear
 
     return triton_ttt_linear
-
-
-def _state_shapes(B: int, H: int, D: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes of W and b."""
-    return (B, H, D, D), (B, H, 1, D)
 
 
 @torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
@@ -78,12 +74,11 @@ def ttt_linear_prefill(
     if schedule not in ("fused", "split"):
         raise ValueError(f"schedule must be 'fused' or 'split', got {schedule!r}")
     XQ, XK, XV, token_idx, Z = prepare_prefill(
-        XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx
+        XQ, XK, XV, eta, LINEAR, (W0, b0), ln_weight, ln_bias, mini_batch_size, token_idx
     )
-    split = schedule == "split"
     return _launch_prefill(
         XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z,
-        save_states=split, schedule=schedule,
+        save_states=schedule == "split", schedule=schedule,
     )[:3]  # fmt: skip
 
 
@@ -106,62 +101,28 @@ def _launch_prefill(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run the prefill kernel on checked arguments, writing Z. Returns Z, W_T, b_T and, when
     save_states, the start state of every mini-batch: W [B, H, NC, D, D], b [B, H, NC, D]. With
-    schedule "split" the sequential kernel then only updates the state and a second one, parallel
-    over mini-batches, computes Z from the saved states (a training forward with few (batch, head)
-    chains is short of programs); "fused" computes Z in the sequential kernel."""
+    schedule "split" the sequential kernel then only updates the state and
+    ttt_linear_output_kernel, parallel over mini-batches, computes Z from the saved states;
+    "fused" computes Z in the sequential kernel."""
     B, H, T, D = XQ.shape
     W_T = torch.empty((B, H, D, D), dtype=W0.dtype, device=XQ.device)
     b_T = torch.empty((B, H, 1, D), dtype=b0.dtype, device=XQ.device)
-    acc, acc_tl = accumulator(XQ.dtype)
+    acc = accumulator(XQ.dtype)[0]
     NC = -(-T // mini_batch_size)
     W_start = torch.empty((B, H, NC, D, D), dtype=acc, device=XQ.device) if save_states else W_T
     b_start = torch.empty((B, H, NC, D), dtype=acc, device=XQ.device) if save_states else b_T
-    qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
     write_z = not save_states or schedule == "fused"
-    _programs().ttt_linear_prefill_kernel[(B * H,)](
-        XQ,
-        XK,
-        XV,
-        eta,
-        W0,
-        b0,
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        token_idx.contiguous(),
-        Z,
-        W_T,
-        b_T,
-        W_start,
-        b_start,
-        T,
-        H,
-        eps,
-        *XQ.stride()[:3],
-        *Z.stride()[:3],
-        *eta.stride(),
-        *W0.stride(),
-        b0.stride(0),
-        b0.stride(1),
-        b0.stride(3),
-        D=D,
-        MB=mini_batch_size,
-        BLOCK_MB=mini_batch_block(mini_batch_size),
-        QK_PRECISION=qk_precision,
-        W_PRECISION=w_precision,
-        GRAD_PRECISION=grad_precision,
-        SAVE_STATES=save_states,
-        WRITE_Z=write_z,
-        ACC=acc_tl,
-        num_warps=num_warps(D),
-    )
+    inputs = dict(XQ=XQ, XK=XK, XV=XV, ETA=eta, **norm_args(ln_weight, ln_bias, token_idx), Z=Z, T=T, H=H, eps=eps)
+    shared = dict(**strides("sx", XQ), **strides("sz", Z), **strides("se", eta))
+    settings = launch_settings(XQ.dtype, D, mini_batch_size)
+    programs().ttt_linear_prefill_kernel[(B * H,)](
+        **inputs, W0=W0, B0=b0, W_OUT=W_T, B_OUT=b_T, W_START=W_start, B_START=b_start,
+        **shared, **strides("sw", W0, "bhrc"), sb_b=b0.stride(0), sb_h=b0.stride(1), sb_d=b0.stride(3),
+        SAVE_STATES=save_states, WRITE_Z=write_z, **settings,
+    )  # fmt: skip
     if write_z:
         return Z, W_T, b_T, (W_start if save_states else None), (b_start if save_states else None)
-    _programs().ttt_linear_output_kernel[(NC, B * H)](
-        XQ, XK, XV, eta, W_start, b_start, ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous(), Z,
-        T, H, eps, *XQ.stride()[:3], *Z.stride()[:3], *eta.stride(),
-        D=D, MB=mini_batch_size, BLOCK_MB=mini_batch_block(mini_batch_size), QK_PRECISION=qk_precision,
-        W_PRECISION=w_precision, GRAD_PRECISION=grad_precision, ACC=acc_tl, num_warps=num_warps(D),
-    )  # fmt: skip
+    programs().ttt_linear_output_kernel[(NC, B * H)](**inputs, W_START=W_start, B_START=b_start, **shared, **settings)
     return Z, W_T, b_T, W_start, b_start
 
 
@@ -170,41 +131,25 @@ class TTTLinearFunction(torch.autograd.Function):
 
     The forward is the prefill kernel, which also saves the state at the start of every
     mini-batch: W in [B, H, NC, D, D] and b in [B, H, NC, D] float32 (float64 for float64
-    inputs), NC = ceil(T / mini_batch_size). That is 4 (D^2 + D) / b bytes per token and head,
-    1040 B at D = 64, b = 16: 2.7 times the bf16 XQ, XK, XV it also keeps. Why every start
-    state: the backward needs each one, and rebuilding them from every k-th would run the forward
-    of k - 1 mini-batches again per k, a second forward in all, to save memory that is small next
-    to what a model's training step holds anyway. Everything else inside a mini-batch (z1, the
-    gradient, the dual form's products, LN statistics) is recomputed from its start state.
+    inputs), NC = ceil(T / mini_batch_size); the backward recomputes everything else inside a
+    mini-batch (z1, the gradient, the dual form's products, LN statistics) from its start state.
 
-    Two schedules (`common.training_schedule`). "split", for fewer (batch, head) chains than half
-    the GPU's SMs: the forward's sequential kernel only updates the state and saves it, and
-    ttt_linear_output_kernel computes Z for every mini-batch in parallel; the backward is three
-    kernels, so that the sequential part (one program per (batch, head)) does as little as
-    possible per mini-batch:
-    1. ttt_linear_bwd_local_kernel, parallel over mini-batches: from each start state, the terms
-       that do not depend on the adjoint of the state (dz through the output LN, -M^T dz, and
-       the rows of LN-L2-grad(z1)), written out as [B * H, T, D] tiles;
-    2. ttt_linear_bwd_state_kernel walks the mini-batches in reverse carrying the adjoint (dW, db)
-       in registers, from the gradient that arrives on the final state (zero when W_T, b_T are
-       not used); per step two products with dW and a row-wise LN backward, and it saves the
-       adjoint at every mini-batch end ([B * H, NC, D, D], as large as the saved states);
-    3. ttt_linear_bwd_inputs_kernel, parallel over mini-batches: from the start state and the
-       adjoint at the end, every input gradient of the mini-batch.
-    "fused", once the B * H chains alone keep half the SMs busy: the forward's sequential kernel also
-    writes Z, and the backward is ttt_linear_bwd_inputs_kernel alone, one program per chain
-    walking the mini-batches in reverse with the adjoint in registers. It does about 14 products
-    of [b, D] tiles per step of the chain where the split's step 2 has 3, but writes and reads no
-    intermediates: with every SM busy anyway, the split's parallelism gains nothing and its
-    memory traffic costs (measured in benchmarks/results/backward_h200.json).
+    Two schedules (`common.training_schedule`). "split": the forward's sequential kernel only
+    updates the state and saves it, and ttt_linear_output_kernel computes Z for every mini-batch
+    in parallel; the backward is three kernels, so that the sequential part does as little as
+    possible per mini-batch: ttt_linear_bwd_local_kernel (parallel: what does not depend on the
+    adjoint of the state), ttt_linear_bwd_state_kernel (sequential: the adjoint through the
+    mini-batches in reverse) and ttt_linear_bwd_inputs_kernel (parallel: every input gradient).
+    "fused": the forward's sequential kernel also writes Z, and the backward is
+    ttt_linear_bwd_inputs_kernel alone, one program per chain walking the mini-batches in reverse
+    with the adjoint in registers.
     """
 
     @staticmethod
     def forward(ctx, XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps, schedule):
         XQ, XK, XV, token_idx, Z = prepare_prefill(
-            XQ, XK, XV, eta, {"W0": W0, "b0": b0}, _state_shapes, ln_weight, ln_bias, mini_batch_size, token_idx,
-            TRAIN_DTYPES,
-        )  # fmt: skip
+            XQ, XK, XV, eta, LINEAR, (W0, b0), ln_weight, ln_bias, mini_batch_size, token_idx, TRAIN_DTYPES
+        )
         schedule = training_schedule(schedule, XQ)
         Z, W_T, b_T, W_start, b_start = _launch_prefill(
             XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z,
@@ -221,64 +166,71 @@ class TTTLinearFunction(torch.autograd.Function):
         B, H, T, D = XQ.shape
         b = ctx.mini_batch_size
         NC = W_start.shape[2]
-        acc, acc_tl = accumulator(XQ.dtype)
-        device = XQ.device
+        acc = accumulator(XQ.dtype)[0]
         dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
-        ln_weight, ln_bias, token_idx = ln_weight.contiguous(), ln_bias.contiguous(), token_idx.contiguous()
-        block = mini_batch_block(b)
-        qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-        consts = dict(D=D, MB=b, BLOCK_MB=block, ACC=acc_tl, num_warps=num_warps(D))
-        programs = _programs()
-
-        precision = dict(QK_PRECISION=qk_precision, W_PRECISION=w_precision, GRAD_PRECISION=grad_precision)
-        dW = torch.empty((B, H, D, D), dtype=acc, device=device).copy_(dW_T)  # becomes the gradient of W0
-        db = torch.empty((B, H, D), dtype=acc, device=device).copy_(db_T.view(B, H, D))
+        settings = launch_settings(XQ.dtype, D, b)
+        norm = norm_args(ln_weight, ln_bias, token_idx)
+        dW = torch.empty((B, H, D, D), dtype=acc, device=XQ.device).copy_(dW_T)  # becomes the gradient of W0
+        db = torch.empty((B, H, D), dtype=acc, device=XQ.device).copy_(db_T.view(B, H, D))
         if ctx.schedule == "fused":
             dW_end, db_end, grid = dW, db, (1, B * H)  # one sequential pass carries the adjoint itself
         else:
-            # 1. per mini-batch, in parallel: what the adjoint recurrence reads (dz, -M^T dz, LN-L2-grad's rows)
-            local = torch.empty((4, B * H, T, D), dtype=acc, device=device)
-            stats = torch.empty((3, B * H, T), dtype=acc, device=device)
-            programs.ttt_linear_bwd_local_kernel[(NC, B * H)](
-                XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, *local, stats,
-                T, B * H, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *eta.stride(), **precision, **consts,
-            )  # fmt: skip
-            # 2. the adjoint of the state through the mini-batches in reverse, one program per (batch, head)
-            dW_end = torch.empty((B * H, NC, D, D), dtype=acc, device=device)
-            db_end = torch.empty((B * H, NC, D), dtype=acc, device=device)
-            programs.ttt_linear_bwd_state_kernel[(B * H,)](
-                XQ, XK, eta, ln_weight, token_idx, *local, stats, dW, db, dW_end, db_end,
-                T, B * H, H, *XQ.stride()[:3], *eta.stride(),
-                GRAD_PRECISION=grad_precision, num_stages=2, **consts,
-            )  # fmt: skip
-            del local, stats
+            dW_end, db_end = _adjoint_at_ends(XQ, XK, XV, eta, W_start, b_start, norm, dZ, dW, db, ctx.eps, settings)
             grid = (NC, B * H)
-        # 3. the gradients of the inputs: per mini-batch in parallel (split) or in reverse (fused)
-        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=device) for x in (XQ, XK, XV))
-        deta = torch.empty((B, H, T), dtype=eta.dtype, device=device)
-        dln_w, dln_b = (torch.empty((B * H * NC, D), dtype=acc, device=device) for _ in range(2))
-        dtoken_idx = torch.empty((B * H * NC, block), dtype=acc, device=device)
-        programs.ttt_linear_bwd_inputs_kernel[grid](
-            XQ, XK, XV, eta, W_start, b_start, ln_weight, ln_bias, token_idx, dZ, dW_end, db_end, dW, db,
-            dXQ, dXK, dXV, deta, dln_w, dln_b, dtoken_idx,
-            T, H, ctx.eps, *XQ.stride()[:3], *dZ.stride()[:3], *dXQ.stride()[:3], *eta.stride(),
-            SEQUENTIAL=ctx.schedule == "fused", **precision, **consts,
+        # the gradients of the inputs: per mini-batch in parallel (split) or in reverse (fused)
+        dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=XQ.device) for x in (XQ, XK, XV))
+        deta = torch.empty((B, H, T), dtype=eta.dtype, device=XQ.device)
+        dln_w, dln_b = (torch.empty((B * H * NC, D), dtype=acc, device=XQ.device) for _ in range(2))
+        dtoken_idx = torch.empty((B * H * NC, settings["BLOCK_MB"]), dtype=acc, device=XQ.device)
+        programs().ttt_linear_bwd_inputs_kernel[grid](
+            XQ=XQ, XK=XK, XV=XV, ETA=eta, W_START=W_start, B_START=b_start, **norm, DZ=dZ, DW_END=dW_end,
+            DB_END=db_end, DW=dW, DB=db, DXQ=dXQ, DXK=dXK, DXV=dXV, DETA=deta, DLN_W=dln_w, DLN_B=dln_b,
+            DTOKEN_IDX=dtoken_idx, T=T, H=H, eps=ctx.eps, **strides("sx", XQ), **strides("sd", dZ),
+            **strides("sg", dXQ), **strides("se", eta), SEQUENTIAL=ctx.schedule == "fused", **settings,
         )  # fmt: skip
         W_dtype, b_dtype = ctx.state_dtypes
-        return (
-            dXQ,
-            dXK,
-            dXV,
-            deta,
-            dW.to(W_dtype),
-            db.view(B, H, 1, D).to(b_dtype),
-            dln_w.view(B, H, NC, D).sum((0, 2)).to(ln_weight.dtype),
-            dln_b.view(B, H, NC, D).sum((0, 2)).to(ln_bias.dtype),
-            dtoken_idx.sum(0)[:b].to(token_idx.dtype),
-            None,
-            None,
-            None,
-        )
+        dln = (d.view(B, H, NC, D).sum((0, 2)).to(p.dtype) for d, p in ((dln_w, ln_weight), (dln_b, ln_bias)))
+        dW0, db0 = dW.to(W_dtype), db.view(B, H, 1, D).to(b_dtype)
+        return dXQ, dXK, dXV, deta, dW0, db0, *dln, dtoken_idx.sum(0)[:b].to(token_idx.dtype), None, None, None
+
+
+def _adjoint_at_ends(
+    XQ: Tensor,
+    XK: Tensor,
+    XV: Tensor,
+    eta: Tensor,
+    W_start: Tensor,
+    b_start: Tensor,
+    norm: dict[str, Tensor],
+    dZ: Tensor,
+    dW: Tensor,
+    db: Tensor,
+    eps: float,
+    settings: dict[str, object],
+) -> tuple[Tensor, Tensor]:
+    """The first two kernels of the split backward: per mini-batch in parallel, what the adjoint
+    recurrence reads (dz, -M^T dz, LN-L2-grad's rows); then the adjoint of the state through the
+    mini-batches in reverse, one program per (batch, head), from dW, db (the gradient of the final
+    state, left holding that of the initial one). Returns the adjoint at every mini-batch end:
+    [B * H, NC, D, D] and [B * H, NC, D]."""
+    B, H, T, D = XQ.shape
+    NC, acc = W_start.shape[2], dW.dtype
+    local = torch.empty((4, B * H, T, D), dtype=acc, device=XQ.device)
+    stats = torch.empty((3, B * H, T), dtype=acc, device=XQ.device)
+    tiles = dict(zip(("DZ_LOCAL", "DGRAD_LOCAL", "Z_HAT1", "G_HAT"), local), STATS=stats)
+    sizes = dict(T=T, BH=B * H, H=H)
+    programs().ttt_linear_bwd_local_kernel[(NC, B * H)](
+        XQ=XQ, XK=XK, XV=XV, ETA=eta, W_START=W_start, B_START=b_start, **norm, DZ=dZ, **tiles, **sizes, eps=eps,
+        **strides("sx", XQ), **strides("sd", dZ), **strides("se", eta), **settings,
+    )  # fmt: skip
+    dW_end = torch.empty((B * H, NC, D, D), dtype=acc, device=XQ.device)
+    db_end = torch.empty((B * H, NC, D), dtype=acc, device=XQ.device)
+    chain = {k: settings[k] for k in ("D", "MB", "BLOCK_MB", "GRAD_PRECISION", "ACC", "num_warps")}
+    programs().ttt_linear_bwd_state_kernel[(B * H,)](
+        XQ=XQ, XK=XK, ETA=eta, LN_W=norm["LN_W"], TOKEN_IDX=norm["TOKEN_IDX"], **tiles, DW=dW, DB=db,
+        DW_END=dW_end, DB_END=db_end, **sizes, **strides("sx", XQ), **strides("se", eta), num_stages=2, **chain,
+    )  # fmt: skip
+    return dW_end, db_end
 
 
 @torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
@@ -306,7 +258,7 @@ def ttt_linear_train(
     the results are the same.
     """
     if token_idx is None:
-        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
+        token_idx = default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
     return TTTLinearFunction.apply(
         XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx, mini_batch_size, eps, schedule
     )
@@ -326,6 +278,7 @@ def ttt_linear_decode(
     eps: float = 1e-6,
     *,
     out: Tensor | None = None,
+    check: bool = True,
 ) -> Tensor:
     """One decoded token of TTT-Linear for a batch of sequences, updating `state` in place.
 
@@ -336,43 +289,18 @@ def ttt_linear_decode(
     the device with one element or one per row [B] (each row at its own position, as in
     `ops.decode_step`); a tensor is read there, so the step can be replayed in a CUDA graph, and
     its range is not checked; token_idx: [mini_batch_size]. Returns z: [B, H, 1, D] (written into
-    `out` when given).
+    `out` when given). check=False skips the checks of arguments a caller has checked already.
     """
-    names = ("W", "b", "grad_W", "grad_b")
-    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr, pos_stride) = prepare_decode(
-        xq, xk, xv, eta, state, names, lambda B, H, D: _state_shapes(B, H, D) * 2,
-        position, ln_weight, ln_bias, token_idx, out,
-    )  # fmt: skip
+    if check:
+        check_decode(xq, xk, xv, eta, LINEAR, state, position, ln_weight, ln_bias, token_idx, out)
+    xq, xk, xv, out, pos = decode_buffers(xq, xk, xv, position, token_idx, out)
     B, H, _, D = xq.shape
     W, bias, grad_W, grad_b = state
-    _programs().ttt_linear_decode_kernel[(B * H,)](
-        xq,
-        xk,
-        xv,
-        eta,
-        W,
-        bias,
-        grad_W,
-        grad_b,
-        pos_ptr,
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        token_idx.contiguous(),
-        out,
-        H,
-        pos_value,
-        pos_stride,
-        eps,
-        xq.stride(0),
-        xq.stride(1),
-        eta.stride(0),
-        eta.stride(1),
-        D=D,
-        MB=b,
-        ROWS=min(D, 32),
-        POS_FROM_PTR=pos_from_ptr,
-        num_warps=num_warps(D),
-    )
+    programs().ttt_linear_decode_kernel[(B * H,)](
+        XQ=xq, XK=xk, XV=xv, ETA=eta, W=W, Bv=bias, GW=grad_W, GB=grad_b, **pos, **norm_args(ln_weight, ln_bias, token_idx),
+        Z=out, H=H, eps=eps, **strides("sx", xq, "bh"), **strides("se", eta, "bh"),
+        D=D, MB=token_idx.shape[0], ROWS=min(D, 32), num_warps=num_warps(D),
+    )  # fmt: skip
     return out
 
 
@@ -428,36 +356,3 @@ class TTTLinearDecoder:
         """Record one step on copies of the example inputs (see `capture_step`)."""
         self.inputs = tuple(x.clone() for x in example)
         self.graph, self.output = capture_step(lambda: self._step(*self.inputs), [*self.state, self.position])
-
-
-def ttt_linear_auto(
-    XQ: Tensor,
-    XK: Tensor,
-    XV: Tensor,
-    eta: Tensor,
-    W0: Tensor,
-    b0: Tensor,
-    ln_weight: Tensor,
-    ln_bias: Tensor,
-    mini_batch_size: int = 16,
-    token_idx: Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    impl: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`ops.ttt_linear` through the kernels where they can run, else the reference; same arguments.
-
-    impl: "auto" picks the kernels for CUDA tensors when triton is importable and the shape is
-    supported; "kernel" and "reference" force one path. The kernel path is the prefill when no
-    gradient is needed and `ttt_linear_train` when one is.
-    """
-    if impl not in ("auto", "kernel", "reference"):
-        raise ValueError(f"impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
-    if impl == "auto":
-        impl = "kernel" if kernel_applies(XQ, mini_batch_size) else "reference"
-    if impl == "kernel":
-        grads = needs_grad((XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, token_idx))
-        op = ttt_linear_train if grads else ttt_linear_prefill
-    else:
-        op = ops.ttt_linear
-    return op(XQ, XK, XV, eta, W0, b0, ln_weight, ln_bias, mini_batch_size, token_idx, eps)

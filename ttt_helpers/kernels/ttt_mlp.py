@@ -16,41 +16,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
+from ..ops.kinds import KINDS, State
+from ..ops.mini_batch import default_token_idx
 from .common import (
     INPUT_DTYPES,
     TRAIN_DTYPES,
     accumulator,
-    mini_batch_block,
+    check_decode,
+    decode_buffers,
+    launch_settings,
+    norm_args,
     num_warps,
-    precisions,
-    prepare_decode,
     prepare_prefill,
+    strides,
 )
 
-State = tuple[Tensor, ...]
-STATE_NAMES = ("W1", "b1", "W2", "b2")
+MLP = KINDS["mlp"]
 
 
-def _programs():
-    """The Triton module, imported on first use."""
+def programs():
+    """The Triton module of the TTT-MLP kernels, imported on first use."""
     from . import triton_ttt_mlp
 
     return triton_ttt_mlp
 
 
-def _hidden_width(W1: object, D: int) -> int:
-    """F from W1 [..., D, F] (4D when W1 is malformed: its shape check then names it); F must be a
-    multiple of 16, the narrowest chunk the kernels stream."""
-    F = W1.shape[-1] if isinstance(W1, Tensor) and W1.dim() == 4 else 4 * D
+def _check_width(F: int) -> None:
+    """F must be a multiple of 16, the narrowest chunk the kernels stream."""
     if F % 16:
         raise ValueError(f"the hidden width F = W1.shape[-1] must be a multiple of 16, got {F}")
-    return F
-
-
-def _state_shapes(B: int, H: int, D: int, F: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes of W1, b1, W2, b2."""
-    return (B, H, D, F), (B, H, 1, F), (B, H, F, D), (B, H, 1, D)
 
 
 def _chunk(F: int) -> int:
@@ -82,18 +76,17 @@ def ttt_mlp_prefill(
     Returns Z: [B, H, T, D] in XQ's dtype and layout, and the final W1, b1, W2, b2 in the dtypes
     of the initial ones.
     """
-    XQ, XK, XV, token_idx, Z = _prepare(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, token_idx)
-    state = _launch_prefill(XQ, XK, XV, eta, (W1, b1, W2, b2), ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z)
-    return Z, *(s.to(p.dtype) for s, p in zip(state, (W1, b1, W2, b2)))
+    params = (W1, b1, W2, b2)
+    XQ, XK, XV, token_idx, Z = _prepare(XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_size, token_idx)
+    state = _launch_prefill(XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z)
+    return Z, *(s.to(p.dtype) for s, p in zip(state, params))
 
 
-def _prepare(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, token_idx, dtypes=INPUT_DTYPES):
+def _prepare(XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_size, token_idx, dtypes=INPUT_DTYPES):
     """`prepare_prefill` with TTT-MLP's state (dtypes: TRAIN_DTYPES for the training path)."""
-    params = dict(zip(STATE_NAMES, (W1, b1, W2, b2)))
-    return prepare_prefill(
-        XQ, XK, XV, eta, params, lambda B, H, D: _state_shapes(B, H, D, _hidden_width(W1, D)),
-        ln_weight, ln_bias, mini_batch_size, token_idx, dtypes,
-    )  # fmt: skip
+    prepared = prepare_prefill(XQ, XK, XV, eta, MLP, params, ln_weight, ln_bias, mini_batch_size, token_idx, dtypes)
+    _check_width(params[0].shape[-1])
+    return prepared
 
 
 def _launch_prefill(
@@ -116,43 +109,20 @@ def _launch_prefill(
     [B, H, NC + 1, ...] each, slot c the start of mini-batch c and slot NC the final state."""
     B, H, T, D = XQ.shape
     F = params[0].shape[-1]
-    acc, acc_tl = accumulator(XQ.dtype)
+    acc = accumulator(XQ.dtype)[0]
     slots = (-(-T // mini_batch_size) + 1,) if save_states else ()
     # the kernel updates the state in place: copies, never the caller's tensors
     state = []
-    for shape, p in zip(_state_shapes(B, H, D, F), params):
+    for shape, p in zip(MLP.state_shapes(B, H, D, F), params):
         buffer = torch.empty((B, H, *slots, *shape[2:]), dtype=acc, device=XQ.device)
         (buffer[:, :, 0] if save_states else buffer).copy_(p)
         state.append(buffer)
-    qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-    _programs().ttt_mlp_prefill_kernel[(B * H,)](
-        XQ,
-        XK,
-        XV,
-        eta,
-        *state,
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        token_idx.contiguous(),
-        Z,
-        T,
-        H,
-        eps,
-        *XQ.stride()[:3],
-        *Z.stride()[:3],
-        *eta.stride(),
-        D=D,
-        F=F,
-        FB=_chunk(F),
-        MB=mini_batch_size,
-        BLOCK_MB=mini_batch_block(mini_batch_size),
-        QK_PRECISION=qk_precision,
-        W_PRECISION=w_precision,
-        GRAD_PRECISION=grad_precision,
-        SAVE_STATES=save_states,
-        ACC=acc_tl,
-        num_warps=num_warps(D),
-    )
+    programs().ttt_mlp_prefill_kernel[(B * H,)](
+        XQ=XQ, XK=XK, XV=XV, ETA=eta, **dict(zip(("W1", "B1", "W2", "B2"), state)),
+        **norm_args(ln_weight, ln_bias, token_idx), Z=Z, T=T, H=H, eps=eps,
+        **strides("sx", XQ), **strides("sz", Z), **strides("se", eta),
+        F=F, FB=_chunk(F), SAVE_STATES=save_states, **launch_settings(XQ.dtype, D, mini_batch_size),
+    )  # fmt: skip
     return tuple(state)
 
 
@@ -161,11 +131,7 @@ class TTTMLPFunction(torch.autograd.Function):
 
     The forward saves the state at the start of every mini-batch (it writes mini-batch c's update
     into slot c + 1 instead of over slot c, so saving costs no extra pass): W1, b1, W2, b2 as
-    [B, H, NC + 1, ...] in float32 (float64 for float64 inputs). That is 4 (2 D F + F + D) / b
-    bytes per token and head, 8.3 KB at D = 64, F = 256, b = 16: 21 times the bf16 XQ, XK, XV.
-    Why every start state all the same: the backward needs each, and rebuilding them from every
-    k-th would rerun the forward, the most expensive part of a step's recomputation; the memory
-    is what to trade first where it runs short (B = 8, T = 2048, H = 12: 1.6 GB per layer).
+    [B, H, NC + 1, ...] in float32 (float64 for float64 inputs).
 
     The backward kernel walks the mini-batches in reverse, one program per (batch, head), with the
     adjoint of the state in global memory (float32, streamed in chunks like the state).
@@ -173,10 +139,10 @@ class TTTMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, token_idx, mini_batch_size, eps):
-        XQ, XK, XV, token_idx, Z = _prepare(
-            XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, token_idx, TRAIN_DTYPES
-        )
         params = (W1, b1, W2, b2)
+        XQ, XK, XV, token_idx, Z = _prepare(
+            XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_size, token_idx, TRAIN_DTYPES
+        )
         states = _launch_prefill(
             XQ, XK, XV, eta, params, ln_weight, ln_bias, mini_batch_size, token_idx, eps, Z, save_states=True
         )
@@ -189,68 +155,29 @@ class TTTMLPFunction(torch.autograd.Function):
         XQ, XK, XV, eta, ln_weight, ln_bias, token_idx, *states = ctx.saved_tensors
         B, H, T, D = XQ.shape
         F = states[0].shape[-1]
-        b = ctx.mini_batch_size
-        acc, acc_tl = accumulator(XQ.dtype)
+        acc = accumulator(XQ.dtype)[0]
         dZ = dZ if dZ.stride(-1) == 1 else dZ.contiguous()
+        settings = launch_settings(XQ.dtype, D, ctx.mini_batch_size)
         # the adjoint of the state, updated in place into the gradient of the initial state
         adjoint = [
             torch.empty(shape, dtype=acc, device=XQ.device).copy_(d)
-            for shape, d in zip(_state_shapes(B, H, D, F), d_final)
+            for shape, d in zip(MLP.state_shapes(B, H, D, F), d_final)
         ]
         dXQ, dXK, dXV = (torch.empty((B, H, T, D), dtype=x.dtype, device=x.device) for x in (XQ, XK, XV))
         deta = torch.empty((B, H, T), dtype=eta.dtype, device=eta.device)
-        block = mini_batch_block(b)
         dln_w, dln_b = (torch.empty((B, H, D), dtype=acc, device=XQ.device) for _ in range(2))
-        dtoken_idx = torch.empty((B, H, block), dtype=acc, device=XQ.device)
-        qk_precision, w_precision, grad_precision = precisions(XQ.dtype)
-        _programs().ttt_mlp_backward_kernel[(B * H,)](
-            XQ,
-            XK,
-            XV,
-            eta,
-            *states,
-            ln_weight.contiguous(),
-            ln_bias.contiguous(),
-            token_idx.contiguous(),
-            dZ,
-            *adjoint,
-            dXQ,
-            dXK,
-            dXV,
-            deta,
-            dln_w,
-            dln_b,
-            dtoken_idx,
-            T,
-            H,
-            ctx.eps,
-            *XQ.stride()[:3],
-            *dZ.stride()[:3],
-            *dXQ.stride()[:3],
-            *eta.stride(),
-            D=D,
-            F=F,
-            FB=_chunk(F),
-            MB=b,
-            BLOCK_MB=block,
-            QK_PRECISION=qk_precision,
-            W_PRECISION=w_precision,
-            GRAD_PRECISION=grad_precision,
-            ACC=acc_tl,
-            num_warps=num_warps(D),
-        )
-        return (
-            dXQ,
-            dXK,
-            dXV,
-            deta,
-            *(a.to(dtype) for a, dtype in zip(adjoint, ctx.state_dtypes)),
-            dln_w.sum(0).to(ln_weight.dtype),
-            dln_b.sum(0).to(ln_bias.dtype),
-            dtoken_idx.sum((0, 1))[:b].to(token_idx.dtype),
-            None,
-            None,
-        )
+        dtoken_idx = torch.empty((B, H, settings["BLOCK_MB"]), dtype=acc, device=XQ.device)
+        programs().ttt_mlp_backward_kernel[(B * H,)](
+            XQ=XQ, XK=XK, XV=XV, ETA=eta, **dict(zip(("W1", "B1", "W2", "B2"), states)),
+            **norm_args(ln_weight, ln_bias, token_idx), DZ=dZ, **dict(zip(("DW1", "DB1", "DW2", "DB2"), adjoint)),
+            DXQ=dXQ, DXK=dXK, DXV=dXV, DETA=deta, DLN_W=dln_w, DLN_B=dln_b, DTOKEN_IDX=dtoken_idx,
+            T=T, H=H, eps=ctx.eps, **strides("sx", XQ), **strides("sd", dZ), **strides("sg", dXQ),
+            **strides("se", eta), F=F, FB=_chunk(F), **settings,
+        )  # fmt: skip
+        dparams = (a.to(dtype) for a, dtype in zip(adjoint, ctx.state_dtypes))
+        dln = (dln_w.sum(0).to(ln_weight.dtype), dln_b.sum(0).to(ln_bias.dtype))
+        dtoken_idx = dtoken_idx.sum((0, 1))[: ctx.mini_batch_size].to(token_idx.dtype)
+        return dXQ, dXK, dXV, deta, *dparams, *dln, dtoken_idx, None, None
 
 
 @torch.compiler.disable  # host-side checks and launches: a compiled model runs them eagerly
@@ -275,7 +202,7 @@ def ttt_mlp_train(
     Gradients reach every tensor argument, and a gradient on the returned final state flows back.
     """
     if token_idx is None:
-        token_idx = ops.default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
+        token_idx = default_token_idx(mini_batch_size, device=XQ.device if isinstance(XQ, Tensor) else None)
     return TTTMLPFunction.apply(XQ, XK, XV, eta, W1, b1, W2, b2, ln_weight, ln_bias, token_idx, mini_batch_size, eps)
 
 
@@ -293,46 +220,26 @@ def ttt_mlp_decode(
     eps: float = 1e-6,
     *,
     out: Tensor | None = None,
+    check: bool = True,
 ) -> Tensor:
     """One decoded token of TTT-MLP for a batch of sequences, updating `state` in place.
 
     Same result as `ops.decode_step`: `ops.ttt_mlp_step`, followed by `ops.commit_state` at the
     mini-batch's last position. xq, xk, xv: [B, H, 1, D]; eta: [B, H]; state = (W1, b1, W2, b2,
     grad_W1, grad_b1, grad_W2, grad_b2): [B, H, D, F], [B, H, 1, F], [B, H, F, D], [B, H, 1, D]
-    and the same for the gradient sums, contiguous; position and token_idx as in `ttt_linear_decode`.
-    Returns z: [B, H, 1, D] (written into `out` when given).
+    and the same for the gradient sums, contiguous; position, token_idx and check as in
+    `ttt_linear_decode`. Returns z: [B, H, 1, D] (written into `out` when given).
     """
-    names = STATE_NAMES + tuple(f"grad_{n}" for n in STATE_NAMES)
-    xq, xk, xv, out, b, (pos_ptr, pos_value, pos_from_ptr, pos_stride) = prepare_decode(
-        xq, xk, xv, eta, state, names, lambda B, H, D: _state_shapes(B, H, D, _hidden_width(state[0], D)) * 2,
-        position, ln_weight, ln_bias, token_idx, out,
-    )  # fmt: skip
+    if check:
+        check_decode(xq, xk, xv, eta, MLP, state, position, ln_weight, ln_bias, token_idx, out)
+        _check_width(state[0].shape[-1])
+    xq, xk, xv, out, pos = decode_buffers(xq, xk, xv, position, token_idx, out)
     B, H, _, D = xq.shape
     F = state[0].shape[-1]
-    _programs().ttt_mlp_decode_kernel[(B * H,)](
-        xq,
-        xk,
-        xv,
-        eta,
-        *state,
-        pos_ptr,
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        token_idx.contiguous(),
-        out,
-        H,
-        pos_value,
-        pos_stride,
-        eps,
-        xq.stride(0),
-        xq.stride(1),
-        eta.stride(0),
-        eta.stride(1),
-        D=D,
-        F=F,
-        FB=_chunk(F),
-        MB=b,
-        POS_FROM_PTR=pos_from_ptr,
-        num_warps=num_warps(D),
-    )
+    programs().ttt_mlp_decode_kernel[(B * H,)](
+        XQ=xq, XK=xk, XV=xv, ETA=eta, **dict(zip(("W1", "B1", "W2", "B2", "GW1", "GB1", "GW2", "GB2"), state)),
+        **pos, **norm_args(ln_weight, ln_bias, token_idx), Z=out, H=H, eps=eps,
+        **strides("sx", xq, "bh"), **strides("se", eta, "bh"),
+        D=D, F=F, FB=_chunk(F), MB=token_idx.shape[0], num_warps=num_warps(D),
+    )  # fmt: skip
     return out

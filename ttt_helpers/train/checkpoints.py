@@ -8,7 +8,6 @@ file, checked on resuming); it is written atomically and resumed exactly. A run 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files import file_sha256
 from ..model import TTTCache
 from .build import load_model, no_progress_bars
 from .config import TrainConfig
@@ -43,18 +43,10 @@ class CorruptCheckpoint(ValueError):
 MANIFEST = "manifest.json"  # in every checkpoint: {"sha256": {path relative to the checkpoint: hex digest}}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     """Record the sha256 of every file of checkpoint `folder` in its manifest."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    digests = {p.relative_to(folder).as_posix(): _sha256(p) for p in files}
+    digests = {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
     (folder / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
 
 
@@ -76,7 +68,7 @@ def _check_manifest(folder: Path, rank: int) -> None:
         file = folder / name
         if not file.is_file():
             raise CorruptCheckpoint(f"{file} is missing (the manifest lists it)")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CorruptCheckpoint(
                 f"{file} does not match the sha256 recorded when it was saved: it changed or was damaged on disk"
             )
@@ -187,56 +179,74 @@ def save_checkpoint(trainer: Trainer) -> Path:
             tmp.mkdir(parents=True)
         barrier()
         if rank == 0:
-            with no_progress_bars():
-                trainer.model.save_pretrained(tmp / "model")
-            if trainer.tokenizer is not None:
-                trainer.tokenizer.save_pretrained(tmp / "model")
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {
-                "step": step,
-                "tokens": trainer.tokens,
-                "world_size": trainer.world,
-                "config": trainer.config.to_dict(),
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        cache = None
-        if trainer.cache is not None:
-            cache = {
-                "states": [list(t) for t in trainer.cache.states],
-                "conv_states": trainer.cache.conv_states,
-                "seen_tokens": trainer.cache.seen_tokens,
-            }
-        torch.save(
-            {
-                "stream": trainer.stream.state_dict(),
-                "cache": cache,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python_rng": random.getstate(),
-            },
-            tmp / f"rank-{rank}.pt",
-        )
-        _fsync(tmp / f"rank-{rank}.pt")
+            _save_shared_files(trainer, tmp)
+        _save_process_state(trainer, tmp / f"rank-{rank}.pt")
         barrier()
-        if rank == 0:  # on the disk before the rename: a complete name never shows incomplete files
-            _write_manifest(tmp)  # every process's file is written now
-            for path in [*sorted(tmp.rglob("*")), tmp]:
-                _fsync(path)
-            if final.exists():  # this step was saved before: swap the new folder in
-                old = parent / f".old-step-{step:08d}"
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(final)
-            for stale in sorted(parent.glob("step-*"))[: -trainer.config.keep_checkpoints]:
-                shutil.rmtree(stale)
-            _fsync(parent)
+        if rank == 0:
+            _publish(tmp, final, trainer.config.keep_checkpoints)
     finally:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return final
+
+
+def _save_shared_files(trainer: Trainer, folder: Path) -> None:
+    """Process 0's part: the weights and tokenizer (`model/`), the optimizer state, `trainer_state.json`."""
+    with no_progress_bars():
+        trainer.model.save_pretrained(folder / "model")
+    if trainer.tokenizer is not None:
+        trainer.tokenizer.save_pretrained(folder / "model")
+    torch.save(trainer.optimizer.state_dict(), folder / "optimizer.pt")
+    state = {
+        "step": trainer.step,
+        "tokens": trainer.tokens,
+        "world_size": trainer.world,
+        "config": trainer.config.to_dict(),
+    }
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+
+def _save_process_state(trainer: Trainer, path: Path) -> None:
+    """Every process's part, flushed to the disk: its data position, carried TTT caches and RNG states."""
+    cache = None
+    if trainer.cache is not None:
+        cache = {
+            "states": [list(t) for t in trainer.cache.states],
+            "conv_states": trainer.cache.conv_states,
+            "seen_tokens": trainer.cache.seen_tokens,
+        }
+    torch.save(
+        {
+            "stream": trainer.stream.state_dict(),
+            "cache": cache,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),
+        },
+        path,
+    )
+    _fsync(path)
+
+
+def _publish(tmp: Path, final: Path, keep: int) -> None:
+    """Record the manifest of the complete folder `tmp`, flush it to the disk and rename it `final`
+    (replacing a checkpoint of the same step), then keep only the newest `keep` checkpoints. On the
+    disk before the rename: a complete name never shows incomplete files."""
+    parent = final.parent
+    _write_manifest(tmp)  # every process's file is written now
+    for path in [*sorted(tmp.rglob("*")), tmp]:
+        _fsync(path)
+    if final.exists():  # this step was saved before: swap the new folder in
+        old = parent / f".old-{final.name}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    for stale in sorted(parent.glob("step-*"))[:-keep]:
+        shutil.rmtree(stale)
+    _fsync(parent)
 
 
 def _read_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from .. import checks
 from ..layers import IMPLS
 from ..model import TTT_STANDARD_CONFIGS
 
-MODELS = ("ttt-linear", "ttt-mlp", "transformer")
+MODEL_KINDS = ("ttt-linear", "ttt-mlp", "transformer")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -91,7 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # the type of every field first, then the ranges
             _check_type(f.name, f.type, getattr(self, f.name))
-        checks.one_of("model", self.model, MODELS)
+        checks.one_of("model", self.model, MODEL_KINDS)
         if self.preset is not None:
             if self.preset not in TTT_STANDARD_CONFIGS:
                 raise ValueError(f"preset must be one of {tuple(TTT_STANDARD_CONFIGS)} or None, got {self.preset!r}")

@@ -38,7 +38,7 @@ from .checkpoints import (
 from .config import TrainConfig
 from .distributed import init_distributed, rank_and_world_size
 from .logger import RunLogger
-from .stream import Batch, SegmentStream, load_corpus, load_tokenizer
+from .stream import Batch, SegmentStream, load_tokenizer, play_documents
 
 logger = logging.getLogger(__name__)
 
@@ -226,25 +226,13 @@ def train(
     whose loss or gradient norm is not finite raises TrainingDiverged before it changes the
     weights or writes a checkpoint.
     """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be a function callback(step, metrics) or None, got {type(callback).__name__}")
-    if (config.wandb or config.wandb_offline) and importlib.util.find_spec("wandb") is None:
-        raise ValueError("wandb logging (wandb or wandb_offline) needs the wandb package: pip install wandb")
+    _check_train_arguments(config, callback)
     device, started = init_distributed(config)
     run_log = None
     try:
         rank = rank_and_world_size()[0]
         check_out_dir(config)
-        if train_docs is None:
-            tokenizer = load_tokenizer(config.tokenizer)
-            train_docs, plays_val = load_corpus(config, tokenizer)
-            val_docs = plays_val if val_docs is None else val_docs
-        if isinstance(val_docs, (list, tuple)) and not val_docs:
-            val_docs = []
-        elif val_docs is not None:
-            val_docs = metrics.check_documents(val_docs, "val_docs")
+        train_docs, val_docs, tokenizer = _documents(config, train_docs, val_docs, tokenizer)
         trainer = Trainer(config, train_docs, tokenizer, device)
         model = trainer.model
         if config.eval_after and rank == 0 and val_docs:
@@ -255,61 +243,103 @@ def train(
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         if trainer.rank == 0:
             run_log = RunLogger(trainer.out_dir, config)
-            run_log.log(
-                {
-                    "step": trainer.step,
-                    "event": "start",
-                    "model": type(model).__name__,
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "world_size": trainer.world,
-                    "state_passing": trainer.state_passing,
-                    "precision": "bf16" if trainer.bf16 else "fp32",
-                    "config": config.to_dict(),
-                }
-            )
-        from tqdm import tqdm
-
-        start_step, start_tokens, start_time, losses = trainer.step, trainer.tokens, time.perf_counter(), []
-        bar = tqdm(
-            total=config.max_steps,
-            initial=start_step,
-            unit="step",
-            disable=not (config.progress and trainer.rank == 0 and sys.stderr.isatty()),
-        )
-        while trainer.step < config.max_steps:
-            record = trainer.train_step()
-            record["tokens_per_s"] = (trainer.tokens - start_tokens) / (time.perf_counter() - start_time)
-            losses.append(record["loss"])
-            step = trainer.step
-            if run_log is not None and (step % config.log_every == 0 or step == config.max_steps):
-                run_log.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            bar.update(1)
-            every = config.checkpoint_every
-            if every is not None and (step % every == 0 or step == config.max_steps):
-                trainer.save()
-            if callback is not None:
-                callback(step, record)
-        bar.close()
+            run_log.log(_start_record(trainer))
+        start_step, losses = trainer.step, _run_steps(trainer, run_log, callback)
         model.eval()
         result = TrainResult(model, losses, start_step, trainer.step, trainer.tokens, trainer.out_dir, None, config)
         if config.eval_after and run_log is not None and val_docs:
             lg = evaluate_length_generalization(model, [d.to(device) for d in val_docs], config, trainer.out_dir)
             result.length_generalization = lg
-            run_log.log(
-                {
-                    "step": trainer.step,
-                    "event": "eval",
-                    "train_window": lg.train_window,
-                    "lengths": [r.length for r in lg.rows],
-                    "perplexities": [r.perplexity for r in lg.rows],
-                    "eval/perplexity_at_1x": lg.at_1x,
-                    "eval/degradation": lg.degradation,
-                }
-            )
+            run_log.log(_eval_record(trainer.step, lg))
         return result
     finally:
         if run_log is not None:
             run_log.close()
         if started:
             dist.destroy_process_group()
+
+
+def _check_train_arguments(config: TrainConfig, callback: Callable | None) -> None:
+    """The config's type, the callback, and the package that W&B logging needs."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function callback(step, metrics) or None, got {type(callback).__name__}")
+    if (config.wandb or config.wandb_offline) and importlib.util.find_spec("wandb") is None:
+        raise ValueError("wandb logging (wandb or wandb_offline) needs the wandb package: pip install wandb")
+
+
+def _documents(
+    config: TrainConfig, train_docs: Sequence[Tensor] | None, val_docs: Sequence[Tensor] | None, tokenizer
+) -> tuple[Sequence[Tensor], list[Tensor], Any]:
+    """The training and validation documents (by default the plays, with the tokenizer loaded
+    here) and the tokenizer; val_docs checked, [] where there are none."""
+    if train_docs is None:
+        tokenizer = load_tokenizer(config.tokenizer)
+        train_docs, plays_val = play_documents(config, tokenizer)
+        val_docs = plays_val if val_docs is None else val_docs
+    if isinstance(val_docs, (list, tuple)) and not val_docs:
+        val_docs = []
+    elif val_docs is not None:
+        val_docs = metrics.check_token_documents(val_docs, "val_docs")
+    return train_docs, val_docs, tokenizer
+
+
+def _start_record(trainer: Trainer) -> dict[str, Any]:
+    """The metrics.jsonl record of a run's start: the model, its size, the processes, the config."""
+    return {
+        "step": trainer.step,
+        "event": "start",
+        "model": type(trainer.model).__name__,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "world_size": trainer.world,
+        "state_passing": trainer.state_passing,
+        "precision": "bf16" if trainer.bf16 else "fp32",
+        "config": trainer.config.to_dict(),
+    }
+
+
+def _run_steps(
+    trainer: Trainer, run_log: RunLogger | None, callback: Callable[[int, dict[str, Any]], None] | None
+) -> list[float]:
+    """Train up to config.max_steps, logging, checkpointing and calling back as the config says,
+    with a progress bar on process 0 at a terminal. -> the loss of every step taken"""
+    from tqdm import tqdm
+
+    config = trainer.config
+    start_tokens, start_time, losses = trainer.tokens, time.perf_counter(), []
+    bar = tqdm(
+        total=config.max_steps,
+        initial=trainer.step,
+        unit="step",
+        disable=not (config.progress and trainer.rank == 0 and sys.stderr.isatty()),
+    )
+    while trainer.step < config.max_steps:
+        record = trainer.train_step()
+        record["tokens_per_s"] = (trainer.tokens - start_tokens) / (time.perf_counter() - start_time)
+        losses.append(record["loss"])
+        step = trainer.step
+        if run_log is not None and (step % config.log_every == 0 or step == config.max_steps):
+            run_log.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        bar.update(1)
+        every = config.checkpoint_every
+        if every is not None and (step % every == 0 or step == config.max_steps):
+            trainer.save()
+        if callback is not None:
+            callback(step, record)
+    bar.close()
+    return losses
+
+
+def _eval_record(step: int, lg: metrics.LengthGeneralization) -> dict[str, Any]:
+    """The metrics.jsonl record of the evaluation after training."""
+    return {
+        "step": step,
+        "event": "eval",
+        "train_window": lg.train_window,
+        "lengths": [r.length for r in lg.rows],
+        "perplexities": [r.perplexity for r in lg.rows],
+        "eval/perplexity_at_1x": lg.at_1x,
+        "eval/degradation": lg.degradation,
+    }

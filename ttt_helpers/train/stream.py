@@ -1,4 +1,4 @@
-"""The training data: the corpus as token ids, and `SegmentStream`, which cuts it into batches of segments.
+"""The training data: the plays as token ids, and `SegmentStream`, which cuts documents into batches of segments.
 
 Each batch row reads one document in consecutive segments of `window` tokens and takes the
 next document of a shared, seeded queue when it is done; the position in the data is a few
@@ -24,7 +24,7 @@ def load_tokenizer(name: str):
     if name == "bytes":
         return None
     if name == "smollm2":
-        from ..models import load_pretrained
+        from ..pretrained import load_pretrained
 
         return load_pretrained()[1]
     from transformers import AutoTokenizer
@@ -32,8 +32,9 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
-def load_corpus(config: TrainConfig, tokenizer=None) -> tuple[list[Tensor], list[Tensor]]:
-    """Training and validation documents (1-D token ids) from the Shakespeare plays, split by play."""
+def play_documents(config: TrainConfig, tokenizer=None) -> tuple[list[Tensor], list[Tensor]]:
+    """Training and validation documents (1-D token ids) of the Shakespeare plays, split by play: the
+    training plays cut into `config.doc_tokens`, the first `config.eval_tokens_per_doc` of each validation play."""
     train_plays, val_plays = data.train_val_split(data.load_plays())
     train_docs = [data.encode(p.text, tokenizer) for p in train_plays]
     if config.doc_tokens is not None:

@@ -1,265 +1,26 @@
-"""A TTT language model that behaves like any other `transformers` model.
+"""The modules of the TTT language model: `TTTForCausalLM` and what it is built of.
 
-`TTTConfig` and `TTTForCausalLM` compute the function of the authors' PyTorch model
-(ttt-lm-pytorch): a Llama-style stack whose self-attention is replaced by a TTT layer (TTT-Linear
-or TTT-MLP), in the Transformer or the Mamba backbone, with the paper's size presets in
-`TTT_STANDARD_CONFIGS`; `ttt_helpers.convert` maps their checkpoints onto it. The model is registered with `AutoConfig` and
-`AutoModelForCausalLM`, saves and loads as safetensors, and `generate()` works with a
-`TTTCache` that carries the TTT state, so each decoded token costs the same at any context length.
+`TTTForCausalLM` computes the function of the authors' PyTorch model (ttt-lm-pytorch): a
+Llama-style stack whose self-attention is replaced by a TTT layer (TTT-Linear or TTT-MLP), in the
+Transformer or the Mamba backbone (`TTTConfig`). It is registered with `AutoConfig` and
+`AutoModelForCausalLM`, saves and loads as safetensors, and `generate()` works with a `TTTCache`
+that carries the TTT state, so each decoded token costs the same at any context length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import checks, ops
-from .compat import cache_kwargs, take_cache
-from .fused_projections import project
-from .layers import IMPLS, TTTMLP, CausalConv, Padding, TTTLayer, TTTLinear
-
-LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
-
-# The paper's model sizes (Sun et al. 2024, Table of configurations); vocabulary as in its Llama tokenizer.
-TTT_STANDARD_CONFIGS: dict[str, dict] = {
-    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
-    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
-    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=32),
-}
-
-
-BACKBONES = {  # the paper's two backbones as the authors' three options
-    "transformer": dict(pre_conv=False, share_qk=False, use_gate=False),
-    "mamba": dict(pre_conv=True, share_qk=True, use_gate=True),
-}
-
-
-class TTTConfig(PretrainedConfig):
-    """Configuration of `TTTForCausalLM`: the authors' options under their names and with their
-    defaults (`TTTConfig()` is the 1b preset, `TTT_STANDARD_CONFIGS["1b"]`), plus two of ours.
-
-    ttt_layer_type: "linear" (TTT-Linear) or "mlp" (TTT-MLP); mini_batch_size: tokens per inner
-    step; ttt_base_lr: base inner learning rate (None: 1.0 for linear, 0.1 for mlp); rope_theta:
-    base of the rotary embedding of XQ and XK at positions t mod mini_batch_size;
-    max_position_embeddings: recorded only (RoPE never sees a position >= mini_batch_size).
-    The Mamba backbone is three options: pre_conv (a residual x + conv(RMSNorm(x)) before the
-    sequence norm, kernel conv_kernel), share_qk (one query projection through two convolutions,
-    conv_q and conv_k; V not convolved) and use_gate (a GELU gate on the normed input).
-    scan_checkpoint_group_size and pretraining_tp are accepted and recorded; they change memory
-    or the order of sums, not the function.
-
-    Ours: backbone, a short-hand: "transformer" (all three False) or "mamba" (all three True);
-    None reads it off the three options ("custom" for a mix). ttt_impl: "auto" runs the TTT layers
-    through the Triton kernels on CUDA (the training kernels when a gradient is needed) and through
-    the reference ops otherwise, "kernel" or "reference" force one path.
-    """
-
-    model_type = "ttt"
-
-    def __init__(
-        self,
-        vocab_size: int = 32000,
-        hidden_size: int = 2048,
-        intermediate_size: int = 5504,
-        num_hidden_layers: int = 24,
-        num_attention_heads: int = 32,
-        hidden_act: str = "silu",
-        max_position_embeddings: int = 2048,
-        initializer_range: float = 0.02,
-        rms_norm_eps: float = 1e-6,
-        use_cache: bool = True,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = 1,
-        eos_token_id: int | None = 2,
-        pretraining_tp: int = 1,
-        tie_word_embeddings: bool = True,
-        rope_theta: float = 10000.0,
-        use_gate: bool | None = None,
-        share_qk: bool | None = None,
-        ttt_layer_type: str = "linear",
-        ttt_base_lr: float | None = 1.0,
-        mini_batch_size: int = 16,
-        pre_conv: bool | None = None,
-        conv_kernel: int = 4,
-        scan_checkpoint_group_size: int = 0,
-        backbone: str | None = None,
-        ttt_impl: str = "auto",
-        **kwargs,
-    ) -> None:
-        for field, value in (
-            ("vocab_size", vocab_size),
-            ("hidden_size", hidden_size),
-            ("intermediate_size", intermediate_size),
-            ("num_hidden_layers", num_hidden_layers),
-            ("num_attention_heads", num_attention_heads),
-            ("mini_batch_size", mini_batch_size),
-            ("conv_kernel", conv_kernel),
-            ("max_position_embeddings", max_position_embeddings),
-            ("pretraining_tp", pretraining_tp),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
-        checks.integer("scan_checkpoint_group_size", scan_checkpoint_group_size, 0)
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
-            )
-        if (hidden_size // num_attention_heads) % 2:
-            raise ValueError(f"hidden_size // num_attention_heads must be even for RoPE, got {hidden_size}")
-        if ttt_layer_type not in LAYERS:
-            raise ValueError(f"ttt_layer_type must be 'linear' or 'mlp', got {ttt_layer_type!r}")
-        if ttt_impl not in IMPLS:
-            raise ValueError(f"ttt_impl must be one of {IMPLS}, got {ttt_impl!r}")
-        if hidden_act != "silu":
-            raise ValueError(f"hidden_act must be 'silu' (the SwiGLU feed-forward), got {hidden_act!r}")
-        flags = resolve_backbone(backbone, pre_conv=pre_conv, share_qk=share_qk, use_gate=use_gate)
-        if ttt_base_lr is None:
-            ttt_base_lr = LAYERS[ttt_layer_type].default_base_lr
-        ttt_base_lr = checks.positive("ttt_base_lr", ttt_base_lr)
-        rope_theta = checks.positive("rope_theta", rope_theta)
-        rms_norm_eps = checks.positive("rms_norm_eps", rms_norm_eps)
-        initializer_range = checks.positive("initializer_range", initializer_range)
-        checks.boolean("use_cache", use_cache)
-        checks.boolean("tie_word_embeddings", tie_word_embeddings)
-        if pad_token_id is not None and (
-            isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < vocab_size
-        ):
-            raise ValueError(f"pad_token_id must be None or a token id in [0, {vocab_size}), got {pad_token_id!r}")
-        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
-        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
-        self.hidden_act, self.max_position_embeddings = hidden_act, max_position_embeddings
-        self.ttt_layer_type, self.mini_batch_size, self.ttt_base_lr = ttt_layer_type, mini_batch_size, ttt_base_lr
-        self.rope_theta, self.conv_kernel, self.ttt_impl = rope_theta, conv_kernel, ttt_impl
-        self.pre_conv, self.share_qk, self.use_gate = flags["pre_conv"], flags["share_qk"], flags["use_gate"]
-        self.backbone = next((name for name, f in BACKBONES.items() if f == flags), "custom")
-        self.scan_checkpoint_group_size, self.pretraining_tp = scan_checkpoint_group_size, pretraining_tp
-        self.rms_norm_eps, self.initializer_range, self.use_cache = rms_norm_eps, initializer_range, use_cache
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
-
-
-def resolve_backbone(backbone: str | None, **flags: bool | None) -> dict[str, bool]:
-    """The three backbone options (pre_conv, share_qk, use_gate) from the short-hand `backbone`
-    and those given (None: not given). A given option that contradicts `backbone` is an error."""
-    if backbone not in (None, "custom", *BACKBONES):
-        raise ValueError(f"backbone must be 'transformer', 'mamba', 'custom' or None, got {backbone!r}")
-    implied = BACKBONES.get(backbone, dict.fromkeys(flags, False))
-    resolved = {}
-    for name, value in flags.items():
-        if value is None:
-            value = implied[name]
-        checks.boolean(name, value)
-        if backbone in BACKBONES and value != implied[name]:
-            raise ValueError(f"{name}={value} contradicts backbone={backbone!r}: pass backbone=None to mix options")
-        resolved[name] = value
-    return resolved
-
-
-@dataclass
-class TTTCache:
-    """Everything a TTT model carries from one call to the next.
-
-    states[i]: layer i's TTT state (*params, *grads[, qk]): the weights at the start of the current
-    mini-batch, the gradient sums inside it and, with share_qk, the last conv_kernel - 1 query
-    projections [B, k-1, C] that conv_q and conv_k read; conv_states[i]: the last conv_kernel - 1
-    inputs of layer i's pre_conv [B, k-1, C] (None without pre_conv); seen_tokens: tokens read so
-    far, padding included; starts: for a left-padded batch, how many of them were padding in each
-    row (row i has read seen_tokens - starts[i] tokens); positions: None, or each row's position in
-    its mini-batch as an int32 tensor [B] on the model's device, kept in step with seen_tokens by
-    the model, so that a one-token step reads it there and not from the host (the CUDA-graph
-    decoder keeps one; a left-padded batch decodes through it). Its size does not depend on seen_tokens.
-    broken: None, or why the cache can no longer be continued (a call that failed part-way).
-    """
-
-    states: list[tuple[Tensor, ...]]
-    conv_states: list[Tensor | None]
-    seen_tokens: int = 0
-    starts: list[int] | None = None  # left padding per row of a ragged batch (None: no padding)
-    positions: Tensor | None = None
-    broken: str | None = None  # why the cache may be half-updated (a call on it failed): None while usable
-    # What generate() asks of a cache it is given: not a static KV cache to compile (the CUDA-graph
-    # decoder of `kernels` captures decoding instead), every layer a recurrent state, its length.
-    is_compileable: ClassVar[bool] = False
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [True] * len(self.states)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    def row_positions(self, mini_batch_size: int) -> list[int]:
-        """Each row's position in its mini-batch, from seen_tokens and starts (no device read)."""
-        starts = self.starts or [0] * self.states[0][0].shape[0]
-        return [(self.seen_tokens - s) % mini_batch_size for s in starts]
-
-    def keep_positions(self, mini_batch_size: int) -> Tensor:
-        """`positions`, made from `row_positions` if the cache has none yet, else refreshed in
-        place (so a CUDA graph that reads it stays valid)."""
-        values = torch.tensor(self.row_positions(mini_batch_size), dtype=torch.int32)
-        if self.positions is None:
-            self.positions = values.to(self.states[0][0].device)
-        else:
-            self.positions.copy_(values)
-        return self.positions
-
-    def detach(self) -> TTTCache:
-        """The same state cut from the autograd graph (truncated backpropagation through time)."""
-        return TTTCache(
-            [tuple(t.detach() for t in s) for s in self.states],
-            [None if c is None else c.detach() for c in self.conv_states],
-            self.seen_tokens,
-            self.starts,
-            self.positions,
-            self.broken,
-        )
-
-    def rows(self, index: Tensor, seen_tokens: int) -> TTTCache:
-        """The cache of the rows `index` (copies), as if each had read `seen_tokens` tokens."""
-        return TTTCache(
-            [tuple(t[index] for t in s) for s in self.states],
-            [None if c is None else c[index] for c in self.conv_states],
-            seen_tokens,
-        )
-
-    @staticmethod
-    def join(parts: list[tuple[list[int], TTTCache]], seen_tokens: int, starts: list[int]) -> TTTCache:
-        """One cache from the caches of groups of rows: parts = [(row indices, their cache)]."""
-        order = torch.tensor([i for rows, _ in parts for i in rows])
-        inverse = torch.argsort(order)
-        caches = [c for _, c in parts]
-
-        def gather(tensors: list[Tensor]) -> Tensor:
-            joined = torch.cat(tensors)
-            return joined[inverse.to(joined.device)]
-
-        states = [
-            tuple(gather([c.states[j][k] for c in caches]) for k in range(len(s)))
-            for j, s in enumerate(caches[0].states)
-        ]
-        convs = [
-            None if c is None else gather([p.conv_states[j] for p in caches])
-            for j, c in enumerate(caches[0].conv_states)
-        ]
-        return TTTCache(states, convs, seen_tokens, starts)
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
-        tensors = [t for s in self.states for t in s] + [c for c in self.conv_states if c is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+from .. import checks, ops
+from ..compat import cache_kwargs, take_cache
+from ..layers import IMPLS, CausalConv, Padding, TTTLayer, project
+from .cache import Alignment, TTTCache, left_padding
+from .configuration import LAYERS, TTTConfig
 
 
 class RMSNorm(nn.Module):
@@ -351,8 +112,7 @@ class TTTBlock(nn.Module):
         if cache is None:
             y, _ = self.ttt(h)
         else:
-            one_token_per_row = cache.positions is not None and x.shape[1] == 1
-            position = cache.positions if one_token_per_row else cache.seen_tokens % self.ttt.mini_batch_size
+            position = cache.position(x.shape[1], self.ttt.mini_batch_size)
             y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position, padding=padding)
         x = x + y
         return x + self.mlp(self.ffn_norm(x))
@@ -456,11 +216,7 @@ class TTTModel(TTTPreTrainedModel):
             for i, block in enumerate(self.layers):
                 x = block(x, cache, i, padding)
             out = self.norm(x)
-            cache.seen_tokens += x.shape[1]
-            if cache.positions is not None and x.shape[1] == 1:  # on the device: no host sync
-                cache.positions.add_(1).remainder_(self.config.mini_batch_size)
-            elif cache.positions is not None:
-                cache.keep_positions(self.config.mini_batch_size)
+            cache.advance(x.shape[1], self.config.mini_batch_size)
             return out
         except BaseException as error:
             if self._updates_in_place(inputs_embeds):
@@ -570,7 +326,7 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             raise ValueError(f"{name} must hold at least one token per row, got shape {list(x.shape)}")
         if cache is not None:
             self.model.check_cache(cache, x.shape[0])
-        starts = self._left_padding(attention_mask, cache, x.shape[0], x.shape[1])
+        starts = left_padding(attention_mask, cache, x.shape[0], x.shape[1])
         if starts is not None and labels is not None:
             raise ValueError("labels: training on a padded batch is not supported (the loss would read the padding)")
         if use_cache is None:
@@ -587,40 +343,9 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwargs(cache))
 
-    def _left_padding(self, attention_mask: Tensor | None, cache: TTTCache | None, B: int, T: int) -> list[int] | None:
-        """How many padding tokens start each row (None: no padding), from attention_mask [B, T] or
-        [B, seen + T] and the cache's own record; refuses any other padding than a prompt's left padding."""
-        seen = 0 if cache is None else cache.seen_tokens
-        known = None if cache is None else cache.starts
-        if attention_mask is None:
-            return known
-        checks.tensor("attention_mask", attention_mask, 2)
-        if attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, seen + T):
-            raise ValueError(
-                f"attention_mask must have shape [{B}, {seen + T}] (every token so far) or [{B}, {T}], "
-                f"got {list(attention_mask.shape)}"
-            )
-        mask = attention_mask.bool()
-        if bool(mask.all()):  # the common case: one read of the mask
-            if known is not None and attention_mask.shape[1] == seen + T:
-                raise ValueError(
-                    f"attention_mask has no padding, but the cache's rows started with {known} padding tokens"
-                )
-            return known
-        if seen and not bool(mask[:, -T:].all()):
-            raise ValueError("attention_mask: only the prompt (the first call) may be padded; later tokens must be 1s")
-        if bool((mask.int().diff(dim=1) < 0).any()):
-            raise ValueError("attention_mask must pad on the left (each row 0s, then 1s): pad prompts on the left")
-        starts = (~mask).sum(dim=1).tolist()
-        if max(starts) >= seen + T:
-            raise ValueError("attention_mask: every row needs at least one token that is not padding")
-        if seen and starts != known:
-            raise ValueError(
-                f"attention_mask's padding {starts} is not the cache's ({known}): the cache read those tokens"
-            )
-        return starts
-
-    def _forward_ragged(self, x: Tensor, cache: TTTCache | None, starts: list[int], use_cache: bool):
+    def _forward_ragged(
+        self, x: Tensor, cache: TTTCache | None, starts: list[int], use_cache: bool
+    ) -> tuple[Tensor, TTTCache | None]:
         """A left-padded batch, each row exactly as it would run alone: the prompt in one call
         (`_prefill_padded`); one decoded token per row in one call, each row at its own position in
         its mini-batch (`TTTCache.positions`); longer later calls in groups of rows at the same
@@ -635,53 +360,27 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if seen == 0:
             hidden, joined = self._prefill_padded(x, starts)
         else:
-            groups: dict[int, list[int]] = {}
-            for i, start in enumerate(starts):
-                groups.setdefault((seen - start) % b, []).append(i)
             hidden = x.new_zeros(B, T, self.config.hidden_size)
-            parts = []
-            for rows in groups.values():
+            parts = cache.by_position(b)
+            for rows, part in parts:
                 index = torch.tensor(rows, device=x.device)
-                part = cache.rows(index, seen - starts[rows[0]])
                 hidden[index] = self.model(x[index], part)
-                parts.append((rows, part))
             joined = TTTCache.join(parts, seen + T, starts)
         if not keep:
             return hidden, None
         if cache is None:
             return hidden, joined
-        cache.states, cache.conv_states, cache.seen_tokens, cache.starts = (
-            joined.states, joined.conv_states, joined.seen_tokens, joined.starts,
-        )  # fmt: skip
-        if cache.positions is not None:
-            cache.keep_positions(b)
+        cache.take(joined, b)
         return hidden, cache
 
     def _prefill_padded(self, x: Tensor, starts: list[int]) -> tuple[Tensor, TTTCache]:
         """A left-padded prompt x: [B, T, C] (row i's first starts[i] tokens padding) in one call,
-        each row as it would run alone. Row i's n_i tokens move to start at a multiple of the
-        mini-batch size b, so that every row's whole mini-batches end at the same token and the
-        rest of each row (n_i % b tokens) follows from position 0 of a mini-batch: whole
-        mini-batches of padding before a row's tokens, some after them, none within. The padding
-        changes nothing (`Padding`). -> (hidden states [B, T, C] in x's layout, 0 at padding; the
-        cache, as if each row had read its own tokens after its padding)"""
-        B, T, C = x.shape
-        b, device = self.config.mini_batch_size, x.device
-        lengths = [T - s for s in starts]
-        whole = max(n // b for n in lengths)
-        offsets = [(whole - n // b) * b for n in lengths]  # where each row's tokens start now
-        L = whole * b + max(n % b for n in lengths)
-        offset, length, start = (torch.tensor(v, device=device)[:, None] for v in (offsets, lengths, starts))
-        t = torch.arange(L, device=device)
-        mask = (t >= offset) & (t < offset + length)
-        source = (t - offset + start).clamp(0, T - 1)  # [B, L]: where each token comes from in x
-        aligned = x.gather(1, source[:, :, None].expand(-1, -1, C))
+        each row as it would run alone (laid out by an `Alignment`). -> (hidden states [B, T, C] in
+        x's layout, 0 at padding; the cache, as if each row had read its own tokens after its padding)"""
+        B, T, _ = x.shape
+        layout = Alignment.of(starts, T, self.config.mini_batch_size, x.device)
         cache = self.model.new_cache(B)
-        out = self.model(aligned, cache, Padding(mask, (offset + length)[:, 0]))
-        u = torch.arange(T, device=device)
-        back = (u - start + offset).clamp(0, L - 1)  # [B, T]: where each token of x went
-        hidden = out.gather(1, back[:, :, None].expand(-1, -1, C))
-        hidden = torch.where((u >= start)[:, :, None], hidden, 0)
+        hidden = layout.restore(self.model(layout.align(x), cache, layout.padding))
         cache.seen_tokens, cache.starts = T, list(starts)
         return hidden, cache
 

@@ -1,52 +1,42 @@
-"""Whole-model decode steps of a `TTTForCausalLM`, replayed from a CUDA graph.
+"""A `TTTForCausalLM`'s decode steps and prefills replayed from CUDA graphs.
 
-A decode step of the model launches a few hundred small kernels; at batch 64 on a large GPU
-launching them from Python takes longer than running them. Capturing the step once and
-replaying it removes that cost. The TTT state is updated in place by the decode kernel, so a
-captured step keeps working on the live cache. Each row's position in its inner mini-batch (the
-last position commits the state) is read on the device from the cache's `positions`, and every
-replay advances it there, so one graph serves every step, and the rows of a left-padded batch,
-each at its own position, decode together. The convolution states of the Mamba backbone are new
-tensors after each step; the captured step copies them back into the cache's own tensors, so a
-replay reads and writes the same memory. The graph runs each block's input projections as one
-product (`FusedProjections`), whose fused weights every step copies in again if the model's may
-have changed (an in-place edit, a new parameter or module; an edit through `.data` moves no
-version counter: call `decoder.fused.sync()` after one).
+A decode step of the model launches a few hundred small kernels, and a prefill of a short
+prompt spends more time in Python and kernel launches than in its kernels. Capturing the work
+once and replaying it leaves only the kernels.
+
+`CUDAGraphDecoder`: the TTT state is updated in place by the decode kernel, so a captured step
+keeps working on the live cache. Each row's position in its inner mini-batch (the last position
+commits the state) is read on the device from the cache's `positions`, and every replay advances
+it there, so one graph serves every step, and the rows of a left-padded batch, each at its own
+position, decode together. The convolution states of the Mamba backbone are new tensors after
+each step; the captured step copies them back into the cache's own tensors, so a replay reads
+and writes the same memory. The graph runs each block's input projections as one product
+(`FusedProjections`), whose fused weights every step copies in again if the model's may have
+changed (an in-place edit, a new parameter or module; an edit through `.data` moves no version
+counter: call `decoder.fused.sync()` after one).
+
+`CUDAGraphPrefill`: one graph per prompt shape [B, T]. A graph keeps the memory of its forward's
+tensors for as long as it lives: delete the prefill object to free it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..fused_projections import FusedProjections
-
-
-def capture_step(step: Callable[[], Tensor], mutated: Sequence[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """Record `step` in a CUDA graph. It runs once first on a side stream (compiling its kernels);
-    the `mutated` tensors it changes in place are then put back, so the recording starts from the
-    same state. Returns the graph and the output tensor that every replay rewrites."""
-    saved = [t.clone() for t in mutated]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    for t, copy in zip(mutated, saved):
-        t.copy_(copy)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = step()
-    return graph, output
+from ..compat import output_cache
+from ..kernels.cuda_graph import capture_step
+from ..model import TTTCache, TTTForCausalLM
+from .fused_projections import FusedProjections
 
 
 def check_graph_model(model: nn.Module) -> torch.device:
     """Raise unless `model` is a TTTForCausalLM that CUDA graphs can capture; returns its device."""
-    if getattr(getattr(model, "config", None), "model_type", None) != "ttt":
+    if not isinstance(model, TTTForCausalLM):
         raise ValueError(f"model must be a TTTForCausalLM, got {type(model).__name__}")
     if model.config.ttt_impl == "reference":
         raise ValueError("ttt_impl='reference' runs no kernels: use 'auto' or 'kernel'")
@@ -72,7 +62,7 @@ class CUDAGraphDecoder:
     they are).
     """
 
-    def __init__(self, model: nn.Module, cache, fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache: TTTCache, fuse: bool = True) -> None:
         device = check_graph_model(model)
         checks.boolean("fuse", fuse)
         self.model, self.cache = model, cache
@@ -90,9 +80,7 @@ class CUDAGraphDecoder:
 
     def _live(self) -> list[Tensor]:
         """Every tensor of the cache as it is now, in a fixed order."""
-        cache = self.cache
-        convs = [c for c in cache.conv_states if c is not None]
-        return [t for s in cache.states for t in s] + convs + [cache.positions]
+        return self.cache.tensors() + [self.cache.positions]
 
     def _restore(self) -> None:
         """Point the cache back at the tensors the graph reads, copying in any that a model call replaced."""
@@ -127,3 +115,54 @@ class CUDAGraphDecoder:
         cache.seen_tokens += 1
         self.seen = cache.seen_tokens
         return self.logits
+
+
+@dataclass
+class _Captured:
+    """One prompt shape's graph, its input buffer and the outputs every replay rewrites."""
+
+    graph: torch.cuda.CUDAGraph
+    ids: Tensor  # [B, T]
+    logits: Tensor  # [B, 1, V]
+    cache: TTTCache | None  # the cache the captured forward returned
+
+
+class CUDAGraphPrefill:
+    """`prefill(input_ids)` -> (logits of the last token [B, 1, V], a TTTCache or None): the
+    forward replayed from the CUDA graph of the prompt's shape, captured (after one untimed run)
+    the first time that shape is seen.
+
+    model: a `TTTForCausalLM` on CUDA in eval mode, `ttt_impl` "auto" or "kernel". The logits and
+    the cache returned are copies that later replays leave alone; the cache continues the
+    sequence as the one `model(input_ids, use_cache=True)` returns would (`CUDAGraphDecoder`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.device = check_graph_model(model)
+        self.model = model
+        self.captured: dict[tuple[int, int, bool], _Captured] = {}
+
+    def _capture(self, B: int, T: int, use_cache: bool) -> _Captured:
+        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        outputs = {}
+
+        def forward() -> Tensor:
+            out = self.model(ids, use_cache=use_cache, logits_to_keep=1)
+            outputs["cache"] = output_cache(out)
+            return out.logits
+
+        graph, logits = capture_step(forward, [])
+        return _Captured(graph, ids, logits, outputs["cache"])
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, use_cache: bool = True) -> tuple[Tensor, TTTCache | None]:
+        checks.token_ids("input_ids", input_ids, self.model.config.vocab_size, dims=2)
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids must be on the model's device {self.device}, got {input_ids.device}")
+        key = (*input_ids.shape, bool(use_cache))
+        if key not in self.captured:
+            self.captured[key] = self._capture(*key)
+        run = self.captured[key]
+        run.ids.copy_(input_ids)
+        run.graph.replay()
+        return run.logits.clone(), None if run.cache is None else run.cache.clone()
