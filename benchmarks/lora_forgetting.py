@@ -101,6 +101,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[float, 
         default=";".join(f"{lr:g}:{','.join(map(str, steps))}" for lr, steps in SCHEDULES.items()),
         help="learning rates and the steps measured at each, e.g. '0.001:20,30;0.002:20'",
     )
+    parser.add_argument("--resume", action="store_true", help="keep the runs --out holds (same windows), run the rest")
     args = parser.parse_args(argv)
     schedules = {
         float(lr): tuple(int(s) for s in steps.split(","))
@@ -177,6 +178,16 @@ def fact_run(model, tokenizer, prompt: str, answer: str, lr: float, steps: tuple
     return at
 
 
+def resumed(out: Path, record: dict) -> dict:
+    """`record` with the runs `out` already holds, when `out` was made on the same held-out windows
+    with the same base perplexities; a ValueError otherwise. Each run is seeded on its own, so a
+    run kept is the run that would be made."""
+    old = json.loads(out.read_text())
+    if old["held_out"] != record["held_out"] or old["base"] != record["base"]:
+        raise ValueError(f"--out {out} holds runs on other held-out windows or another base model; not resumed")
+    return {**record, "fact_runs": old["fact_runs"], "document_runs": old["document_runs"], "seconds": old["seconds"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     args, schedules = parse_args(argv)
     model, tokenizer = load_pretrained()
@@ -193,9 +204,13 @@ def main(argv: list[str] | None = None) -> None:
         "fact_runs": [],
         "document_runs": [],
     }
+    if args.resume and args.out.is_file():
+        record = resumed(args.out, record)
     print(f"base model: {record['base']}", flush=True)
-    started = time.perf_counter()
+    started = time.perf_counter() - record.get("seconds", 0.0)  # a resumed run counts the time already spent
     for seed in range(args.seeds):
+        if any(r["seed"] == seed for r in record["document_runs"]):
+            continue
         row = document_run(model, tokenizer, seed, ppl)
         record["document_runs"].append(row)
         print(f"document seed {seed}: {row}", flush=True)
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
             fact = f"{prompt} '{answer}'."
             for lr, steps in schedules.items():
                 for seed in range(args.seeds):
+                    if any((r["fact"], r["lr"], r["seed"]) == (fact, lr, seed) for r in record["fact_runs"]):
+                        continue
                     at = fact_run(model, tokenizer, prompt, answer, lr, steps, seed, ppl)
                     for step, row in sorted(at.items()):
                         record["fact_runs"].append(
