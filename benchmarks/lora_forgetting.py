@@ -30,16 +30,14 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.kernel_bench.timing import command_line, git_commit
 from benchmarks.lora_recall import CHAPTER_FACT, NEW_FACTS
 from ttt_helpers.adapt import adapted, answer_nll, greedy_answer
 from ttt_helpers.data import encode_tokens, load_plays, train_val_split
@@ -257,12 +255,8 @@ def write(out: Path, record: dict, seconds: float) -> None:
         "(Q4_1 GGUF, dequantized to float32)",
         "seeds": "adapt_lora seed 0 .. N-1 (the adapter's initial A); greedy decoding, no other randomness",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python3", *sys.argv]),
-        # a copy of the tree without .git (another machine) names its commit in GIT_COMMIT
-        "git_commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-        or os.environ.get("GIT_COMMIT", ""),
+        "command": command_line(),
+        "git_commit": git_commit(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".json.partial")
