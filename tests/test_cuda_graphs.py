@@ -12,26 +12,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is first imported
 pytest.importorskip("triton", reason="the kernels need the triton package (pip install triton)")
 
+from test_kernels import tiny_model  # noqa: E402  (the same tiny model as the dispatch tests)
+
 from ttt_helpers.compat import output_cache  # noqa: E402
 from ttt_helpers.inference.cuda_graphs import CUDAGraphDecoder, CUDAGraphPrefill  # noqa: E402
-from ttt_helpers.model import TTTConfig, TTTForCausalLM  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transformer") -> TTTForCausalLM:
-    torch.manual_seed(0)
-    config = TTTConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        ttt_layer_type=layer_type,
-        backbone=backbone,
-        ttt_impl=impl,
-    )
-    return TTTForCausalLM(config).to(DEVICE).eval()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -7,6 +7,7 @@ table, so a kind looks them up by name when asked: `dual`, `step`, `primal`, `ke
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,13 @@ from dataclasses import dataclass
 from torch import Tensor
 
 State = tuple[Tensor, ...]  # a kind's state tensors in the order of Kind.params, [B, H, ...] each
+
+
+@functools.cache
+def _function(module: str, name: str) -> Callable:
+    """`module.name`, imported on the first call and remembered (the forms and kernels are looked up
+    by name because they import this table)."""
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -38,22 +46,23 @@ class Kind:
     @property
     def dual(self) -> Callable[..., State]:
         """The mini-batch dual form over a sequence: `ops.ttt_linear` or `ops.ttt_mlp`."""
-        return getattr(importlib.import_module("ttt_helpers.ops.reference"), f"ttt_{self.name}")
+        return _function("ttt_helpers.ops.reference", f"ttt_{self.name}")
 
     @property
     def step(self) -> Callable[..., tuple[Tensor, State]]:
         """One token in the primal form: `ops.ttt_linear_step` or `ops.ttt_mlp_step`."""
-        return getattr(importlib.import_module("ttt_helpers.ops.reference"), f"ttt_{self.name}_step")
+        return _function("ttt_helpers.ops.reference", f"ttt_{self.name}_step")
 
     @property
     def primal(self) -> Callable[..., State]:
         """The primal form over a sequence: `ops.ttt_linear_primal` or `ops.ttt_mlp_primal`."""
-        return getattr(importlib.import_module("ttt_helpers.ops.reference"), f"ttt_{self.name}_primal")
+        return _function("ttt_helpers.ops.reference", f"ttt_{self.name}_primal")
 
     def kernels(self) -> tuple[Callable, Callable, Callable]:
         """The Triton prefill, decode step and training op (forward and backward) of this kind."""
-        module = importlib.import_module("ttt_helpers.kernels")
-        return tuple(getattr(module, f"ttt_{self.name}_{part}") for part in ("prefill", "decode", "train"))
+        return tuple(
+            _function("ttt_helpers.kernels", f"ttt_{self.name}_{part}") for part in ("prefill", "decode", "train")
+        )
 
 
 def hidden_width(W1: object, D: int) -> int:
