@@ -287,12 +287,16 @@ def ttt_graph_decode(ttt, prompt: torch.Tensor, steps: int) -> dict:
 
 
 def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float) -> None:
-    """Greedy decode tokens/s after 2k, 8k and 32k tokens of context, bf16, B = 1 and 64: TTT-SmolLM2
-    through CUDAGraphDecoder (after 16 untimed steps), SmolLM2 through generate() with a static cache (its
-    step compiled; the second of two calls is timed, so compiling is not)."""
-    from benchmarks.kernel_bench.model import llama_static_tokens_per_s
+    """Greedy decode tokens/s after 2k, 8k and 32k tokens of context, bf16, B = 1 and 64, both models
+    timed in the same loop with the same argmax after 16 untimed steps: TTT-SmolLM2 through
+    CUDAGraphDecoder, SmolLM2 with a static KV cache and its step compiled into CUDA graphs
+    (`llama_graph_decode`). Cells measured on another GPU are measured again."""
+    from benchmarks.kernel_bench.model import llama_graph_decode
 
+    device = torch.cuda.get_device_name()
     out = results.setdefault("decode", {"steps": 64, "cells": {}})
+    if out.get("device") != device:
+        out.update(device=device, cells={})
     ttt = ttt_cpu.to("cuda", torch.bfloat16).eval()
     llama = llama_cpu.to("cuda", torch.bfloat16).eval()
     start = time.perf_counter()
@@ -307,24 +311,13 @@ def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float
                 empty_cache()
                 save(results, path)
             if "smollm2" not in cell and time.perf_counter() - start < 60 * minutes:
-                torch.cuda.reset_peak_memory_stats()
-                kv = (
-                    2
-                    * llama.config.num_hidden_layers
-                    * llama.config.num_key_value_heads
-                    * 64
-                    * 2
-                    * batch
-                    * (context + out["steps"] + 1)
-                )
-                try:  # the first call compiles the step and captures its graphs: time the second
-                    llama_static_tokens_per_s(llama, prompt, out["steps"])
-                    rate = llama_static_tokens_per_s(llama, prompt, out["steps"])
-                    cell["smollm2"] = {
-                        "tokens_per_s": rate,
-                        "kv_cache_bytes": kv,
-                        "peak_bytes": torch.cuda.max_memory_allocated(),
-                    }
+                config = llama.config
+                per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+                kv = per_token * batch * (context + 16 + out["steps"] + 1)
+                try:
+                    run = llama_graph_decode(llama, prompt, out["steps"])
+                    run.pop("tokens")
+                    cell["smollm2"] = {**run, "kv_cache_bytes": kv}
                 except torch.OutOfMemoryError:
                     cell["smollm2"] = {"out_of_memory": True, "kv_cache_bytes": kv}
                 empty_cache()

@@ -365,6 +365,32 @@ def test_export_gives_the_distilled_student(bank_folder, tmp_path):
         pretrained.read_delta(tmp_path / "delta.safetensors")
 
 
+def test_a_run_continues_from_an_exported_delta(bank_folder, tmp_path):
+    bank = load_bank(bank_folder)
+    first = Distiller(DistillConfig(out_dir=str(tmp_path / "first"), **SMALL), tiny_llama(), bank)
+    first.run()
+    info = {"lora": {"rank": 4, "alpha": 16.0}, "trained": {"stages": first.log["stages"]}}
+    delta = tmp_path / "delta.safetensors"
+    written = pretrained.save_delta(delta_tensors({n: p.detach().cpu() for n, p in first.params.items()}), delta, info)
+    more = {**SMALL, "layer_steps": 0}
+    second = Distiller(DistillConfig(out_dir=str(tmp_path / "second"), init=str(delta), **more), tiny_llama(), bank)
+    assert all(torch.equal(second.params[n], p.cpu()) for n, p in first.params.items())
+    assert second.run() == "done"
+    assert not all(torch.equal(second.params[n], p.cpu()) for n, p in first.params.items())
+    log = json.loads((tmp_path / "second" / "distill.json").read_text())
+    assert log["provenance"]["init"]["sha256"] == written["sha256"]
+    assert [s["stage"] for s in log["steps"]] == ["logits"] * SMALL["logit_steps"]
+    with pytest.raises(ValueError, match="layer_steps must be 0"):
+        DistillConfig(out_dir="x", init=str(delta), **SMALL)
+    with pytest.raises(ValueError, match="rank 4"):
+        Distiller(
+            DistillConfig(out_dir=str(tmp_path / "third"), init=str(delta), **{**more, "lora_rank": 2}),
+            tiny_llama(),
+            bank,
+        )
+    assert not (tmp_path / "third").exists()
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         distill_main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "d.safetensors")])

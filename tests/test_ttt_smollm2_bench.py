@@ -58,3 +58,26 @@ def test_window_changes_what_the_model_sees(bench):
         windowed = bench.prefill(sliding_window(llama, 100), ids, tokens=256)[0]
     torch.testing.assert_close(windowed[:, :100], full[:, :100], rtol=1e-5, atol=1e-5)
     assert (windowed[:, 300:] - full[:, 300:]).abs().max() > 1e-3
+
+
+def test_static_cache_decode_says_what_generate_says():
+    """The decode baseline's loop (static cache, prompt read in chunks, eager here) gives generate()'s tokens."""
+    from benchmarks.kernel_bench.model import llama_graph_decode
+
+    llama = tiny_llama()
+    ids = torch.randint(0, 300, (2, 300), generator=torch.Generator().manual_seed(3))
+    out = llama_graph_decode(llama, ids, steps=5, warmup=2, chunk=128, mode=None)
+    with torch.no_grad():
+        said = llama.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=5,
+            eos_token_id=None,
+        )[:, ids.shape[1] :]
+    assert out["tokens"].shape == (2, 8)
+    assert torch.equal(out["tokens"], said)
+    assert out["tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="steps"):
+        llama_graph_decode(llama, ids, steps=0)

@@ -175,6 +175,62 @@ def llama_static_tokens_per_s(llama, prompt: torch.Tensor, steps: int) -> float:
     return clock.tokens_per_s(prompt.shape[0])
 
 
+@torch.no_grad()
+def llama_graph_decode(
+    llama,
+    prompt: torch.Tensor,
+    steps: int,
+    *,
+    warmup: int = 16,
+    chunk: int = 1024,
+    mode: str | None = "reduce-overhead",
+) -> dict:
+    """Greedy decode of a Llama-style model as a user who wants speed runs it: a static KV cache, the
+    one-token step compiled (torch.compile, `mode` "reduce-overhead": replayed from CUDA graphs; None:
+    eager) and called in a plain loop with the argmax, as `CUDAGraphDecoder` is timed. The prompt [B, T]
+    is read `chunk` tokens at a time into the cache; `warmup` untimed steps (which compile and capture)
+    come before the `steps` timed ones. Returns tokens/s, the peak memory, the attention backend and
+    the greedy tokens [B, warmup + steps + 1] (the first from the prompt)."""
+    from transformers import StaticCache
+
+    from ttt_helpers.compat import cache_kwargs
+
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    B, T = prompt.shape
+    cache = StaticCache(config=llama.config, max_cache_len=T + warmup + steps + 1)
+    cuda = prompt.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for s in range(0, T, chunk):
+        positions = torch.arange(s, min(T, s + chunk), device=prompt.device)
+        ids = prompt[:, s : s + chunk]
+        out = llama(ids, cache_position=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    tokens = [out.logits[:, -1:].argmax(-1)]
+    position = torch.tensor([T], device=prompt.device)
+
+    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return llama(token, cache_position=position, use_cache=True, **cache_kwargs(cache)).logits
+
+    if mode is not None:
+        step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        tokens.append(step(tokens[-1], position)[:, -1:].argmax(-1))
+        position = position + 1
+    if cuda:
+        torch.cuda.synchronize()
+    return {
+        "tokens_per_s": B * steps / (time.perf_counter() - t0),
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "attention": llama.config._attn_implementation,
+        "tokens": torch.cat(tokens, 1),
+    }
+
+
 def _read_prompt(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
     """Prefill `prompt` (left-padded where attention_mask says) with a cache: (the cache, the
     greedy next token [B, 1])."""

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=getattr(defaults, name),
         )
     run.add_argument("--max-minutes", type=float, default=None)
+    run.add_argument("--init", default=None, help="a delta to continue from (stage 2 only: --layer-steps 0)")
     run.add_argument(
         "--ttt-impl",
         choices=("auto", "kernel", "reference"),
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> str:
         logit_batch=tuple(args.logit_batch),
         max_minutes=args.max_minutes,
         ttt_impl=args.ttt_impl,
+        init=args.init,
     )
     bank = load_bank(args.bank)  # checks every stream before the teacher is loaded
     teacher = load_teacher(args.gguf)
@@ -155,7 +157,8 @@ def export(args: argparse.Namespace) -> dict:
         },
         "conversion": {k: provenance["conversion"][k] for k in ("mini_batch_size", "ttt_base_lr")},
         "lora": {"rank": config["lora_rank"], "alpha": config["lora_alpha"], "targets": list(LORA_TARGETS)},
-        "trained": {"stages": log["stages"], "config": config, "bank": provenance["bank"]},
+        "trained": {"stages": log["stages"], "config": config, "bank": provenance["bank"]}
+        | ({"init": provenance["init"]} if "init" in provenance else {}),
         "finished": finished if finished else {"stage": "logits", "steps": state["step"], "of": config["logit_steps"]},
         "environment": provenance["environment"],
     }

@@ -71,6 +71,7 @@ class DistillConfig:
     max_minutes: float | None = None  # stop (with a checkpoint) once this much time has passed in this call
     bf16: bool = True  # autocast the products to bfloat16 on CUDA (the master weights stay float32)
     ttt_impl: str = "auto"  # the student's TTT path: "auto" (the Triton training kernels on CUDA) or "reference"
+    init: str | None = None  # a delta (`pretrained.save_delta`) the trained tensors start from; needs layer_steps 0
 
     def __post_init__(self) -> None:
         checks.integer("layer_steps", self.layer_steps, 0)
@@ -101,6 +102,10 @@ class DistillConfig:
         if self.max_minutes is not None:
             checks.positive("max_minutes", self.max_minutes)
         checks.one_of("ttt_impl", self.ttt_impl, ("auto", "kernel", "reference"))
+        if self.init is not None and self.layer_steps != 0:
+            raise ValueError(
+                f"init continues a distilled delta with stage 2 only: layer_steps must be 0, got {self.layer_steps}"
+            )
 
 
 def make_student(teacher: nn.Module, config: DistillConfig) -> TTTForCausalLM:
@@ -207,7 +212,29 @@ class Distiller:
         if resume:
             self._restore()
         else:
+            if config.init is not None:
+                self.log["provenance"]["init"] = self._start_from(config.init)
             self.out.mkdir(parents=True, exist_ok=True)
+
+    @torch.no_grad()
+    def _start_from(self, delta: str) -> dict:
+        """Copy a delta's tensors into the trained parameters (its hash checked, every tensor placed);
+        returns what the run records of it."""
+        from ..pretrained import read_delta
+
+        tensors, info = read_delta(delta)
+        lora_info = info["lora"]
+        if (lora_info["rank"], lora_info["alpha"]) != (self.config.lora_rank, self.config.lora_alpha):
+            raise ValueError(
+                f"init {delta} has adapters of rank {lora_info['rank']} and alpha {lora_info['alpha']}, this run "
+                f"{self.config.lora_rank} and {self.config.lora_alpha}"
+            )
+        names = {name.replace(".lora_", ".parametrizations.weight.0."): name for name in tensors}
+        if sorted(names) != sorted(self.params):
+            raise ValueError(f"init {delta} holds other tensors than this run trains")
+        for name, p in self.params.items():
+            p.copy_(tensors[names[name]])
+        return {"delta": str(delta), "sha256": info["sha256"], "stages": info["trained"]["stages"]}
 
     def _optimizer(self) -> torch.optim.AdamW:
         lr = self.config.layer_lr if self.stage == 0 else self.config.logit_lr
