@@ -320,6 +320,8 @@ def section_decode(ttt_cpu, llama_cpu, results: dict, path: Path, minutes: float
                     cell["smollm2"] = {**run, "kv_cache_bytes": kv}
                 except torch.OutOfMemoryError:
                     cell["smollm2"] = {"out_of_memory": True, "kv_cache_bytes": kv}
+                except Exception as error:  # recorded, so the other cells still run
+                    cell["smollm2"] = {"error": f"{type(error).__name__}: {error}"[:2000], "kv_cache_bytes": kv}
                 empty_cache()
                 save(results, path)
 
