@@ -396,10 +396,23 @@ class Distiller:
 
 
 def environment() -> dict:
-    """Where a run ran: versions, the GPU, the host."""
+    """Where a run ran: the commit (the variable GIT_COMMIT, where a copy of the tree has no .git),
+    versions, the GPU, the host."""
+    import subprocess
+
     import transformers
 
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        try:
+            found = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            )
+            commit = found.stdout.strip() if found.returncode == 0 else None
+        except OSError:  # no git on this machine
+            commit = None
     info = {
+        "commit": commit,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
