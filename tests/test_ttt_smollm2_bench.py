@@ -61,23 +61,28 @@ def test_window_changes_what_the_model_sees(bench):
 
 
 def test_static_cache_decode_says_what_generate_says():
-    """The decode baseline's loop (static cache, prompt read in chunks, eager here) gives generate()'s tokens."""
-    from benchmarks.kernel_bench.model import llama_graph_decode
+    """The decode baseline's loop (static cache, prompt read in chunks, eager here) gives generate()'s
+    tokens, also when one decoder reads a second prompt."""
+    from benchmarks.kernel_bench.model import LlamaGraphDecoder, graph_decode_rate, llama_graph_decode
 
     llama = tiny_llama()
-    ids = torch.randint(0, 300, (2, 300), generator=torch.Generator().manual_seed(3))
-    out = llama_graph_decode(llama, ids, steps=5, warmup=2, chunk=128, mode=None)
-    with torch.no_grad():
-        said = llama.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=8,
-            do_sample=False,
-            pad_token_id=5,
-            eos_token_id=None,
-        )[:, ids.shape[1] :]
-    assert out["tokens"].shape == (2, 8)
-    assert torch.equal(out["tokens"], said)
-    assert out["tokens_per_s"] > 0
+    gen = torch.Generator().manual_seed(3)
+    first, second = (torch.randint(0, 300, (2, 300), generator=gen) for _ in range(2))
+
+    def said(ids):
+        with torch.no_grad():
+            out = llama.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=5
+            )
+        return out[:, ids.shape[1] :]
+
+    out = llama_graph_decode(llama, first, steps=5, warmup=2, chunk=128, mode=None)
+    assert out["tokens"].shape == (2, 8) and out["tokens_per_s"] > 0
+    assert torch.equal(out["tokens"], said(first))
+    decoder = LlamaGraphDecoder(llama, 320, mode=None, chunk=100)
+    for ids in (first, second, first):
+        assert torch.equal(graph_decode_rate(decoder, ids, steps=5, warmup=2)["tokens"], said(ids))
     with pytest.raises(ValueError, match="steps"):
-        llama_graph_decode(llama, ids, steps=0)
+        llama_graph_decode(llama, first, steps=0)
+    with pytest.raises(ValueError, match="no room"):
+        LlamaGraphDecoder(llama, 300, mode=None).read(first)

@@ -10,7 +10,6 @@ import time
 from collections import Counter
 
 import torch
-from torch import nn
 
 from .counts import decode_bytes, kv_cache_bytes, model_decode_bytes
 from .inputs import Scale
@@ -26,9 +25,10 @@ PREFILL_NOTE = (
 )
 DECODE_NOTE = (
     "greedy decode after a prompt of `context` tokens read with the cache. llama_eager: a Python loop "
-    "of single-token forwards over the dynamic cache; llama_static: generate(cache_implementation="
-    "'static'), which compiles the decode step (torch.compile, mode 'reduce-overhead': CUDA graphs), "
-    "timed between its first and last step by CUDA events; ttt_kernel: a Python loop with "
+    "of single-token forwards over the dynamic cache; llama_graph: a static KV cache and the step compiled "
+    "(torch.compile, mode 'reduce-overhead': replayed from CUDA graphs) in the same loop and with the same "
+    "argmax as the TTT decoders (LlamaGraphDecoder, 16 untimed steps first); llama_gqa_graph: the same for "
+    "the Llama with a third of its heads' keys and values (grouped-query attention, as SmolLM2); ttt_kernel: a Python loop with "
     "ttt_impl='kernel' (ttt_kernel_padded: after the padded prompt of ttt_kernel_graph_padded); ttt_kernel_graph: CUDAGraphDecoder, every step replayed from one CUDA graph "
     "(captured at the first of 16 untimed steps), each block's products that read one input run as one "
     "(FusedProjections); ttt_kernel_graph_padded: the same after a prompt "
@@ -40,8 +40,9 @@ DECODE_NOTE = (
 LLAMA_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def build_models(scale: Scale, layer_type: str = "linear", llama: bool = True) -> tuple:
-    """The TTT preset (random weights) and a Llama of its shape (SDPA, tied embeddings), bf16, eval."""
+def build_models(scale: Scale, layer_type: str = "linear", llama: bool = True, kv_groups: int = 1) -> tuple:
+    """The TTT preset (random weights) and a Llama of its shape (SDPA, tied embeddings, `kv_groups`
+    query heads per key/value head), bf16, eval."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
@@ -53,7 +54,7 @@ def build_models(scale: Scale, layer_type: str = "linear", llama: bool = True) -
     shape = {k: scale.model[k] for k in LLAMA_SHAPE}
     config = LlamaConfig(
         **shape,
-        num_key_value_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_attention_heads"] // kv_groups,
         vocab_size=ttt.config.vocab_size,
         max_position_embeddings=65536,
         tie_word_embeddings=True,
@@ -138,44 +139,78 @@ def time_prefill(run: Runner, row: dict, name: str, fn, tokens: int, models: dic
         row[f"{name}_tokens_per_s"] = tokens / ms * 1e3
 
 
-class _StepClock:
-    """A stopping criterion that records a CUDA event at every generated token and never stops."""
+class LlamaGraphDecoder:
+    """A Llama-style model's greedy decode as a user who wants speed runs it: a static KV cache of
+    `max_len` tokens and the one-token step compiled (torch.compile, `mode` "reduce-overhead": replayed
+    from CUDA graphs; None: eager). Build one per shape and reuse it: `read(prompt)` empties the cache
+    and reads a prompt [B, T] `chunk` tokens at a time; `step(token)` decodes one token [B, 1]."""
 
-    def __init__(self) -> None:
-        self.events: list[torch.cuda.Event] = []
+    def __init__(self, llama, max_len: int, *, mode: str | None = "reduce-overhead", chunk: int = 1024) -> None:
+        from transformers import StaticCache
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.events.append(event)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.llama, self.max_len, self.chunk = llama, max_len, chunk
+        self.cache = StaticCache(config=llama.config, max_cache_len=max_len)
+        self.position: torch.Tensor | None = None
+        self._run = torch.compile(self._step, mode=mode, fullgraph=True, dynamic=False) if mode else self._step
 
-    def tokens_per_s(self, batch: int) -> float:
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        from ttt_helpers.compat import cache_kwargs
+
+        return self.llama(token, cache_position=position, use_cache=True, **cache_kwargs(self.cache)).logits
+
+    @torch.no_grad()
+    def read(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Empty the cache and read prompt [B, T]: the greedy next token [B, 1]."""
+        from ttt_helpers.compat import cache_kwargs
+
+        T = prompt.shape[1]
+        if T >= self.max_len:
+            raise ValueError(f"prompt of {T} tokens leaves no room in a cache of {self.max_len}")
+        self.cache.reset()
+        for s in range(0, T, self.chunk):
+            positions = torch.arange(s, min(T, s + self.chunk), device=prompt.device)
+            ids = prompt[:, s : s + self.chunk]
+            out = self.llama(
+                ids, cache_position=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(self.cache)
+            )
+        self.position = torch.tensor([T], device=prompt.device)
+        return out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Decode token [B, 1] at the next position: its logits [B, 1, V]."""
+        logits = self._run(token, self.position)
+        self.position = self.position + 1
+        return logits
+
+
+def graph_decode_rate(decoder: LlamaGraphDecoder, prompt: torch.Tensor, steps: int, warmup: int = 16) -> dict:
+    """Greedy decode after `prompt` [B, T] through `decoder`, in a plain loop with the argmax, as
+    `CUDAGraphDecoder` is timed: tokens/s over `steps` steps after `warmup` untimed ones (which compile
+    and capture on a first call), the peak memory, the attention implementation and the greedy tokens
+    [B, warmup + steps + 1] (the first from the prompt)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    cuda = prompt.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokens = [decoder.read(prompt)]
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        tokens.append(decoder.step(tokens[-1])[:, -1:].argmax(-1))
+    if cuda:
         torch.cuda.synchronize()
-        ms = self.events[0].elapsed_time(self.events[-1])
-        return batch * (len(self.events) - 1) / ms * 1e3
+    return {
+        "tokens_per_s": prompt.shape[0] * steps / (time.perf_counter() - t0),
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "attention": decoder.llama.config._attn_implementation,
+        "tokens": torch.cat(tokens, 1),
+    }
 
 
-def llama_static_tokens_per_s(llama, prompt: torch.Tensor, steps: int) -> float:
-    """Greedy generate() with a static cache (its decode step compiled): tokens/s between its first
-    and its last decode step."""
-    from transformers import StoppingCriteriaList
-
-    clock = _StepClock()
-    llama.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=steps + 1,
-        min_new_tokens=steps + 1,
-        do_sample=False,
-        cache_implementation="static",
-        pad_token_id=0,
-        stopping_criteria=StoppingCriteriaList([clock]),
-    )
-    return clock.tokens_per_s(prompt.shape[0])
-
-
-@torch.no_grad()
 def llama_graph_decode(
     llama,
     prompt: torch.Tensor,
@@ -185,50 +220,11 @@ def llama_graph_decode(
     chunk: int = 1024,
     mode: str | None = "reduce-overhead",
 ) -> dict:
-    """Greedy decode of a Llama-style model as a user who wants speed runs it: a static KV cache, the
-    one-token step compiled (torch.compile, `mode` "reduce-overhead": replayed from CUDA graphs; None:
-    eager) and called in a plain loop with the argmax, as `CUDAGraphDecoder` is timed. The prompt [B, T]
-    is read `chunk` tokens at a time into the cache; `warmup` untimed steps (which compile and capture)
-    come before the `steps` timed ones. Returns tokens/s, the peak memory, the attention backend and
-    the greedy tokens [B, warmup + steps + 1] (the first from the prompt)."""
-    from transformers import StaticCache
-
-    from ttt_helpers.compat import cache_kwargs
-
+    """`graph_decode_rate` through a `LlamaGraphDecoder` built for this prompt's length."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    B, T = prompt.shape
-    cache = StaticCache(config=llama.config, max_cache_len=T + warmup + steps + 1)
-    cuda = prompt.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for s in range(0, T, chunk):
-        positions = torch.arange(s, min(T, s + chunk), device=prompt.device)
-        ids = prompt[:, s : s + chunk]
-        out = llama(ids, cache_position=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
-    tokens = [out.logits[:, -1:].argmax(-1)]
-    position = torch.tensor([T], device=prompt.device)
-
-    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return llama(token, cache_position=position, use_cache=True, **cache_kwargs(cache)).logits
-
-    if mode is not None:
-        step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
-    for i in range(warmup + steps):
-        if i == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        tokens.append(step(tokens[-1], position)[:, -1:].argmax(-1))
-        position = position + 1
-    if cuda:
-        torch.cuda.synchronize()
-    return {
-        "tokens_per_s": B * steps / (time.perf_counter() - t0),
-        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "attention": llama.config._attn_implementation,
-        "tokens": torch.cat(tokens, 1),
-    }
+    decoder = LlamaGraphDecoder(llama, prompt.shape[1] + warmup + steps + 1, mode=mode, chunk=chunk)
+    return graph_decode_rate(decoder, prompt, steps, warmup)
 
 
 def _read_prompt(model, prompt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
@@ -403,18 +399,25 @@ def model_prefill(run: Runner, scale: Scale) -> dict:
 
 
 def decode_variants(
-    run: Runner, ttt: nn.Module, llama: nn.Module, compiled: nn.Module | None, prompt: torch.Tensor, steps: int
+    run: Runner,
+    models: dict,
+    prompt: torch.Tensor,
+    steps: int,
 ) -> dict:
     """Each way of decoding `steps` tokens after `prompt` [B, context] that the section times, by
     name: a function that returns tokens/s (the CUDA graph and compiled ones on a GPU only, the
-    reference where the context is at most 512 tokens: its per-token work does not depend on it)."""
+    reference where the context is at most 512 tokens: its per-token work does not depend on it).
+    models: "ttt", "llama", and on a GPU "ttt_compiled" and "llama_gqa"."""
+    ttt, llama, compiled = models["ttt"], models["llama"], models["ttt_compiled"]
     timed = {
         "llama_eager": lambda: decode_tokens_per_s(run, llama, prompt, steps),
         "ttt_kernel": lambda: decode_tokens_per_s(run, ttt, prompt, steps),
         "ttt_kernel_padded": lambda: decode_tokens_per_s(run, ttt, prompt, steps, padded=True),
     }
     if run.cuda:
-        timed["llama_static"] = lambda: llama_static_tokens_per_s(llama, prompt, steps)
+        for name in ("llama", "llama_gqa"):  # one decoder per model and context, reused by every run
+            decoder = LlamaGraphDecoder(models[name], prompt.shape[1] + 16 + steps + 1)
+            timed[f"{name}_graph"] = lambda d=decoder: graph_decode_rate(d, prompt, steps)["tokens_per_s"]
         timed["ttt_kernel_graph"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True)
         timed["ttt_kernel_graph_padded"] = lambda: decode_tokens_per_s(run, ttt, prompt, steps, graph=True, padded=True)
         timed["ttt_compiled_graph"] = lambda: decode_tokens_per_s(run, compiled, prompt, steps, graph=True)
@@ -428,13 +431,13 @@ def decode_variants(
 
 def add_floor_fractions(row: dict, B: int) -> None:
     """row["floor"][<name>_fraction]: the memory floor of a step over the measured step, for the
-    decodes from CUDA graphs and the static-cache Llama."""
+    decodes from CUDA graphs and the static-cache Llama (with all its key/value heads)."""
     for name, key in (
         ("ttt_kernel_graph", "ttt_floor_ms"),
         ("ttt_kernel_graph_padded", "ttt_floor_ms"),
         ("ttt_compiled_graph", "ttt_floor_ms"),
         ("ttt_compiled_graph_unfused", "ttt_floor_ms"),
-        ("llama_static", "llama_floor_ms"),
+        ("llama_graph", "llama_floor_ms"),
     ):
         if isinstance(row.get(f"{name}_tokens_per_s"), float):
             step_ms = B / row[f"{name}_tokens_per_s"] * 1e3
@@ -449,6 +452,8 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
     every context, so that a run cut short keeps the contexts it finished."""
     models = _models(run, scale)
     ttt, llama, compiled = models["ttt"], models["llama"], models["ttt_compiled"]
+    if run.cuda:
+        models["llama_gqa"] = build_models(scale, kv_groups=3)[1]
     result = {"note": DECODE_NOTE, "params_M": _params_M(models), "decode": []}
     vocab = ttt.config.vocab_size
     B, steps = scale.decode_batch, scale.decode_steps
@@ -456,7 +461,7 @@ def model_decode(run: Runner, scale: Scale, peaks: dict, progress=lambda result:
         for context in scale.decode_contexts:
             prompt = torch.randint(0, vocab, (B, context), device=run.device)
             row = {"B": B, "context": context, "steps": steps}
-            timed = decode_variants(run, ttt, llama, compiled, prompt, steps)
+            timed = decode_variants(run, models, prompt, steps)
             for name, fn in timed.items():
                 for model in (ttt, compiled):
                     if model is not None:
