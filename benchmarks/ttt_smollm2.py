@@ -338,6 +338,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-tokens", type=int, default=LONG, help="tokens of each long document (a dry run: fewer)")
     parser.add_argument("--passkey-lengths", default=",".join(map(str, PASSKEY_LENGTHS)))
     parser.add_argument("--ttt-impl", default="auto", choices=("auto", "reference"), help="the TTT layers' path")
+    parser.add_argument(
+        "--reuse", default=None, help="another delta's results: take SmolLM2's, its window's and the converted model's"
+    )
     return parser.parse_args()
 
 
@@ -362,6 +365,56 @@ def record_visit(
     )
 
 
+BASE_MODELS = ("smollm2", "smollm2_window", "converted")  # what a delta does not change
+
+
+def reuse_base_models(results: dict, other: dict) -> dict:
+    """Copy into `results` the entries of BASE_MODELS from `other`, another delta's results of the same
+    teacher, data and settings, so that a run measures only the delta's models: per document where
+    the tokens' sha256 agree, per passkey cell where lengths, depths and trials agree, per chat
+    prompt, per decode cell where the GPU and steps agree. Call after `record_visit`. Returns how
+    many entries it copied, by section, as recorded in results["provenance"]["reused"]."""
+    mine, theirs = results["provenance"], other.get("provenance", {})
+    for key in ("teacher_sha256", "bank"):
+        if mine.get(key) != theirs.get(key):
+            raise ValueError(f"reuse: the other results have another {key}")
+    copied = {}
+
+    def take(section: str, entries: dict, source: dict, same=lambda a, b: True) -> None:
+        for name, entry in source.items():
+            if name in entries and same(entries[name], entry):
+                for label in BASE_MODELS:
+                    if label in entry and label not in entries[name]:
+                        entries[name][label] = entry[label]
+                        copied[section] = copied.get(section, 0) + 1
+
+    def seed(section: str, keys: tuple[str, ...], rows: str, fresh=lambda entry: {}) -> None:
+        if section not in other:
+            return
+        mine_section = results.setdefault(section, {k: other[section][k] for k in keys if k in other[section]})
+        if any(mine_section.get(k) != other[section].get(k) for k in keys):
+            return
+        entries = mine_section.setdefault(rows, {})
+        for name, entry in other[section][rows].items():
+            entries.setdefault(name, fresh(entry))
+        take(section, entries, other[section][rows], lambda a, b: a.get("ids_sha256") == b.get("ids_sha256"))
+
+    with_ids = lambda e: {k: e[k] for k in ("domain", "ids_sha256")}  # noqa: E731
+    seed("perplexity", ("tokens",), "documents", with_ids)
+    seed("long", ("tokens", "bins", "curve_tokens"), "documents", with_ids)
+    seed("passkey", ("lengths", "depths", "trials"), "cells")
+    if "chat" in other:
+        entries = results.setdefault("chat", {})
+        for prompt in other["chat"]:
+            entries.setdefault(prompt, {})
+        take("chat", entries, other["chat"])
+    if "decode" in other and torch.cuda.is_available():
+        if other["decode"].get("device") == torch.cuda.get_device_name():
+            seed("decode", ("steps", "device"), "cells")
+    mine["reused"] = {"delta_sha256": theirs["delta_sha256"], "models": list(BASE_MODELS), "entries": copied}
+    return copied
+
+
 def smollm2_tokenizer(gguf: str | None):
     """SmolLM2's tokenizer: from its GGUF file where given, else from the installed package."""
     if gguf is None:
@@ -381,6 +434,9 @@ def main() -> None:
     llama_cpu = load_teacher(args.gguf)
     tensors, info = pretrained.read_delta(args.delta)
     record_visit(results, path, args, info, llama_cpu, bank)
+    if args.reuse is not None:
+        print("reused", reuse_base_models(results, json.loads(Path(args.reuse).read_text())), flush=True)
+        save(results, path)
     tokenizer = smollm2_tokenizer(args.gguf)
     converted = from_llama(llama_cpu)
     ttt = from_llama(llama_cpu)

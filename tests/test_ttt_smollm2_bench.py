@@ -86,3 +86,33 @@ def test_static_cache_decode_says_what_generate_says():
         llama_graph_decode(llama, first, steps=0)
     with pytest.raises(ValueError, match="no room"):
         LlamaGraphDecoder(llama, 300, mode=None).read(first)
+
+
+def test_reuse_takes_only_what_the_delta_does_not_change(bench):
+    provenance = {"teacher_sha256": "t", "bank": {"b": 1}}
+    other = {
+        "provenance": {**provenance, "delta_sha256": "old"},
+        "perplexity": {
+            "tokens": 2048,
+            "documents": {
+                "a": {"domain": "plays", "ids_sha256": "x", "smollm2": 1.0, "converted": 2.0, "ttt": 3.0},
+                "b": {"domain": "code", "ids_sha256": "y", "smollm2": 4.0, "ttt": 5.0},
+            },
+        },
+        "passkey": {"lengths": [1024], "depths": [0.5], "trials": 20, "cells": {"1024@0.5": {"smollm2": 1, "ttt": 0}}},
+        "chat": {"Hi?": {"smollm2": "Hello.", "ttt": "#"}},
+    }
+    results = {
+        "provenance": {**provenance, "delta_sha256": "new"},
+        "perplexity": {"tokens": 2048, "documents": {"b": {"domain": "code", "ids_sha256": "other tokens"}}},
+    }
+    copied = bench.reuse_base_models(results, other)
+    docs = results["perplexity"]["documents"]
+    assert docs["a"] == {"domain": "plays", "ids_sha256": "x", "smollm2": 1.0, "converted": 2.0}
+    assert docs["b"] == {"domain": "code", "ids_sha256": "other tokens"}  # other tokens: nothing taken
+    assert results["passkey"]["cells"] == {"1024@0.5": {"smollm2": 1}}
+    assert results["chat"] == {"Hi?": {"smollm2": "Hello."}}
+    assert copied == {"perplexity": 2, "passkey": 1, "chat": 1}
+    assert results["provenance"]["reused"]["delta_sha256"] == "old"
+    with pytest.raises(ValueError, match="teacher_sha256"):
+        bench.reuse_base_models({"provenance": {**provenance, "teacher_sha256": "u"}}, other)
