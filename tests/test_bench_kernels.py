@@ -38,6 +38,7 @@ def test_dry_run_runs_every_section(tmp_path):
     assert all(r["rel_err_Z_float32_B1_H4_T1000"] < 1e-5 for r in steps)
     seeds = {prov["seed"] for prov in results["section_provenance"].values()}
     assert len(seeds) == 1 and results["provenance"]["seed"] in seeds
+    assert results["provenance"]["packages"]["transformers"]  # the peers' versions are recorded
     kept = results["op"]
     again = bench_kernels.main(["--dry-run", "--only", "decode", "--out", str(out), "--seed", "7"])
     assert again["op"] == kept and "decode" in again and again["section_provenance"]["decode"]["seed"] == 7

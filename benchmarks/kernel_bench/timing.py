@@ -114,8 +114,25 @@ def git_commit() -> str:
     return os.environ.get("GIT_COMMIT") or _shell("git", "-C", str(ROOT), "rev-parse", "--verify", "HEAD")
 
 
+PEER_PACKAGES = ("transformers", "fla-core", "flash-linear-attention")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each peer package the benchmarks compare with (None: not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in PEER_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def provenance() -> dict:
-    """What ran where: GPU, clocks, driver, CUDA, library versions, date, the command, the commit."""
+    """What ran where: GPU, clocks, driver, CUDA, library versions (the peers' too), date, the command,
+    the commit."""
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -128,6 +145,7 @@ def provenance() -> dict:
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "packages": package_versions(),
         "python": sys.version.split()[0],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
@@ -142,6 +160,7 @@ def dry_provenance() -> dict:
         "gpu": "none (dry run on the CPU: Triton interpreter)",
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "packages": package_versions(),
         "python": sys.version.split()[0],
         "command": command_line(),
     }
