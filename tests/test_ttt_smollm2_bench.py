@@ -116,3 +116,22 @@ def test_reuse_takes_only_what_the_delta_does_not_change(bench):
     assert results["provenance"]["reused"]["delta_sha256"] == "old"
     with pytest.raises(ValueError, match="teacher_sha256"):
         bench.reuse_base_models({"provenance": {**provenance, "teacher_sha256": "u"}}, other)
+
+
+def test_sink_window_mask_is_causal_attention_with_sinks_and_a_window():
+    from ttt_helpers.pretrained import sink_window_mask
+
+    seen = sink_window_mask(8, window=3, sinks=2)[0, 0] == 0
+    assert seen[7].tolist() == [True, True, False, False, False, True, True, True]
+    assert seen[2].tolist() == [True, True, True] + [False] * 5
+    llama = tiny_llama()
+    ids = torch.randint(0, 300, (1, 50), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = llama(ids).logits
+        whole = llama(ids, attention_mask=sink_window_mask(50, window=50, sinks=0)).logits
+        windowed = llama(ids, attention_mask=sink_window_mask(50, window=8, sinks=0)).logits
+        reference = sliding_window(llama, 8)(ids).logits
+    torch.testing.assert_close(whole, plain, rtol=1e-5, atol=1e-5)  # a window as long as the text: causal
+    torch.testing.assert_close(windowed, reference, rtol=1e-5, atol=1e-5)  # no sinks: the sliding window
+    with pytest.raises(ValueError, match="window"):
+        sink_window_mask(8, window=0)

@@ -184,6 +184,20 @@ def sliding_window(llama: PreTrainedModel, window: int) -> PreTrainedModel:
     return model.eval()
 
 
+def sink_window_mask(length: int, window: int, sinks: int = 4) -> Tensor:
+    """An additive attention mask [1, 1, length, length] (0 where a token may look, -inf elsewhere)
+    that lets each token see the first `sinks` tokens and the last `window` tokens up to itself:
+    the attention of StreamingLLM (Xiao et al. 2023), whose first tokens are "attention sinks".
+    Pass it as a Llama's `attention_mask` for one forward over `length` tokens from position 0."""
+    for name, value, low in (("length", length, 1), ("window", window, 1), ("sinks", sinks, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    query = torch.arange(length)[:, None]
+    key = torch.arange(length)[None, :]
+    seen = (key <= query) & ((query - key < window) | (key < sinks))
+    return torch.zeros(length, length).masked_fill(~seen, float("-inf"))[None, None]
+
+
 WEIGHTS = Path(__file__).parent / "weights"
 DELTA = WEIGHTS / "ttt-smollm2-135m.safetensors"
 FORMAT = 1
