@@ -221,8 +221,6 @@ def llama_graph_decode(
     mode: str | None = "reduce-overhead",
 ) -> dict:
     """`graph_decode_rate` through a `LlamaGraphDecoder` built for this prompt's length."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
     decoder = LlamaGraphDecoder(llama, prompt.shape[1] + warmup + steps + 1, mode=mode, chunk=chunk)
     return graph_decode_rate(decoder, prompt, steps, warmup)
 

@@ -20,7 +20,7 @@ import torch
 from .. import pretrained
 from ..model.convert import config_from_llama
 from .bank import load_bank, prepare_bank
-from .loop import LORA_TARGETS, DistillConfig, Distiller, environment
+from .loop import LORA_TARGETS, DistillConfig, Distiller, delta_name, environment
 
 
 def load_teacher(gguf: str | None) -> torch.nn.Module:
@@ -128,15 +128,8 @@ def run(args: argparse.Namespace) -> str:
 
 
 def delta_tensors(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint's trained tensors under the delta's names: adapter factors as `<module>.lora_A/B`."""
-    out = {}
-    for name, value in params.items():
-        if ".parametrizations.weight.0." in name:
-            module, factor = name.split(".parametrizations.weight.0.")
-            out[f"{module}.lora_{factor}"] = value
-        else:
-            out[name] = value
-    return out
+    """A checkpoint's trained tensors under the delta's names (`delta_name`)."""
+    return {delta_name(name): value for name, value in params.items()}
 
 
 def export(args: argparse.Namespace) -> dict:

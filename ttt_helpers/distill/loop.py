@@ -47,6 +47,18 @@ TTT_PARAMETERS = (
     "post_norm.bias",
 )
 LORA_TARGETS = ("ttt.q_proj", "ttt.k_proj", "ttt.v_proj", "ttt.o_proj")
+ADAPTER = ".parametrizations.weight.0."  # where an adapter factor sits among a student's parameters
+
+
+def delta_name(param: str) -> str:
+    """A trained parameter's name in the delta: an adapter factor `<module>.parametrizations.weight.0.A`
+    becomes `<module>.lora_A`; the TTT layers' own parameters keep theirs."""
+    if ADAPTER in param:
+        module, factor = param.split(ADAPTER)
+        return f"{module}.lora_{factor}"
+    return param
+
+
 STAGES = ("layers", "logits")
 
 
@@ -124,7 +136,7 @@ def trainable(student: nn.Module) -> dict[str, nn.Parameter]:
     """The delta's parameters by name, in a fixed order: every TTT layer's own and every adapter factor."""
     out = {}
     for name, p in student.named_parameters():
-        if ".ttt." in name and (name.split(".ttt.", 1)[1] in TTT_PARAMETERS or ".parametrizations.weight.0." in name):
+        if ".ttt." in name and (name.split(".ttt.", 1)[1] in TTT_PARAMETERS or ADAPTER in name):
             out[name] = p
     return out
 
@@ -229,11 +241,10 @@ class Distiller:
                 f"init {delta} has adapters of rank {lora_info['rank']} and alpha {lora_info['alpha']}, this run "
                 f"{self.config.lora_rank} and {self.config.lora_alpha}"
             )
-        names = {name.replace(".lora_", ".parametrizations.weight.0."): name for name in tensors}
-        if sorted(names) != sorted(self.params):
+        if sorted(tensors) != sorted(map(delta_name, self.params)):
             raise ValueError(f"init {delta} holds other tensors than this run trains")
         for name, p in self.params.items():
-            p.copy_(tensors[names[name]])
+            p.copy_(tensors[delta_name(name)])
         return {"delta": str(delta), "sha256": info["sha256"], "stages": info["trained"]["stages"]}
 
     def _optimizer(self) -> torch.optim.AdamW:
