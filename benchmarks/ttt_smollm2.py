@@ -7,6 +7,9 @@ The models: SmolLM2-135M-Instruct (the teacher, from its GGUF), SmolLM2 with a s
 2,048 tokens (the constant-memory Transformer: the same weights, each attention limited to the last
 2,048 tokens), the converted model before distillation, TTT-SmolLM2 (converted plus the delta) and
 TTT-SmolLM2 with its inner learning rate at 0 (the state never leaves W0: what test-time learning adds).
+For a delta of hybrid layers (`TTTConfig.attention_window`) the converted model is SmolLM2 whose
+attention keeps the first tokens and a short window (StreamingLLM), measured on long documents and
+passkeys too: what the distilled TTT branch adds to it.
 Every section but decode runs in float32 (the TTT kernels' products in tf32), so a CPU can check
 its numbers; decode runs in bfloat16, as a user would. The JSON is rewritten after every document,
 cell and section, and a run with the same --out skips what it holds (a cut-short run resumes).
@@ -368,8 +371,8 @@ def record_visit(
 BASE_MODELS = ("smollm2", "smollm2_window", "converted")  # what a delta does not change
 
 
-def reuse_base_models(results: dict, other: dict) -> dict:
-    """Copy into `results` the entries of BASE_MODELS from `other`, another delta's results of the same
+def reuse_base_models(results: dict, other: dict, models: tuple[str, ...] = BASE_MODELS) -> dict:
+    """Copy into `results` the entries of `models` (some of BASE_MODELS) from `other`, another delta's results of the same
     teacher, data and settings, so that a run measures only the delta's models: per document where
     the tokens' sha256 agree, per passkey cell where lengths, depths and trials agree, per chat
     prompt, per decode cell where the GPU and steps agree. Call after `record_visit`. Returns how
@@ -383,7 +386,7 @@ def reuse_base_models(results: dict, other: dict) -> dict:
     def take(section: str, entries: dict, source: dict, same=lambda a, b: True) -> None:
         for name, entry in source.items():
             if name in entries and same(entries[name], entry):
-                for label in BASE_MODELS:
+                for label in models:
                     if label in entry and label not in entries[name]:
                         entries[name][label] = entry[label]
                         copied[section] = copied.get(section, 0) + 1
@@ -411,7 +414,7 @@ def reuse_base_models(results: dict, other: dict) -> dict:
     if "decode" in other and torch.cuda.is_available():
         if other["decode"].get("device") == torch.cuda.get_device_name():
             seed("decode", ("steps", "device"), "cells")
-    mine["reused"] = {"delta_sha256": theirs["delta_sha256"], "models": list(BASE_MODELS), "entries": copied}
+    mine["reused"] = {"delta_sha256": theirs["delta_sha256"], "models": list(models), "entries": copied}
     return copied
 
 
@@ -434,12 +437,17 @@ def main() -> None:
     llama_cpu = load_teacher(args.gguf)
     tensors, info = pretrained.read_delta(args.delta)
     record_visit(results, path, args, info, llama_cpu, bank)
+    shape = {k: info["conversion"].get(k, 0) for k in ("attention_window", "attention_sinks")}
+    hybrid = bool(shape["attention_window"])
     if args.reuse is not None:
-        print("reused", reuse_base_models(results, json.loads(Path(args.reuse).read_text())), flush=True)
+        other = json.loads(Path(args.reuse).read_text())
+        # a hybrid's converted model is SmolLM2 with sinks and a window: not another delta's converted model
+        reused = BASE_MODELS[:2] if hybrid else BASE_MODELS
+        print("reused", reuse_base_models(results, other, reused), flush=True)
         save(results, path)
     tokenizer = smollm2_tokenizer(args.gguf)
-    converted = from_llama(llama_cpu)
-    ttt = from_llama(llama_cpu)
+    converted = from_llama(llama_cpu, **shape)
+    ttt = from_llama(llama_cpu, **shape)
     pretrained.apply_delta(ttt, tensors, info)
     for model in (converted, ttt):
         model.set_ttt_impl(args.ttt_impl)
@@ -468,12 +476,17 @@ def main() -> None:
         print(f"chat done {time.perf_counter() - t0:.0f}s", flush=True)
     if "long" in sections:
         section_long(
-            {k: v for k, v in models.items() if k != "converted"}, bank, results, path, args.max_docs, args.long_tokens
+            {k: v for k, v in models.items() if hybrid or k != "converted"},
+            bank,
+            results,
+            path,
+            args.max_docs,
+            args.long_tokens,
         )
         print(f"long done {time.perf_counter() - t0:.0f}s", flush=True)
     if "passkey" in sections:
         section_passkey(
-            {k: v for k, v in models.items() if k != "converted"},
+            {k: v for k, v in models.items() if hybrid or k != "converted"},
             tokenizer,
             results,
             path,
@@ -500,7 +513,7 @@ def summary(results: dict) -> None:
             print(domain, len(rows), {k: round(v, 2) for k, v in ppl.items()})
     if "long" in results:
         docs = list(results["long"]["documents"].values())
-        for label in ("smollm2", "smollm2_window", "ttt", "ttt_eta0"):
+        for label in ("smollm2", "smollm2_window", "converted", "ttt", "ttt_eta0"):
             bins = {}
             for d in docs:
                 for b, v in d.get(label, {}).get("bins", {}).items():

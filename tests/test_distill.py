@@ -365,6 +365,31 @@ def test_export_gives_the_distilled_student(bank_folder, tmp_path):
         pretrained.read_delta(tmp_path / "delta.safetensors")
 
 
+def test_hybrid_distillation_trains_its_silent_branch_and_exports_a_delta_that_rebuilds_it(bank_folder, tmp_path):
+    """Hybrid layers (attention over 2 sinks and a window of 8): the student starts as the teacher with
+    that attention (the TTT branch's output norm at zero), the branch trains, and the delta applied
+    to a fresh hybrid conversion gives the student's logits."""
+    bank = load_bank(bank_folder)
+    shape = {"attention_window": 8, "attention_sinks": 2}
+    run = Distiller(DistillConfig(out_dir=str(tmp_path / "run"), **shape, **SMALL), tiny_llama(), bank)
+    norms = [block.ttt.post_norm.weight for block in run.student.model.layers]
+    assert all(not w.any() for w in norms)
+    assert run.run() == "done"
+    assert all(w.abs().sum() > 0 for w in norms)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    info = {"lora": {"rank": 4, "alpha": 16.0}}
+    pretrained.save_delta(delta_tensors(state["params"]), tmp_path / "delta.safetensors", info)
+    tensors, read = pretrained.read_delta(tmp_path / "delta.safetensors")
+    model = from_llama(tiny_llama(), **shape)
+    pretrained.apply_delta(model, tensors, read)
+    lora.merge(run.student)
+    ids = torch.randint(3, VOCAB, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, run.student.cpu()(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_sinks"):
+        DistillConfig(out_dir="x", attention_sinks=2)
+
+
 def test_a_run_continues_from_an_exported_delta(bank_folder, tmp_path):
     bank = load_bank(bank_folder)
     first = Distiller(DistillConfig(out_dir=str(tmp_path / "first"), **SMALL), tiny_llama(), bank)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, kernels, ops
+from .local_attention import LocalAttention
 from .ops import KINDS, State
 
 
@@ -141,6 +142,13 @@ class TTTLayer(nn.Module):
     mini_batch_size; None rotates nothing. `share_qk`: no key projection; the query projection
     feeds two depthwise causal convolutions of width `conv_kernel`, one giving XQ and one XK
     (the Mamba backbone). `use_gate`: the output is multiplied by gelu(g_proj(x)) before o_proj.
+
+    `window` >= 1 makes the layer a hybrid: beside the TTT branch, softmax attention of each token
+    over the first `sinks` tokens and the last `window` (`LocalAttention`, Llama's rotary
+    embedding of base `attention_theta`) reads the same q, k and v heads before their TTT
+    rotation; the output is o_proj(attention + post_norm(Z)) (merged heads), so with post_norm's
+    weight and bias at zero the layer is that attention alone. Its stream state ends with the
+    attention's cache, and `forward_stream` needs `start`, the tokens read before x.
     """
 
     kind: str  # "linear" or "mlp": the layer's row of the table `ops.KINDS`
@@ -159,6 +167,9 @@ class TTTLayer(nn.Module):
         share_qk: bool = False,
         conv_kernel: int = 4,
         rope_theta: float | None = 10000.0,
+        window: int = 0,
+        sinks: int = 0,
+        attention_theta: float = 10000.0,
     ) -> None:
         super().__init__()
         base_lr, eps, rope_theta = _check_layer_args(
@@ -195,6 +206,13 @@ class TTTLayer(nn.Module):
         self.init_inner_model(num_heads, self.head_dim)
         # (weight, bias) of input_projections() as one product, while a FusedProjections is applied
         self.fused: tuple[Tensor, Tensor | None] | None = None
+        checks.integer("window", window, 0)
+        checks.integer("sinks", sinks, 0)
+        if window == 0 and sinks:
+            raise ValueError(f"sinks ({sinks}) need a window: pass window >= 1 for the hybrid layer")
+        if window and share_qk:
+            raise ValueError("window: the hybrid layer needs its own key projection (share_qk=False)")
+        self.local = LocalAttention(window, sinks, self.head_dim, attention_theta) if window else None
 
     def _apply(self, fn, recurse: bool = True):
         """As `nn.Module._apply` (`.double()`, `.to(...)`), then 1/(1..b) made again in its new
@@ -244,9 +262,10 @@ class TTTLayer(nn.Module):
         position: int | Tensor = 0,
         conv_state: Tensor | None = None,
         padding: Padding | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """XQ, XK, XV: [B, H, T, D], eta: [B, H, T], g_proj(x): [B, T, C] (None without use_gate)
-        and the new convolution state (share_qk; else None) for x: [B, T, C] whose first token
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """XQ, XK, XV: [B, H, T, D], eta: [B, H, T], g_proj(x): [B, T, C] (None without use_gate),
+        the new convolution state (share_qk; else None) and, for a hybrid layer, the query and key
+        heads before the TTT rotation (else None), for x: [B, T, C] whose first token
         sits at `position` in its mini-batch (an int, or for one token a tensor [B], each row at
         its own position); with `padding`, eta is 0 and the convolutions read 0 at padded tokens."""
         checks.tensor("x", x)
@@ -265,6 +284,7 @@ class TTTLayer(nn.Module):
             XQ, XK = self._heads(XQ), self._heads(XK)
         else:
             XQ, XK = self._heads(q), self._heads(k)
+        unrotated = (XQ, XK) if self.local is not None else None
         if self.rope_theta is not None:
             if isinstance(position, Tensor):  # one token, each row at its own position: tables [B, 1, 1, D/2]
                 tables = rope_tables(position, self.head_dim, self.rope_theta, XQ.dtype)
@@ -276,17 +296,19 @@ class TTTLayer(nn.Module):
         eta = self._eta(gate)
         if padding is not None:
             eta = eta * padding.mask[:, None, :].to(eta.dtype)
-        return XQ, XK, self._heads(v), eta, g, conv_state
+        return XQ, XK, self._heads(v), eta, g, conv_state, unrotated
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _output(self, Z: Tensor, g: Tensor | None) -> Tensor:
-        """Merge the heads of Z: [B, H, T, D], normalise, gate by gelu(g) (g = g_proj(x): [B, T, C];
-        None: no gate), project. -> [B, T, C]"""
+    def _output(self, Z: Tensor, g: Tensor | None, attention: Tensor | None = None) -> Tensor:
+        """Merge the heads of Z: [B, H, T, D], normalise, add the hybrid's attention output [B, H, T, D]
+        (None: none), gate by gelu(g) (g = g_proj(x): [B, T, C]; None: no gate), project. -> [B, T, C]"""
         B, _, T, _ = Z.shape
         y = self.post_norm(Z.transpose(1, 2).reshape(B, T, self.hidden_size))
+        if attention is not None:
+            y = attention.transpose(1, 2).reshape(B, T, self.hidden_size).to(y.dtype) + y
         if g is not None:
             y = y * ops.gelu_tanh(g)
         return self.o_proj(y)
@@ -299,11 +321,11 @@ class TTTLayer(nn.Module):
         convolution state too: continue it with `forward_stream`.
         """
         checks.boolean("primal", primal)
-        if self.share_qk and state is not None:
-            raise ValueError(
-                "state: a share_qk layer continues a sequence through forward_stream (it has a conv state)"
-            )
-        XQ, XK, XV, eta, g, _ = self._inputs(x)
+        if (self.share_qk or self.local is not None) and state is not None:
+            what = "a share_qk layer (it has a conv state)" if self.share_qk else "a hybrid layer (attention cache)"
+            raise ValueError(f"state: {what} continues a sequence through forward_stream")
+        XQ, XK, XV, eta, g, _, unrotated = self._inputs(x)
+        attention = None if self.local is None else self.local(*unrotated, XV, 0)[0]
         if state is None:
             state = self.initial_state(x.shape[0])
         n = len(self.initial_params())
@@ -329,7 +351,7 @@ class TTTLayer(nn.Module):
             token_idx=self.token_idx(),
             eps=self.eps,
         )
-        return self._output(Z, g), tuple(new_state)
+        return self._output(Z, g, attention), tuple(new_state)
 
     def initial_stream_state(self, batch_size: int) -> State:
         """The learned state plus zero gradient sums (and, with share_qk, the zero convolution
@@ -339,10 +361,18 @@ class TTTLayer(nn.Module):
         if self.share_qk:
             w = self.q_proj.weight
             state += (w.new_zeros(batch_size, self.conv_q.kernel_size[0] - 1, self.hidden_size),)
+        if self.local is not None:
+            state += self.local.initial_cache(self.ln_weight[:, 0], batch_size)
         return state
 
     def forward_stream(
-        self, x: Tensor, state: State, position: int | Tensor, *, padding: Padding | None = None
+        self,
+        x: Tensor,
+        state: State,
+        position: int | Tensor,
+        *,
+        padding: Padding | None = None,
+        start: int | None = None,
     ) -> tuple[Tensor, State, int | Tensor]:
         """Continue from any token, also inside a mini-batch (prefill, then decode one token at a time).
 
@@ -351,27 +381,49 @@ class TTTLayer(nn.Module):
         (T = 1), an int tensor [B] on x's device with each row's own count (rows whose prompts had
         different lengths; its values are not read back, so a CUDA graph can capture the step).
         padding: which tokens are padding (see `Padding`), at position 0 only, the convolution
-        state being the new one's zeros. Returns y, the state, the position (a new tensor for a tensor).
+        state being the new one's zeros. A hybrid layer (window >= 1) needs `start`, the tokens read
+        before x (an int: every row at the same place), and takes no padding. Returns y, the state,
+        the position (a new tensor for a tensor).
         """
         if padding is not None:
             check_padding(padding, x, position)
-        conv_state = None
-        if self.share_qk:
-            if not isinstance(state, (tuple, list)) or not state:
+        conv_state, attention = None, None
+        if self.share_qk or self.local is not None:
+            tail = 1 if self.share_qk else 4
+            if not isinstance(state, (tuple, list)) or len(state) <= tail:
                 raise ValueError("state must be the tuple of tensors from initial_stream_state or forward_stream")
-            *state, conv_state = state
-            state = tuple(state)
-        y, state, position = self._stream(x, state, position, conv_state, padding)
+            state, ends = tuple(state[:-tail]), tuple(state[-tail:])
+            conv_state, attention = (ends[0], None) if self.share_qk else (None, ends)
+        if self.local is not None:
+            if padding is not None or isinstance(position, Tensor):
+                raise ValueError("a hybrid layer (window >= 1) reads every row from the same token: no padding")
+            checks.integer("start", start, 0)
+            if start % self.mini_batch_size != position:
+                raise ValueError(f"start ({start}) must sit at position ({position}) of its mini-batch")
+        elif start is not None:
+            raise ValueError("start is for a hybrid layer (window >= 1) only")
+        y, state, position = self._stream(x, state, position, conv_state, padding, (start, attention))
         return y, state, position
 
     def _stream(
-        self, x: Tensor, state: State, position: int | Tensor, conv_state: Tensor | None, padding: Padding | None
+        self,
+        x: Tensor,
+        state: State,
+        position: int | Tensor,
+        conv_state: Tensor | None,
+        padding: Padding | None,
+        local: tuple[int | None, tuple[Tensor, ...] | None],
     ) -> tuple[Tensor, State, int | Tensor]:
-        """forward_stream on the TTT state alone; the new convolution state, if any, ends the returned state."""
+        """forward_stream on the TTT state alone; the new convolution state or attention cache, if
+        any, ends the returned state. local: (start, the attention cache) of a hybrid layer."""
         rows = x.shape[0] if isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 1 else None
         checks.position("position", position, self.mini_batch_size, rows, values=False)
-        XQ, XK, XV, eta, g, conv_state = self._inputs(x, position, conv_state, padding)
-        tail = () if conv_state is None else (conv_state,)
+        XQ, XK, XV, eta, g, conv_state, unrotated = self._inputs(x, position, conv_state, padding)
+        attention = None
+        if self.local is None:
+            tail = () if conv_state is None else (conv_state,)
+        else:
+            attention, tail = self.local(*unrotated, XV, *local)
         token_idx, dual = self.token_idx(), None
         stream = (self.kind, XQ, XK, XV, eta, state, position, self.ln_weight, self.ln_bias)
         path = self._path(XQ, (XQ, XK, XV, eta, *state), stream=True)
@@ -386,11 +438,11 @@ class TTTLayer(nn.Module):
                 XQ, XK, XV, eta[:, :, 0], state, position, self.ln_weight, self.ln_bias, token_idx, self.eps,
                 check=not kernels.kernel_applies(XQ, self.mini_batch_size),
             )  # fmt: skip
-            return self._output(z, g), state + tail, (position + 1) % self.mini_batch_size
+            return self._output(z, g, attention), state + tail, (position + 1) % self.mini_batch_size
         Z, state, position = ops.ttt_continue(
             *stream, mini_batch_size=self.mini_batch_size, token_idx=token_idx, eps=self.eps, dual=dual
         )
-        return self._output(Z, g), tuple(state) + tail, position
+        return self._output(Z, g, attention), tuple(state) + tail, position
 
     def _path(self, XQ: Tensor, tracked: tuple[Tensor, ...], *, primal: bool = False, stream: bool = False) -> str:
         """`pick_path` for this layer: autograd tracks the call's tensors or the layer's own."""

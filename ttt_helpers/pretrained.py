@@ -287,7 +287,13 @@ def ttt_smollm2(
             stacklevel=2,
         )
     conversion = info["conversion"]
-    model = from_llama(llama, mini_batch_size=conversion["mini_batch_size"], ttt_base_lr=conversion["ttt_base_lr"])
+    model = from_llama(
+        llama,
+        mini_batch_size=conversion["mini_batch_size"],
+        ttt_base_lr=conversion["ttt_base_lr"],
+        attention_window=conversion.get("attention_window", 0),
+        attention_sinks=conversion.get("attention_sinks", 0),
+    )
     del llama
     apply_delta(model, tensors, info)
     return model.to(dtype).eval(), tokenizer

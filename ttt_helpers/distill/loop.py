@@ -84,6 +84,8 @@ class DistillConfig:
     bf16: bool = True  # autocast the products to bfloat16 on CUDA (the master weights stay float32)
     ttt_impl: str = "auto"  # the student's TTT path: "auto" (the Triton training kernels on CUDA) or "reference"
     init: str | None = None  # a delta (`pretrained.save_delta`) the trained tensors start from; needs layer_steps 0
+    attention_window: int = 0  # >= 1: hybrid layers keep softmax attention over the last tokens (`from_llama`)
+    attention_sinks: int = 0  # and over the first tokens
 
     def __post_init__(self) -> None:
         checks.integer("layer_steps", self.layer_steps, 0)
@@ -114,6 +116,10 @@ class DistillConfig:
         if self.max_minutes is not None:
             checks.positive("max_minutes", self.max_minutes)
         checks.one_of("ttt_impl", self.ttt_impl, ("auto", "kernel", "reference"))
+        checks.integer("attention_window", self.attention_window, 0)
+        checks.integer("attention_sinks", self.attention_sinks, 0)
+        if self.attention_sinks and not self.attention_window:
+            raise ValueError(f"attention_sinks ({self.attention_sinks}) need attention_window >= 1")
         if self.init is not None and self.layer_steps != 0:
             raise ValueError(
                 f"init continues a distilled delta with stage 2 only: layer_steps must be 0, got {self.layer_steps}"
@@ -122,7 +128,7 @@ class DistillConfig:
 
 def make_student(teacher: nn.Module, config: DistillConfig) -> TTTForCausalLM:
     """The converted model with adapters on its TTT projections; every weight frozen but the delta."""
-    student = from_llama(teacher)
+    student = from_llama(teacher, attention_window=config.attention_window, attention_sinks=config.attention_sinks)
     student.set_ttt_impl(config.ttt_impl)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -261,7 +267,7 @@ class Distiller:
         """One step of stage 1 on ids [B, T]: each TTT layer imitates its attention (backward per layer)."""
         with self._autocast():
             records = record_attention(self.teacher, ids)
-        if self.step == 0:
+        if self.step == 0 and not self.config.attention_window:  # a hybrid's TTT branch starts at zero
             self._calibrate(records)
         errors = []
         for block, (inputs, outputs) in zip(self.student.model.layers, records):

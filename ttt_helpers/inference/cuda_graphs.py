@@ -45,6 +45,8 @@ def check_graph_model(model: nn.Module) -> torch.device:
         raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
     if model.training:
         raise ValueError("model must be in eval mode (model.eval())")
+    if model.config.attention_window:
+        raise ValueError("model: a hybrid model (attention_window >= 1) decodes without CUDA graphs (generate())")
     return device
 
 

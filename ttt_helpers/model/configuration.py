@@ -53,7 +53,10 @@ class TTTConfig(PretrainedConfig):
     Ours: backbone, a short-hand: "transformer" (all three False) or "mamba" (all three True);
     None reads it off the three options ("custom" for a mix). ttt_impl: "auto" runs the TTT layers
     through the Triton kernels on CUDA (the training kernels when a gradient is needed) and through
-    the reference ops otherwise, "kernel" or "reference" force one path.
+    the reference ops otherwise, "kernel" or "reference" force one path. attention_window >= 1 makes
+    every layer a hybrid: softmax attention over the first attention_sinks tokens and the last
+    attention_window tokens (rotary base rope_theta, absolute positions inside the window) added to
+    the TTT branch before o_proj (`layers.TTTLayer`); 0, the default, is the authors' model.
     """
 
     model_type = "ttt"
@@ -86,6 +89,8 @@ class TTTConfig(PretrainedConfig):
         scan_checkpoint_group_size: int = 0,
         backbone: str | None = None,
         ttt_impl: str = "auto",
+        attention_window: int = 0,
+        attention_sinks: int = 0,
         **kwargs,
     ) -> None:
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
@@ -96,6 +101,7 @@ class TTTConfig(PretrainedConfig):
         self.pre_conv, self.share_qk, self.use_gate, self.backbone = pre_conv, share_qk, use_gate, backbone
         self.scan_checkpoint_group_size, self.pretraining_tp = scan_checkpoint_group_size, pretraining_tp
         self.rms_norm_eps, self.initializer_range, self.use_cache = rms_norm_eps, initializer_range, use_cache
+        self.attention_window, self.attention_sinks = attention_window, attention_sinks
         self._check_and_resolve(pad_token_id, tie_word_embeddings)
         super().__init__(
             pad_token_id=pad_token_id,
@@ -122,6 +128,12 @@ class TTTConfig(PretrainedConfig):
         check_pad_token(pad_token_id, self.vocab_size)
         self.pre_conv, self.share_qk, self.use_gate = flags["pre_conv"], flags["share_qk"], flags["use_gate"]
         self.backbone = next((name for name, f in BACKBONES.items() if f == flags), "custom")
+        checks.integer("attention_window", self.attention_window, 0)
+        checks.integer("attention_sinks", self.attention_sinks, 0)
+        if self.attention_sinks and not self.attention_window:
+            raise ValueError(f"attention_sinks ({self.attention_sinks}) need attention_window >= 1")
+        if self.attention_window and self.share_qk:
+            raise ValueError("attention_window: the hybrid layer needs the Transformer backbone's key projection")
 
 
 def check_sizes(**sizes: int) -> None:

@@ -232,14 +232,25 @@ def load_official_folder(folder: str | Path) -> TTTForCausalLM:
     return from_official(state_dict, config_dict)
 
 
-def config_from_llama(llama_config, *, mini_batch_size: int = 16, ttt_base_lr: float = 1.0) -> TTTConfig:
+def config_from_llama(
+    llama_config,
+    *,
+    mini_batch_size: int = 16,
+    ttt_base_lr: float = 1.0,
+    attention_window: int = 0,
+    attention_sinks: int = 0,
+) -> TTTConfig:
     """The `TTTConfig` of a TTT-Linear model in the Transformer backbone shaped like a Llama config:
     width, depth, heads, feed-forward width, vocabulary, norm epsilon, rotary base, tied embeddings
-    and special tokens carried over; grouped key/value heads become full heads."""
+    and special tokens carried over; grouped key/value heads become full heads. attention_window
+    and attention_sinks (>= 1: hybrid layers) need the Llama's plain rotary embedding (no scaling)."""
     rope = getattr(llama_config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(llama_config, "rope_theta", None))
     if theta is None:
         raise ValueError("llama_config has no rotary base (rope_parameters['rope_theta'] or rope_theta)")
+    rope_type = rope.get("rope_type", (getattr(llama_config, "rope_scaling", None) or {}).get("rope_type", "default"))
+    if attention_window and rope_type != "default":
+        raise ValueError(f"attention_window: the hybrid layer rotates as Llama's default RoPE, not {rope_type!r}")
     head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
     if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
         raise ValueError(
@@ -263,10 +274,19 @@ def config_from_llama(llama_config, *, mini_batch_size: int = 16, ttt_base_lr: f
         ttt_layer_type="linear",
         mini_batch_size=mini_batch_size,
         ttt_base_lr=ttt_base_lr,
+        attention_window=attention_window,
+        attention_sinks=attention_sinks,
     )
 
 
-def from_llama(llama: torch.nn.Module, *, mini_batch_size: int = 16, ttt_base_lr: float = 1.0) -> TTTForCausalLM:
+def from_llama(
+    llama: torch.nn.Module,
+    *,
+    mini_batch_size: int = 16,
+    ttt_base_lr: float = 1.0,
+    attention_window: int = 0,
+    attention_sinks: int = 0,
+) -> TTTForCausalLM:
     """A `TTTForCausalLM` made from a Llama-style causal LM: every self-attention becomes a TTT-Linear
     layer (Transformer backbone) whose q, k, v and o projections are the attention's, each grouped
     key/value head repeated for the query heads that share it (`transplant.ttt_from_attention`,
@@ -277,13 +297,24 @@ def from_llama(llama: torch.nn.Module, *, mini_batch_size: int = 16, ttt_base_lr
     and attention itself (a TTT layer's output is XQ + LN(f(XQ)) through a LayerNorm, not a softmax
     average of values): before distillation the converted model is far worse than the original.
     The result is on the CPU in the Llama's dtype; `llama` is not changed.
+
+    attention_window >= 1 gives hybrid layers (`TTTConfig`): each keeps the attention over the first
+    attention_sinks tokens and the last attention_window, and its TTT branch starts silent (the
+    output norm's weight and bias at zero), so the converted model is, before any training,
+    the Llama with a StreamingLLM cache.
     """
     checks.module("llama", llama)
     decoder = decoder_layers(llama)
     inner = llama.model
     if not all(hasattr(inner, name) for name in ("embed_tokens", "norm")) or not hasattr(llama, "lm_head"):
         raise ValueError("llama must be a Llama-style causal LM (model.embed_tokens, model.norm, lm_head)")
-    config = config_from_llama(llama.config, mini_batch_size=mini_batch_size, ttt_base_lr=ttt_base_lr)
+    config = config_from_llama(
+        llama.config,
+        mini_batch_size=mini_batch_size,
+        ttt_base_lr=ttt_base_lr,
+        attention_window=attention_window,
+        attention_sinks=attention_sinks,
+    )
     weights = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
     if not config.tie_word_embeddings:
         weights["lm_head.weight"] = llama.lm_head.weight
@@ -297,6 +328,9 @@ def from_llama(llama: torch.nn.Module, *, mini_batch_size: int = 16, ttt_base_lr
             theirs.self_attn, mini_batch_size=mini_batch_size, seed=i, rope_theta=config.rope_theta
         )
         weights.update({ours + "ttt." + name: value for name, value in ttt.state_dict().items()})
+        if attention_window:  # the TTT branch starts silent
+            for name in ("post_norm.weight", "post_norm.bias"):
+                weights[ours + "ttt." + name] = torch.zeros_like(weights[ours + "ttt." + name])
     weights = {k: v.detach().clone() for k, v in weights.items()}
     dtype = inner.embed_tokens.weight.dtype
     return _build(config, weights, dtype, "llama left parameters of the TTT model unset").eval()

@@ -96,6 +96,9 @@ class TTTBlock(nn.Module):
             share_qk=config.share_qk,
             conv_kernel=config.conv_kernel,
             rope_theta=config.rope_theta,
+            window=config.attention_window,
+            sinks=config.attention_sinks,
+            attention_theta=config.rope_theta,
         )
         self.ffn_norm = RMSNorm(C, config.rms_norm_eps)
         self.mlp = SwiGLU(C, config.intermediate_size)
@@ -113,7 +116,8 @@ class TTTBlock(nn.Module):
             y, _ = self.ttt(h)
         else:
             position = cache.position(x.shape[1], self.ttt.mini_batch_size)
-            y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position, padding=padding)
+            start = cache.seen_tokens if self.ttt.local is not None else None
+            y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position, padding=padding, start=start)
         x = x + y
         return x + self.mlp(self.ffn_norm(x))
 
@@ -187,6 +191,8 @@ class TTTModel(TTTPreTrainedModel):
         for i, (block, state, conv) in enumerate(zip(self.layers, cache.states, cache.conv_states)):
             params = [(rows, *p.shape) for p in block.ttt.initial_params()]
             want = params + params + ([(rows, k - 1, C)] if block.ttt.share_qk else [])
+            if block.ttt.local is not None:
+                want += [tuple(t.shape) for t in block.ttt.local.initial_cache(block.ttt.ln_weight[:, 0], rows)]
             got = [tuple(t.shape) for t in state]
             if got != want:
                 raise ValueError(
@@ -327,6 +333,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if cache is not None:
             self.model.check_cache(cache, x.shape[0])
         starts = left_padding(attention_mask, cache, x.shape[0], x.shape[1])
+        if starts is not None and self.config.attention_window:
+            raise ValueError(
+                "attention_mask: a hybrid model (attention_window >= 1) reads unpadded batches only; "
+                "run rows of different lengths one at a time"
+            )
         if starts is not None and labels is not None:
             raise ValueError("labels: training on a padded batch is not supported (the loss would read the padding)")
         if use_cache is None:

@@ -1,0 +1,130 @@
+"""Softmax attention over a few first tokens and a short window of the last ones (StreamingLLM).
+
+Xiao et al. (2023, arXiv 2309.17453) found that a pretrained Transformer keeps working with a
+constant-size cache when it keeps the first few tokens ("attention sinks", which soak up attention
+that has nowhere better to go) and the last `window` tokens, each key at its place in the cache.
+`LocalAttention` is that attention as a module without weights: it takes the heads of a layer's
+own queries, keys and values and gives the attention output, so a TTT layer can carry it beside
+its TTT branch (a hybrid layer: the window sees the last tokens exactly, the TTT state the rest).
+
+Token t (counted from the sequence's first) sees token j <= t when t - j < window (the window,
+the current token included) or j < sinks. Rotary positions are those of the cache: a window key
+sits at its own distance t - j from the query; once a sink has left the window it sits right
+before the window's oldest key, at distance min(t, sinks + window - 1) - j, whatever t is. So no
+distance exceeds sinks + window - 1, and a long document looks, position by position, like the
+short ones the model was trained on. The rotation is Llama's (the two halves of a head rotate
+together), so a layer converted from a Llama reproduces its attention inside the window.
+
+The cache `(keys, values, sink_keys, sink_values)` holds the last `window` keys and values
+[B, H, window, D] (rotated keys; zeros before the sequence starts) and the first `sinks`
+[B, H, sinks, D]: its size never grows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import checks
+
+AttentionCache = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def llama_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate x: [B, H, T, D] by positions [T] or [T, 1]-broadcastable, Llama's way: dimension i pairs
+    with i + D/2, angle position * theta^(-2i/D); the angles and their cos and sin in float32, cast
+    to x's dtype before they multiply (as transformers' Llama does)."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=x.device).float() / D))
+    angles = positions.to(x.device).float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    half = D // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LocalAttention(nn.Module):
+    """Causal softmax attention of each token over the first `sinks` tokens and the last `window`
+    (itself included), with cache-relative rotary positions (see the module's docstring).
+
+    window >= 1, sinks >= 0, head_dim D (even), rope_theta: the rotary base. No parameters.
+    """
+
+    def __init__(self, window: int, sinks: int, head_dim: int, rope_theta: float) -> None:
+        super().__init__()
+        self.window = checks.integer("window", window, 1)
+        self.sinks = checks.integer("sinks", sinks, 0)
+        checks.integer("head_dim", head_dim, 2)
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for the rotary embedding, got {head_dim}")
+        self.head_dim, self.rope_theta = head_dim, checks.positive("rope_theta", rope_theta)
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, sinks={self.sinks}"
+
+    def initial_cache(self, like: Tensor, batch_size: int) -> AttentionCache:
+        """An empty cache for `batch_size` rows, zeros in like's dtype and device: (keys, values)
+        [B, H, window, D] and (sink keys, sink values) [B, H, sinks, D], H = like.shape[0]."""
+        H = like.shape[0]
+        window = like.new_zeros(batch_size, H, self.window, self.head_dim)
+        sink = like.new_zeros(batch_size, H, self.sinks, self.head_dim)
+        return window, window.clone(), sink, sink.clone()
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, start: int, cache: AttentionCache | None = None
+    ) -> tuple[Tensor, AttentionCache]:
+        """q, k, v: [B, H, T, D] (not rotated) of tokens start .. start + T - 1; cache: what the
+        tokens before start left (None: start must be 0). -> (output [B, H, T, D], the new cache).
+
+        The window is computed in blocks of `window` queries, each against the 2 * window keys that
+        can reach it, and the sinks as a [T, sinks] score table; one softmax covers both, in float32
+        (float64 for float64 inputs).
+        """
+        checks.integer("start", start, 0)
+        B, H, T, D = q.shape
+        if cache is None:
+            if start != 0:
+                raise ValueError(f"start is {start}: a sequence continued past its first token needs its cache")
+            cache = self.initial_cache(q.new_empty(H), B)
+        w, s = self.window, self.sinks
+        keys, values, sink_keys, sink_values = cache
+        t = torch.arange(start, start + T, device=q.device)
+        kr = llama_rope(k, t, self.rope_theta)
+        if start < s:  # tokens that are sinks: into the sink cache (a new tensor; the old one is left alone)
+            n = min(s, start + T) - start
+            sink_keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
+            sink_values = torch.cat((sink_values[:, :, :start], v[:, :, :n], sink_values[:, :, start + n :]), dim=2)
+        all_keys, all_values = torch.cat((keys.to(kr.dtype), kr), dim=2), torch.cat((values.to(v.dtype), v), dim=2)
+        blocks = -(-T // w)
+        pad = blocks * w - T  # queries (and keys) padded to whole blocks
+        qr = llama_rope(q, t, self.rope_theta)
+        qb = nn.functional.pad(qr, (0, 0, 0, pad)).view(B, H, blocks, w, D)
+        kb = nn.functional.pad(all_keys, (0, 0, 0, pad)).unfold(2, 2 * w, w)  # [B, H, blocks, D, 2w]
+        vb = nn.functional.pad(all_values, (0, 0, 0, pad)).unfold(2, 2 * w, w)
+        scale, exact = 1.0 / math.sqrt(D), torch.promote_types(q.dtype, torch.float32)  # float32 or wider
+        scores = torch.einsum("bhnqd,bhndk->bhnqk", qb, kb).to(exact) * scale
+        # block n, query i: token start + n w + i; key j: token start - w + n w + j
+        i = torch.arange(w, device=q.device)[:, None]
+        j = torch.arange(2 * w, device=q.device)[None, :]
+        key_pos = start - w + torch.arange(blocks, device=q.device)[:, None, None] * w + j
+        seen = (j > i) & (j <= i + w) & (key_pos >= 0)  # [blocks, w, 2w]
+        scores = scores.masked_fill(~seen, float("-inf"))
+        if s:
+            # the query rotated to its place in the cache: min(t, s + w - 1)
+            qs = llama_rope(q, torch.clamp(t, max=s + w - 1), self.rope_theta)
+            sink_scores = torch.einsum("bhtd,bhjd->bhtj", qs, sink_keys.to(qs.dtype)).to(exact) * scale
+            sink_seen = torch.arange(s, device=q.device)[None, :] <= t[:, None] - w  # out of the window only
+            sink_scores = sink_scores.masked_fill(~sink_seen, float("-inf"))
+            sink_scores = nn.functional.pad(sink_scores, (0, 0, 0, pad), value=float("-inf"))
+            scores = torch.cat((scores, sink_scores.view(B, H, blocks, w, s)), dim=-1)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.einsum("bhnqk,bhndk->bhnqd", probs[..., : 2 * w], vb)
+        out = out.reshape(B, H, blocks * w, D)[:, :, :T]
+        if s:
+            sink_probs = probs[..., 2 * w :].reshape(B, H, blocks * w, s)[:, :, :T]
+            out = out + torch.einsum("bhtj,bhjd->bhtd", sink_probs, sink_values.to(v.dtype))
+        new = (all_keys[:, :, -w:].clone(), all_values[:, :, -w:].clone(), sink_keys, sink_values)
+        return out, new
