@@ -8,7 +8,9 @@ values: a decode step costs the same whatever they hold, and no 32k-token prefil
 CPU); the TTT model reads its state, the same size at every context, after a prefill of 64 tokens
 (its step does not depend on how many tokens came before: it is timed once). The speed of a step depends on the
 architecture only, not on the distilled weights, so the converted model stands for TTT-SmolLM2.
-Both in float32, as `load_pretrained` and `ttt_smollm2` give them.
+The hybrid (`attention_window` 64 and `attention_sinks` 4: attention over the first 4 and the last
+64 tokens beside each TTT branch) is timed the same way, after a prefill of 128 tokens, its window
+full. All in float32, as `load_pretrained` and `ttt_smollm2` give them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ttt_helpers.model.convert import from_llama
 from ttt_helpers.pretrained import load_pretrained
 
 CONTEXTS = (2048, 8192, 32768)
+HYBRID = {"attention_window": 64, "attention_sinks": 4}
 
 
 def step_times(model, token: torch.Tensor, cache, steps: int) -> list[float]:
@@ -108,6 +111,16 @@ def main() -> None:
     ttt_times = step_times(ttt, out.logits[:, -1:].argmax(-1), cache, args.steps)
     results["ttt"] = {**summary(ttt_times), "state_bytes": state_bytes, "context": prompt.shape[1]}
     print("ttt", round(results["ttt"]["tokens_per_s"], 1), flush=True)
+    hybrid = from_llama(llama, **HYBRID)
+    longer = torch.randint(3, llama.config.vocab_size, (1, 128), generator=generator)
+    with torch.no_grad():
+        out = hybrid(longer, use_cache=True)
+    cache = output_cache(out)
+    hybrid_bytes = cache.nbytes()
+    times = step_times(hybrid, out.logits[:, -1:].argmax(-1), cache, args.steps)
+    results["hybrid"] = {**summary(times), "state_bytes": hybrid_bytes, "context": longer.shape[1], **HYBRID}
+    print("hybrid", round(results["hybrid"]["tokens_per_s"], 1), flush=True)
+    del hybrid
     for context in CONTEXTS:
         kv = filled_kv_cache(llama, context, generator)
         kv_bytes = sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values))

@@ -79,8 +79,8 @@ class LocalAttention(nn.Module):
         """q, k, v: [B, H, T, D] (not rotated) of tokens start .. start + T - 1; cache: what the
         tokens before start left (None: start must be 0). -> (output [B, H, T, D], the new cache).
 
-        The window is computed in blocks of `window` queries, each against the 2 * window keys that
-        can reach it, and the sinks as a [T, sinks] score table; one softmax covers both, in float32
+        The window is computed in blocks of b = min(window, T) queries, each against the window + b
+        keys that can reach it, and the sinks as a [T, sinks] score table; one softmax covers both, in float32
         (float64 for float64 inputs).
         """
         checks.integer("start", start, 0)
@@ -98,19 +98,20 @@ class LocalAttention(nn.Module):
             sink_keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
             sink_values = torch.cat((sink_values[:, :, :start], v[:, :, :n], sink_values[:, :, start + n :]), dim=2)
         all_keys, all_values = torch.cat((keys.to(kr.dtype), kr), dim=2), torch.cat((values.to(v.dtype), v), dim=2)
-        blocks = -(-T // w)
-        pad = blocks * w - T  # queries (and keys) padded to whole blocks
+        b = min(w, T)  # queries per block: one block for a short call (a decode step)
+        blocks = -(-T // b)
+        pad = blocks * b - T  # queries (and keys) padded to whole blocks
         qr = llama_rope(q, t, self.rope_theta)
-        qb = nn.functional.pad(qr, (0, 0, 0, pad)).view(B, H, blocks, w, D)
-        kb = nn.functional.pad(all_keys, (0, 0, 0, pad)).unfold(2, 2 * w, w)  # [B, H, blocks, D, 2w]
-        vb = nn.functional.pad(all_values, (0, 0, 0, pad)).unfold(2, 2 * w, w)
+        qb = nn.functional.pad(qr, (0, 0, 0, pad)).view(B, H, blocks, b, D)
+        kb = nn.functional.pad(all_keys, (0, 0, 0, pad)).unfold(2, w + b, b)  # [B, H, blocks, D, w + b]
+        vb = nn.functional.pad(all_values, (0, 0, 0, pad)).unfold(2, w + b, b)
         scale, exact = 1.0 / math.sqrt(D), torch.promote_types(q.dtype, torch.float32)  # float32 or wider
         scores = torch.einsum("bhnqd,bhndk->bhnqk", qb, kb).to(exact) * scale
-        # block n, query i: token start + n w + i; key j: token start - w + n w + j
-        i = torch.arange(w, device=q.device)[:, None]
-        j = torch.arange(2 * w, device=q.device)[None, :]
-        key_pos = start - w + torch.arange(blocks, device=q.device)[:, None, None] * w + j
-        seen = (j > i) & (j <= i + w) & (key_pos >= 0)  # [blocks, w, 2w]
+        # block n, query i: token start + n b + i; key j: token start - w + n b + j
+        i = torch.arange(b, device=q.device)[:, None]
+        j = torch.arange(w + b, device=q.device)[None, :]
+        key_pos = start - w + torch.arange(blocks, device=q.device)[:, None, None] * b + j
+        seen = (j > i) & (j <= i + w) & (key_pos >= 0)  # [blocks, b, w + b]
         scores = scores.masked_fill(~seen, float("-inf"))
         if s:
             # the query rotated to its place in the cache: min(t, s + w - 1)
@@ -119,12 +120,12 @@ class LocalAttention(nn.Module):
             sink_seen = torch.arange(s, device=q.device)[None, :] <= t[:, None] - w  # out of the window only
             sink_scores = sink_scores.masked_fill(~sink_seen, float("-inf"))
             sink_scores = nn.functional.pad(sink_scores, (0, 0, 0, pad), value=float("-inf"))
-            scores = torch.cat((scores, sink_scores.view(B, H, blocks, w, s)), dim=-1)
+            scores = torch.cat((scores, sink_scores.view(B, H, blocks, b, s)), dim=-1)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.einsum("bhnqk,bhndk->bhnqd", probs[..., : 2 * w], vb)
-        out = out.reshape(B, H, blocks * w, D)[:, :, :T]
+        out = torch.einsum("bhnqk,bhndk->bhnqd", probs[..., : w + b], vb)
+        out = out.reshape(B, H, blocks * b, D)[:, :, :T]
         if s:
-            sink_probs = probs[..., 2 * w :].reshape(B, H, blocks * w, s)[:, :, :T]
+            sink_probs = probs[..., w + b :].reshape(B, H, blocks * b, s)[:, :, :T]
             out = out + torch.einsum("bhtj,bhjd->bhtd", sink_probs, sink_values.to(v.dtype))
         new = (all_keys[:, :, -w:].clone(), all_values[:, :, -w:].clone(), sink_keys, sink_values)
         return out, new
