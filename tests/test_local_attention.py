@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ttt_helpers.compat import output_cache
-from ttt_helpers.local_attention import LocalAttention, llama_rope
+from ttt_helpers.local_attention import LocalAttention, llama_rope, llama_rope_table
 from ttt_helpers.model.convert import from_llama
 from ttt_helpers.pretrained import sink_window_mask
 
@@ -24,8 +24,8 @@ def streaming_reference(q, k, v, window: int, sinks: int, theta: float):
     for t in range(T):
         kept = [j for j in range(t + 1) if j < sinks or t - j < window]
         slots = torch.arange(len(kept))
-        keys = llama_rope(k[:, :, kept], slots, theta)
-        query = llama_rope(q[:, :, t : t + 1], slots[-1:], theta)
+        keys = llama_rope(k[:, :, kept], llama_rope_table(slots, D, theta))
+        query = llama_rope(q[:, :, t : t + 1], llama_rope_table(slots[-1:], D, theta))
         p = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(D), dim=-1)
         out[:, :, t : t + 1] = p @ v[:, :, kept]
     return out

@@ -32,18 +32,21 @@ from . import checks
 AttentionCache = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def llama_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate x: [B, H, T, D] by positions [T] or [T, 1]-broadcastable, Llama's way: dimension i pairs
-    with i + D/2, angle position * theta^(-2i/D); the angles and their cos and sin in float32, cast
-    to x's dtype before they multiply (as transformers' Llama does)."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=x.device).float() / D))
-    angles = positions.to(x.device).float()[:, None] * inv_freq[None, :]
+def llama_rope_table(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [T, D] of Llama's rotary angles position * theta^(-2i/D) (each repeated for the
+    two halves of a head), in float32, as transformers' Llama computes them. positions: [T]"""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    angles = positions.float()[:, None] * (1.0 / theta**exponent)[None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    half = D // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return angles.cos(), angles.sin()
+
+
+def llama_rope(x: Tensor, table: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate x: [B, H, T, D] by the angles of `llama_rope_table` [T, D], Llama's way: dimension i
+    pairs with i + D/2; cos and sin cast to x's dtype before they multiply."""
+    cos, sin = (t.to(x.dtype) for t in table)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class LocalAttention(nn.Module):
@@ -92,7 +95,8 @@ class LocalAttention(nn.Module):
         w, s = self.window, self.sinks
         keys, values, sink_keys, sink_values = cache
         t = torch.arange(start, start + T, device=q.device)
-        kr = llama_rope(k, t, self.rope_theta)
+        table = llama_rope_table(t, D, self.rope_theta)
+        kr = llama_rope(k, table)
         if start < s:  # tokens that are sinks: into the sink cache (a new tensor; the old one is left alone)
             n = min(s, start + T) - start
             sink_keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
@@ -101,7 +105,7 @@ class LocalAttention(nn.Module):
         b = min(w, T)  # queries per block: one block for a short call (a decode step)
         blocks = -(-T // b)
         pad = blocks * b - T  # queries (and keys) padded to whole blocks
-        qr = llama_rope(q, t, self.rope_theta)
+        qr = llama_rope(q, table)
         qb = nn.functional.pad(qr, (0, 0, 0, pad)).view(B, H, blocks, b, D)
         kb = nn.functional.pad(all_keys, (0, 0, 0, pad)).unfold(2, w + b, b)  # [B, H, blocks, D, w + b]
         vb = nn.functional.pad(all_values, (0, 0, 0, pad)).unfold(2, w + b, b)
@@ -115,7 +119,7 @@ class LocalAttention(nn.Module):
         scores = scores.masked_fill(~seen, float("-inf"))
         if s:
             # the query rotated to its place in the cache: min(t, s + w - 1)
-            qs = llama_rope(q, torch.clamp(t, max=s + w - 1), self.rope_theta)
+            qs = llama_rope(q, llama_rope_table(torch.clamp(t, max=s + w - 1), D, self.rope_theta))
             sink_scores = torch.einsum("bhtd,bhjd->bhtj", qs, sink_keys.to(qs.dtype)).to(exact) * scale
             sink_seen = torch.arange(s, device=q.device)[None, :] <= t[:, None] - w  # out of the window only
             sink_scores = sink_scores.masked_fill(~sink_seen, float("-inf"))
