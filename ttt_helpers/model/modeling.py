@@ -333,11 +333,6 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         if cache is not None:
             self.model.check_cache(cache, x.shape[0])
         starts = left_padding(attention_mask, cache, x.shape[0], x.shape[1])
-        if starts is not None and self.config.attention_window:
-            raise ValueError(
-                "attention_mask: a hybrid model (attention_window >= 1) reads unpadded batches only; "
-                "run rows of different lengths one at a time"
-            )
         if starts is not None and labels is not None:
             raise ValueError("labels: training on a padded batch is not supported (the loss would read the padding)")
         if use_cache is None:
@@ -361,6 +356,11 @@ class TTTForCausalLM(TTTPreTrainedModel, GenerationMixin):
         (`_prefill_padded`); one decoded token per row in one call, each row at its own position in
         its mini-batch (`TTTCache.positions`); longer later calls in groups of rows at the same
         position. -> (hidden states [B, T, C], 0 at padding; the cache or None)"""
+        if self.config.attention_window:
+            raise ValueError(
+                "attention_mask: a hybrid model (attention_window >= 1) reads unpadded batches only; "
+                "run rows of different lengths one at a time"
+            )
         B, T, _ = x.shape
         seen, b = (0 if cache is None else cache.seen_tokens), self.config.mini_batch_size
         if seen and T == 1:
