@@ -22,15 +22,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize(
-    "impl,layer_type,backbone",
-    [("kernel", "linear", "transformer"), ("auto", "linear", "transformer"), ("auto", "mlp", "transformer")]
-    + [("auto", "linear", "mamba"), ("auto", "mlp", "mamba")],
+    "impl,layer_type,backbone,window",
+    [("kernel", "linear", "transformer", 0), ("auto", "linear", "transformer", 0), ("auto", "mlp", "transformer", 0)]
+    + [("auto", "linear", "mamba", 0), ("auto", "mlp", "mamba", 0), ("auto", "linear", "transformer", 8)],
 )
-def test_cuda_graph_decoder_matches_eager_decode(impl, layer_type, backbone, rng):
+def test_cuda_graph_decoder_matches_eager_decode(impl, layer_type, backbone, window, rng):
     """Graph replay against eager single-token forwards and one full forward, over 39 tokens after a
     prefill of 21 (mini-batch boundaries crossed twice, one graph for every position); with the
-    Mamba backbone the replay also carries the convolution states."""
-    model = tiny_model(impl, layer_type, backbone)
+    Mamba backbone the replay also carries the convolution states, with hybrid layers (window 8,
+    2 sinks) the attention's cache and the token count on the device."""
+    model = tiny_model(impl, layer_type, backbone, attention_window=window, attention_sinks=2 if window else 0)
     ids = torch.randint(0, 64, (3, 60), generator=rng).to(DEVICE)
     with torch.no_grad():
         whole = model(ids).logits

@@ -289,7 +289,7 @@ def test_bad_inputs_raise_value_errors(rng):
 # ---------------------------------------------------------------- the model's dispatch (TTTConfig.ttt_impl)
 
 
-def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transformer"):
+def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transformer", **options):
     from ttt_helpers.model import TTTConfig, TTTForCausalLM
 
     torch.manual_seed(0)
@@ -302,6 +302,7 @@ def tiny_model(impl: str, layer_type: str = "linear", backbone: str = "transform
         ttt_layer_type=layer_type,
         backbone=backbone,
         ttt_impl=impl,
+        **options,
     )
     return TTTForCausalLM(config).to(DEVICE).eval()
 

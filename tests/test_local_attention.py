@@ -118,3 +118,26 @@ def test_hybrid_refuses_padding(tiny_llama):
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="unpadded batches"):
         hybrid(ids, attention_mask=mask)
+
+
+def test_hybrid_decodes_from_device_counters_as_from_host_ones(tiny_llama, rng):
+    """With the cache's positions and token count on the device (what a CUDA graph replays), each
+    decoded token gives what the host-side path gives, and the counters follow."""
+    hybrid = from_llama(tiny_llama, attention_window=4, attention_sinks=2).double()
+    hybrid.set_ttt_impl("reference")
+    with torch.no_grad():
+        for block in hybrid.model.layers:
+            block.ttt.post_norm.weight.normal_(0, 0.3, generator=rng)
+    ids = torch.randint(0, 97, (2, 30), generator=rng)
+    host = output_cache(hybrid(ids[:, :1], use_cache=True))
+    device = output_cache(hybrid(ids[:, :1], use_cache=True))
+    device.keep_positions(hybrid.config.mini_batch_size)
+    for t in range(1, 30):
+        want = hybrid(ids[:, t : t + 1], cache=host).logits
+        got = hybrid(ids[:, t : t + 1], cache=device).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert device.tokens.tolist() == [30] and device.positions.tolist() == [30 % 16] * 2
+    attention = LocalAttention(4, 2, 8, 10000.0)
+    x = torch.zeros(1, 1, 2, 8)
+    with pytest.raises(ValueError, match="one token"):
+        attention(x, x, x, torch.tensor([3]), attention.initial_cache(x[0, :, 0, 0], 1))

@@ -382,7 +382,8 @@ class TTTLayer(nn.Module):
         different lengths; its values are not read back, so a CUDA graph can capture the step).
         padding: which tokens are padding (see `Padding`), at position 0 only, the convolution
         state being the new one's zeros. A hybrid layer (window >= 1) needs `start`, the tokens read
-        before x (an int: every row at the same place), and takes no padding. Returns y, the state,
+        before x (an int, or with a tensor position an int64 tensor [1] on the device: every row at
+        the same place), and takes no padding. Returns y, the state,
         the position (a new tensor for a tensor).
         """
         if padding is not None:
@@ -395,11 +396,14 @@ class TTTLayer(nn.Module):
             state, ends = tuple(state[:-tail]), tuple(state[-tail:])
             conv_state, attention = (ends[0], None) if self.share_qk else (None, ends)
         if self.local is not None:
-            if padding is not None or isinstance(position, Tensor):
+            if padding is not None:
                 raise ValueError("a hybrid layer (window >= 1) reads every row from the same token: no padding")
-            checks.integer("start", start, 0)
-            if start % self.mini_batch_size != position:
-                raise ValueError(f"start ({start}) must sit at position ({position}) of its mini-batch")
+            if isinstance(start, Tensor) != isinstance(position, Tensor):
+                raise ValueError("start and position: both ints, or both tensors on the device (one token)")
+            if not isinstance(start, Tensor):
+                checks.integer("start", start, 0)
+                if start % self.mini_batch_size != position:
+                    raise ValueError(f"start ({start}) must sit at position ({position}) of its mini-batch")
         elif start is not None:
             raise ValueError("start is for a hybrid layer (window >= 1) only")
         y, state, position = self._stream(x, state, position, conv_state, padding, (start, attention))

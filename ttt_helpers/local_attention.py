@@ -77,27 +77,36 @@ class LocalAttention(nn.Module):
         return window, window.clone(), sink, sink.clone()
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, start: int, cache: AttentionCache | None = None
+        self, q: Tensor, k: Tensor, v: Tensor, start: int | Tensor, cache: AttentionCache | None = None
     ) -> tuple[Tensor, AttentionCache]:
         """q, k, v: [B, H, T, D] (not rotated) of tokens start .. start + T - 1; cache: what the
         tokens before start left (None: start must be 0). -> (output [B, H, T, D], the new cache).
+        start may be an int64 tensor [1] on the device for one token (T = 1, with a cache): nothing
+        is then read back to the host, so a CUDA graph can capture the step.
 
         The window is computed in blocks of b = min(window, T) queries, each against the window + b
         keys that can reach it, and the sinks as a [T, sinks] score table; one softmax covers both, in float32
         (float64 for float64 inputs).
         """
-        checks.integer("start", start, 0)
         B, H, T, D = q.shape
+        on_device = isinstance(start, Tensor)
+        if on_device and (T != 1 or cache is None or start.shape != (1,)):
+            raise ValueError("start as a tensor [1] is for one token (T = 1) continuing a cache")
+        if not on_device:
+            checks.integer("start", start, 0)
         if cache is None:
             if start != 0:
                 raise ValueError(f"start is {start}: a sequence continued past its first token needs its cache")
             cache = self.initial_cache(q.new_empty(H), B)
         w, s = self.window, self.sinks
         keys, values, sink_keys, sink_values = cache
-        t = torch.arange(start, start + T, device=q.device)
+        t = start + torch.arange(T, device=q.device)  # start may live on the device
         table = llama_rope_table(t, D, self.rope_theta)
         kr = llama_rope(k, table)
-        if start < s:  # tokens that are sinks: into the sink cache (a new tensor; the old one is left alone)
+        if on_device and s:  # one token: into its sink slot if it has one, without reading start
+            slot = (torch.arange(s, device=q.device) == start)[None, None, :, None]
+            sink_keys, sink_values = torch.where(slot, kr, sink_keys), torch.where(slot, v, sink_values)
+        elif not on_device and start < s:  # tokens that are sinks: into the sink cache (new tensors)
             n = min(s, start + T) - start
             sink_keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
             sink_values = torch.cat((sink_values[:, :, :start], v[:, :, :n], sink_values[:, :, start + n :]), dim=2)

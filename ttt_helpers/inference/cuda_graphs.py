@@ -8,7 +8,8 @@ once and replaying it leaves only the kernels.
 keeps working on the live cache. Each row's position in its inner mini-batch (the last position
 commits the state) is read on the device from the cache's `positions`, and every replay advances
 it there, so one graph serves every step, and the rows of a left-padded batch, each at its own
-position, decode together. The convolution states of the Mamba backbone are new tensors after
+position, decode together. Hybrid layers (`TTTConfig.attention_window`) read the token count on
+the device too (`TTTCache.tokens`), for their attention's rotary positions and masks. The convolution states of the Mamba backbone are new tensors after
 each step; the captured step copies them back into the cache's own tensors, so a replay reads
 and writes the same memory. The graph runs each block's input projections as one product
 (`FusedProjections`), whose fused weights every step copies in again if the model's may have
@@ -45,8 +46,6 @@ def check_graph_model(model: nn.Module) -> torch.device:
         raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
     if model.training:
         raise ValueError("model must be in eval mode (model.eval())")
-    if model.config.attention_window:
-        raise ValueError("model: a hybrid model (attention_window >= 1) decodes without CUDA graphs (generate())")
     return device
 
 
@@ -82,7 +81,7 @@ class CUDAGraphDecoder:
 
     def _live(self) -> list[Tensor]:
         """Every tensor of the cache as it is now, in a fixed order."""
-        return self.cache.tensors() + [self.cache.positions]
+        return self.cache.tensors() + [self.cache.positions, self.cache.tokens]
 
     def _restore(self) -> None:
         """Point the cache back at the tensors the graph reads, copying in any that a model call replaced."""
@@ -90,7 +89,8 @@ class CUDAGraphDecoder:
             if new is not old:
                 old.copy_(new)
         cache = self.cache
-        cache.states, cache.conv_states, cache.positions = list(self.states), list(self.conv_states), self.tensors[-1]
+        cache.states, cache.conv_states = list(self.states), list(self.conv_states)
+        cache.positions, cache.tokens = self.tensors[-2:]
 
     def _forward(self) -> Tensor:
         """One step; tensors the model replaced (convolution states) are copied back into the old ones."""

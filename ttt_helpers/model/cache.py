@@ -32,8 +32,10 @@ class TTTCache:
     row (row i has read seen_tokens - starts[i] tokens); positions: None, or each row's position in
     its mini-batch as an int32 tensor [B] on the model's device, kept in step with seen_tokens by
     the model, so that a one-token step reads it there and not from the host (the CUDA-graph
-    decoder keeps one; a left-padded batch decodes through it). Its size does not depend on seen_tokens.
-    broken: None, or why the cache can no longer be continued (a call that failed part-way).
+    decoder keeps one; a left-padded batch decodes through it); tokens: None, or seen_tokens as an
+    int64 tensor [1] on the device, kept with positions (a hybrid layer's attention reads it). Its
+    size does not depend on seen_tokens. broken: None, or why the cache can no longer be continued
+    (a call that failed part-way).
     """
 
     states: list[tuple[Tensor, ...]]
@@ -42,6 +44,7 @@ class TTTCache:
     starts: list[int] | None = None  # left padding per row of a ragged batch (None: no padding)
     positions: Tensor | None = None
     broken: str | None = None  # why the cache may be half-updated (a call on it failed): None while usable
+    tokens: Tensor | None = None  # seen_tokens on the device, kept with positions
     # What generate() asks of a cache it is given: not a static KV cache to compile (the CUDA-graph
     # decoder captures decoding instead), every layer a recurrent state, its length.
     is_compileable: ClassVar[bool] = False
@@ -70,10 +73,13 @@ class TTTCache:
         """`positions`, made from `row_positions` if the cache has none yet, else refreshed in
         place (so a CUDA graph that reads it stays valid)."""
         values = torch.tensor(self.row_positions(mini_batch_size), dtype=torch.int32)
+        count = torch.tensor([self.seen_tokens], dtype=torch.int64)
         if self.positions is None:
-            self.positions = values.to(self.states[0][0].device)
+            device = self.states[0][0].device
+            self.positions, self.tokens = values.to(device), count.to(device)
         else:
             self.positions.copy_(values)
+            self.tokens.copy_(count)
         return self.positions
 
     def position(self, tokens: int, mini_batch_size: int) -> int | Tensor:
@@ -88,6 +94,7 @@ class TTTCache:
         self.seen_tokens += tokens
         if self.positions is not None and tokens == 1:  # on the device: no host sync
             self.positions.add_(1).remainder_(mini_batch_size)
+            self.tokens.add_(1)
         elif self.positions is not None:
             self.keep_positions(mini_batch_size)
 
@@ -100,6 +107,7 @@ class TTTCache:
             self.starts,
             self.positions,
             self.broken,
+            self.tokens,
         )
 
     def clone(self) -> TTTCache:

@@ -116,7 +116,9 @@ class TTTBlock(nn.Module):
             y, _ = self.ttt(h)
         else:
             position = cache.position(x.shape[1], self.ttt.mini_batch_size)
-            start = cache.seen_tokens if self.ttt.local is not None else None
+            start = None  # a hybrid layer's attention reads the tokens before x: on the device for one token
+            if self.ttt.local is not None:
+                start = cache.tokens if isinstance(position, Tensor) else cache.seen_tokens
             y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position, padding=padding, start=start)
         x = x + y
         return x + self.mlp(self.ffn_norm(x))
