@@ -48,6 +48,17 @@ def step_times(model, token: torch.Tensor, cache, steps: int) -> list[float]:
     return times
 
 
+def recurrent_decode(model, prompt: torch.Tensor, steps: int) -> dict:
+    """A TTT model's decode steps after reading prompt [1, T]: `summary` of their times, the bytes its
+    cache holds (the same at any context) and the prompt's length."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+    cache = output_cache(out)
+    state_bytes = cache.nbytes()
+    times = step_times(model, out.logits[:, -1:].argmax(-1), cache, steps)
+    return {**summary(times), "state_bytes": state_bytes, "context": prompt.shape[1]}
+
+
 def filled_kv_cache(llama, context: int, generator: torch.Generator) -> DynamicCache:
     """A DynamicCache holding `context` tokens of random keys and values in every layer."""
     config = llama.config
@@ -104,23 +115,11 @@ def main() -> None:
         "contexts": {},
     }
     prompt = torch.randint(3, llama.config.vocab_size, (1, 64), generator=generator)
-    with torch.no_grad():
-        out = ttt(prompt, use_cache=True)
-    cache = output_cache(out)
-    state_bytes = cache.nbytes()
-    ttt_times = step_times(ttt, out.logits[:, -1:].argmax(-1), cache, args.steps)
-    results["ttt"] = {**summary(ttt_times), "state_bytes": state_bytes, "context": prompt.shape[1]}
-    print("ttt", round(results["ttt"]["tokens_per_s"], 1), flush=True)
-    hybrid = from_llama(llama, **HYBRID)
+    results["ttt"] = recurrent_decode(ttt, prompt, args.steps)
     longer = torch.randint(3, llama.config.vocab_size, (1, 128), generator=generator)
-    with torch.no_grad():
-        out = hybrid(longer, use_cache=True)
-    cache = output_cache(out)
-    hybrid_bytes = cache.nbytes()
-    times = step_times(hybrid, out.logits[:, -1:].argmax(-1), cache, args.steps)
-    results["hybrid"] = {**summary(times), "state_bytes": hybrid_bytes, "context": longer.shape[1], **HYBRID}
-    print("hybrid", round(results["hybrid"]["tokens_per_s"], 1), flush=True)
-    del hybrid
+    results["hybrid"] = {**recurrent_decode(from_llama(llama, **HYBRID), longer, args.steps), **HYBRID}
+    for name in ("ttt", "hybrid"):
+        print(name, round(results[name]["tokens_per_s"], 1), flush=True)
     for context in CONTEXTS:
         kv = filled_kv_cache(llama, context, generator)
         kv_bytes = sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values))

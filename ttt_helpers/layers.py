@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, kernels, ops
-from .local_attention import LocalAttention
+from .local_attention import LocalAttention, check_hybrid
 from .ops import KINDS, State
 
 
@@ -206,12 +206,7 @@ class TTTLayer(nn.Module):
         self.init_inner_model(num_heads, self.head_dim)
         # (weight, bias) of input_projections() as one product, while a FusedProjections is applied
         self.fused: tuple[Tensor, Tensor | None] | None = None
-        checks.integer("window", window, 0)
-        checks.integer("sinks", sinks, 0)
-        if window == 0 and sinks:
-            raise ValueError(f"sinks ({sinks}) need a window: pass window >= 1 for the hybrid layer")
-        if window and share_qk:
-            raise ValueError("window: the hybrid layer needs its own key projection (share_qk=False)")
+        check_hybrid(window, sinks, share_qk)
         self.local = LocalAttention(window, sinks, self.head_dim, attention_theta) if window else None
 
     def _apply(self, fn, recurse: bool = True):

@@ -32,6 +32,17 @@ from . import checks
 AttentionCache = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
+def check_hybrid(window: int, sinks: int, share_qk: bool = False, *, prefix: str = "") -> None:
+    """Raise unless `window` and `sinks` (named prefix + "window", prefix + "sinks") describe hybrid
+    layers or none: ints >= 0, sinks only with a window, a window only beside a key projection."""
+    checks.integer(prefix + "window", window, 0)
+    checks.integer(prefix + "sinks", sinks, 0)
+    if sinks and not window:
+        raise ValueError(f"{prefix}sinks ({sinks}) need {prefix}window >= 1 (a hybrid layer)")
+    if window and share_qk:
+        raise ValueError(f"{prefix}window: the hybrid layer needs its own key projection (share_qk=False)")
+
+
 def llama_rope_table(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin [T, D] of Llama's rotary angles position * theta^(-2i/D) (each repeated for the
     two halves of a head), in float32, as transformers' Llama computes them. positions: [T]"""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks, lora
+from ..local_attention import check_hybrid
 from ..model import TTTForCausalLM
 from ..model.convert import from_llama
 from .bank import Bank
@@ -116,10 +117,7 @@ class DistillConfig:
         if self.max_minutes is not None:
             checks.positive("max_minutes", self.max_minutes)
         checks.one_of("ttt_impl", self.ttt_impl, ("auto", "kernel", "reference"))
-        checks.integer("attention_window", self.attention_window, 0)
-        checks.integer("attention_sinks", self.attention_sinks, 0)
-        if self.attention_sinks and not self.attention_window:
-            raise ValueError(f"attention_sinks ({self.attention_sinks}) need attention_window >= 1")
+        check_hybrid(self.attention_window, self.attention_sinks, prefix="attention_")
         if self.init is not None and self.layer_steps != 0:
             raise ValueError(
                 f"init continues a distilled delta with stage 2 only: layer_steps must be 0, got {self.layer_steps}"

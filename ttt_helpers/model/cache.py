@@ -89,6 +89,13 @@ class TTTCache:
             return self.positions
         return self.seen_tokens % mini_batch_size
 
+    def start(self, tokens: int) -> int | Tensor:
+        """How many tokens came before a call of `tokens` tokens per row: `tokens` (on the device) for
+        one token where the cache keeps positions, else seen_tokens (a hybrid layer's attention reads it)."""
+        if self.positions is not None and tokens == 1:
+            return self.tokens
+        return self.seen_tokens
+
     def advance(self, tokens: int, mini_batch_size: int) -> None:
         """Count `tokens` more tokens read by every row, `positions` included (on the device for one)."""
         self.seen_tokens += tokens

@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 
 from .. import checks
 from ..layers import IMPLS, TTTMLP, TTTLinear
+from ..local_attention import check_hybrid
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}  # ttt_layer_type -> layer class
 
@@ -128,12 +129,7 @@ class TTTConfig(PretrainedConfig):
         check_pad_token(pad_token_id, self.vocab_size)
         self.pre_conv, self.share_qk, self.use_gate = flags["pre_conv"], flags["share_qk"], flags["use_gate"]
         self.backbone = next((name for name, f in BACKBONES.items() if f == flags), "custom")
-        checks.integer("attention_window", self.attention_window, 0)
-        checks.integer("attention_sinks", self.attention_sinks, 0)
-        if self.attention_sinks and not self.attention_window:
-            raise ValueError(f"attention_sinks ({self.attention_sinks}) need attention_window >= 1")
-        if self.attention_window and self.share_qk:
-            raise ValueError("attention_window: the hybrid layer needs the Transformer backbone's key projection")
+        check_hybrid(self.attention_window, self.attention_sinks, self.share_qk, prefix="attention_")
 
 
 def check_sizes(**sizes: int) -> None:

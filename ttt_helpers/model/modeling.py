@@ -116,9 +116,7 @@ class TTTBlock(nn.Module):
             y, _ = self.ttt(h)
         else:
             position = cache.position(x.shape[1], self.ttt.mini_batch_size)
-            start = None  # a hybrid layer's attention reads the tokens before x: on the device for one token
-            if self.ttt.local is not None:
-                start = cache.tokens if isinstance(position, Tensor) else cache.seen_tokens
+            start = None if self.ttt.local is None else cache.start(x.shape[1])
             y, cache.states[i], _ = self.ttt.forward_stream(h, cache.states[i], position, padding=padding, start=start)
         x = x + y
         return x + self.mlp(self.ffn_norm(x))
