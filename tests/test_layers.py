@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ttt_helpers.layers import TTTMLP, TTTLinear
+from ttt_helpers.layers import TTTMLP, TTTLinear, rope_tables
 
 LAYERS = {"linear": TTTLinear, "mlp": TTTMLP}
 
@@ -144,3 +144,13 @@ def test_rope_rotates_pairs_by_position_in_the_mini_batch(rng):
             assert torch.allclose(y[..., t, 2 * i + 1], b * c + a * s, rtol=0, atol=1e-6)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=0)  # the table is float32
     assert torch.equal(y[..., 0, :], x[..., 0, :]) and torch.equal(y[..., 16, :], x[..., 16, :])
+
+
+def test_rotary_table_is_the_float32_table_of_a_mini_batchs_positions_after_any_cast():
+    layer = LAYERS["linear"](24, 3, mini_batch_size=8)
+    expected = torch.stack(rope_tables(torch.arange(8), 8, layer.rope_theta, torch.float32))
+    for cast in (lambda m: m, lambda m: m.double(), lambda m: m.to(torch.bfloat16)):
+        table = cast(layer).rope_table
+        assert table.dtype == torch.float32 and torch.equal(table, expected)
+    assert "rope_table" not in layer.state_dict()
+    assert LAYERS["linear"](24, 3, rope_theta=None).rope_table is None

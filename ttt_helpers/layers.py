@@ -193,6 +193,9 @@ class TTTLayer(nn.Module):
         # cast with .double(), loaded, converted), as every loader makes it
         base = ops.default_token_idx(mini_batch_size, dtype=self.token_idx_offset.dtype)
         self.register_buffer("token_idx_base", base, persistent=False)
+        # cos and sin [2, b, D/2] of the b positions a mini-batch has, in float32: made once per device
+        # (`_apply`), not at every call (a decoded token only looks its row up)
+        self.register_buffer("rope_table", self.rotary_table(torch.device("cpu")), persistent=False)
         self.ln_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
         self.ln_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim))
         self.post_norm = nn.LayerNorm(hidden_size, eps=eps)
@@ -211,12 +214,22 @@ class TTTLayer(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         """As `nn.Module._apply` (`.double()`, `.to(...)`), then 1/(1..b) made again in its new
-        dtype: a float32 table cast to float64 would keep float32's rounding."""
+        dtype (a float32 table cast to float64 would keep float32's rounding) and the rotary table
+        again in float32 on its new device, as a call would compute it there."""
         super()._apply(fn, recurse)
         base = self.token_idx_base
         if not base.is_meta:
             self.token_idx_base = ops.default_token_idx(self.mini_batch_size, dtype=base.dtype, device=base.device)
+        if self.rope_table is not None and not self.rope_table.is_meta:
+            self.rope_table = self.rotary_table(self.rope_table.device)
         return self
+
+    def rotary_table(self, device: torch.device) -> Tensor | None:
+        """cos and sin of the rotary angles of positions 0 .. b - 1: [2, b, D/2] in float32 (None without RoPE)."""
+        if self.rope_theta is None:
+            return None
+        positions = torch.arange(self.mini_batch_size, device=device)
+        return torch.stack(rope_tables(positions, self.head_dim, self.rope_theta, torch.float32))
 
     def init_inner_model(self, H: int, D: int) -> None:
         """Create the learned initial state of the inner model as parameters, named as in the kind's
@@ -280,13 +293,13 @@ class TTTLayer(nn.Module):
         else:
             XQ, XK = self._heads(q), self._heads(k)
         unrotated = (XQ, XK) if self.local is not None else None
-        if self.rope_theta is not None:
+        if self.rope_table is not None:
+            table = self.rope_table.to(XQ.dtype)
             if isinstance(position, Tensor):  # one token, each row at its own position: tables [B, 1, 1, D/2]
-                tables = rope_tables(position, self.head_dim, self.rope_theta, XQ.dtype)
-                cos, sin = (t.view(x.shape[0], 1, 1, -1) for t in tables)
+                cos, sin = (t[position].view(x.shape[0], 1, 1, -1) for t in table)
             else:
                 positions = (torch.arange(x.shape[1], device=x.device) + position) % self.mini_batch_size
-                cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, XQ.dtype)
+                cos, sin = table[:, positions]
             XQ, XK = apply_rope(XQ, cos, sin), apply_rope(XK, cos, sin)
         eta = self._eta(gate)
         if padding is not None:

@@ -133,6 +133,8 @@ class TTTPreTrainedModel(PreTrainedModel):
         if isinstance(module, TTTLayer):
             base = ops.default_token_idx(module.mini_batch_size, dtype=module.token_idx_base.dtype)
             init.copy_(module.token_idx_base, base)  # a buffer, not in checkpoints: made again on loading
+            if module.rope_table is not None:  # likewise
+                init.copy_(module.rope_table, module.rotary_table(module.rope_table.device))
             std = self.config.initializer_range
             for name, p in module.named_parameters(recurse=False):
                 if name in ("W0", "W1", "W2"):
