@@ -43,6 +43,7 @@ import torch
 from benchmarks.kernel_bench.timing import dry_provenance, provenance, results_path
 from ttt_helpers.metrics import per_position_loss
 from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
+from ttt_helpers.train.loss import causal_lm_loss
 from ttt_helpers.train.windows import RandomWindows, corpus_stream
 
 ARCHITECTURES = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "deltanet")
@@ -192,7 +193,10 @@ def train(args, model, train_tokens: np.ndarray, device: str) -> dict:
         for _ in range(accum):
             ids = windows.next_batch().to(device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(input_ids=ids, labels=ids).loss / accum  # the models shift the labels
+                if args.loss == "chunked":  # the same loss for every model, never holding the logits
+                    loss = causal_lm_loss(model, ids) / accum
+                else:
+                    loss = model(input_ids=ids, labels=ids).loss / accum  # the models shift the labels
             loss.backward()
             step_loss += loss.detach()
         step_loss = step_loss.item()  # one host sync per optimizer step, not per micro-batch
@@ -246,6 +250,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-tokens", type=int, default=2**19, help="tokens per optimizer step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--loss",
+        choices=("chunked", "logits"),
+        default="chunked",
+        help="the training loss: chunked (ttt_helpers.train.loss, no [tokens, vocab] logits) or each model's own",
+    )
     parser.add_argument("--eval-factor", type=int, default=4, help="evaluation windows of this many contexts")
     parser.add_argument("--eval-windows", type=int, default=24, help="held-out windows per kind (at most)")
     parser.add_argument("--decode-lengths", type=lengths_list, default=[2048, 8192, 32768],
