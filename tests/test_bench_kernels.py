@@ -39,6 +39,11 @@ def test_dry_run_runs_every_section(tmp_path):
     seeds = {prov["seed"] for prov in results["section_provenance"].values()}
     assert len(seeds) == 1 and results["provenance"]["seed"] in seeds
     assert results["provenance"]["packages"]["transformers"]  # the peers' versions are recorded
+    for row in results["op"]:  # a spread over repeats, the bf16 products beside ours, the SDPA backend named
+        spread = row["ours_ms_spread"]
+        assert spread["min"] <= row["ours_ms"] == spread["median"] <= spread["max"]
+        assert isinstance(row["ours_bf16_products_ms"], float) and row["sdpa_backend"] == "cpu"
+    assert all(row["llama_eager_sdpa_backend"] == "cpu" for row in prefill)
     kept = results["op"]
     again = bench_kernels.main(["--dry-run", "--only", "decode", "--out", str(out), "--seed", "7"])
     assert again["op"] == kept and "decode" in again and again["section_provenance"]["decode"]["seed"] == 7

@@ -13,7 +13,7 @@ import torch
 
 from .counts import decode_bytes, kv_cache_bytes, model_decode_bytes
 from .inputs import Scale
-from .timing import Runner
+from .timing import Runner, sdpa_backend
 
 PREFILL_NOTE = (
     "forward with use_cache=False and the logits of the last token only. *_eager: the model as "
@@ -137,6 +137,8 @@ def time_prefill(run: Runner, row: dict, name: str, fn, tokens: int, models: dic
     ms = run.attempt(row, f"{name}_ms", lambda: timer(fn))
     if ms is not None:
         row[f"{name}_tokens_per_s"] = tokens / ms * 1e3
+    if name.startswith("llama") and not name.endswith("_graph"):  # a graph's replay hides its kernels' names
+        run.attempt(row, f"{name}_sdpa_backend", lambda: sdpa_backend(fn, run.device))
 
 
 class LlamaGraphDecoder:

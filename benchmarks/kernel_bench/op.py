@@ -9,7 +9,8 @@ from ttt_helpers.testing import rel_err
 
 from .counts import roofline, sdpa_bytes, sdpa_flops, ttt_linear_bytes, ttt_linear_flops
 from .inputs import Scale, decode_state, decode_tokens, to64, ttt_inputs
-from .timing import Runner
+from .precision import products_in
+from .timing import Runner, sdpa_backend
 
 FLA_NOTE = (
     "fla's chunk_ttt_linear / fused_chunk_ttt_linear take [B, T, H, D] inputs, scale queries by 1/sqrt(D), "
@@ -62,6 +63,27 @@ def correctness(run: Runner, scale: Scale) -> list[dict]:
     return rows
 
 
+def fla_autotuners() -> dict[str, object]:
+    """The autotuned Triton kernels of fla's TTT ops by name ({} without fla). Their tuning key
+    leaves out B and T, so the first shape timed would fix the configuration of every later one:
+    `op_level` clears their choices before each shape and records the one each then made."""
+    try:
+        import importlib
+        import pkgutil
+
+        import fla.ops.ttt as package
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
+    tuners = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, Autotuner):
+                tuners[f"{info.name}.{name}"] = value
+    return tuners
+
+
 def _fla_ops() -> tuple:
     """fla's two TTT-Linear ops, or (None, None, why) when fla is not installed."""
     try:
@@ -87,7 +109,11 @@ def op_level(run: Runner, scale: Scale, peaks: dict) -> list[dict]:
         print(f"op B={B} T={T}", flush=True)
         args = ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
         with torch.no_grad():
-            run.attempt(row, "ours_ms", lambda: run.fast_ms(lambda: ttt_linear_prefill(**args)))
+            spread = run.attempt(row, "ours_ms_spread", lambda: run.spread_ms(lambda: ttt_linear_prefill(**args)))
+            if spread is not None:
+                row["ours_ms"] = spread["median"]
+            with products_in(("bf16", "bf16")):  # fla's choice: the state's products in bf16 too
+                run.attempt(row, "ours_bf16_products_ms", lambda: run.fast_ms(lambda: ttt_linear_prefill(**args)))
             # the layout a model produces: [B, T, H, D] projections viewed as [B, H, T, D]
             bthd = {
                 k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("XQ", "XK", "XV") else v)
@@ -100,15 +126,22 @@ def op_level(run: Runner, scale: Scale, peaks: dict) -> list[dict]:
             fla_kw = dict(
                 initial_state=args["W0"], initial_state_bias=args["b0"], output_final_state=True, chunk_size=MB
             )
+            tuners = fla_autotuners() if chunk is not None else {}
+            for tuner in tuners.values():  # tuned again at this shape
+                tuner.cache.clear()
             for key, fn in (("fla_chunk_ms", chunk), ("fla_fused_chunk_ms", fused_chunk)):
                 if fn is None:
                     row[key] = fla_missing
                     continue
                 timed = lambda fn=fn: fn(q, k, v, args["ln_weight"], args["ln_bias"], eta, **fla_kw)  # noqa: E731
-                run.attempt(row, key, lambda timed=timed: run.fast_ms(timed))
+                spread = run.attempt(row, key + "_spread", lambda timed=timed: run.spread_ms(timed))
+                if spread is not None:
+                    row[key] = spread["median"]
+            row["fla_configs"] = {name: str(t.best_config) for name, t in tuners.items() if t.cache}
             del q, k, v, eta
             sdpa = lambda: F.scaled_dot_product_attention(args["XQ"], args["XK"], args["XV"], is_causal=True)  # noqa: E731
             run.attempt(row, "sdpa_causal_ms", lambda: run.fast_ms(sdpa))
+            run.attempt(row, "sdpa_backend", lambda: sdpa_backend(sdpa, run.device))
             if B * T <= scale.reference_max_tokens:  # the reference wants one dtype: a bf16 state here
                 ref_args = {**args, "W0": args["W0"].bfloat16(), "b0": args["b0"].bfloat16()}
                 run.attempt(row, "reference_ms", lambda: run.slow_ms(lambda: ops.ttt_linear(**ref_args)))

@@ -71,6 +71,12 @@ class Runner:
         self.sync()
         return time.perf_counter() - start
 
+    def spread_ms(self, fn: Callable[[], object], repeats: int = 5) -> dict[str, float]:
+        """fast_ms of fn measured `repeats` times: the median of those medians, and their min and max
+        (how far one measurement can move from run to run)."""
+        times = sorted(self.fast_ms(fn) for _ in range(repeats))
+        return {"median": times[len(times) // 2], "min": times[0], "max": times[-1]}
+
     def attempt(self, record: dict, key: str, fn: Callable[[], object]):
         """record[key] = fn(); on failure record the error in record["errors"][key] and go on."""
         try:
@@ -107,6 +113,27 @@ def command_line() -> str:
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     head = ["-m", spec.name] if spec is not None and spec.name else [sys.argv[0]]
     return " ".join([Path(sys.executable).name, *head, *sys.argv[1:]])
+
+
+SDPA_BACKENDS = (("flash", "flash"), ("cudnn", "cudnn"), ("efficient", "fmha"), ("efficient", "efficient"))
+
+
+def sdpa_backend(fn: Callable[[], object], device: str) -> str:
+    """Which kernel of scaled_dot_product_attention runs in fn(): "flash", "cudnn", "efficient" or
+    "math" (none of those), read from the names of the CUDA kernels one call launches; "cpu" off a GPU."""
+    if device != "cuda":
+        return "cpu"
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # compiled code compiles outside the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [event.key.lower() for event in prof.key_averages()]
+    for backend, part in SDPA_BACKENDS:
+        if any(part in name for name in names):
+            return backend
+    return "math"
 
 
 def git_commit() -> str:
