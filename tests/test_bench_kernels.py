@@ -95,6 +95,10 @@ def test_benchmark_formulas():
     assert line["bound"] == "compute"
     assert line["floor_ms"] == pytest.approx(2.0) and line["fraction_of_floor"] == pytest.approx(0.5)
     assert bench.roofline(flops=1e9, nbytes=4e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0)["bound"] == "memory"
+    few = bench.roofline(flops=2e12, nbytes=1e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0, programs=12, sms=132)
+    assert few["active_sms"] == 12 and few["per_sm_floor_ms"] == pytest.approx(2.0 * 132 / 12)  # 12 SMs at work
+    many = bench.roofline(flops=2e12, nbytes=1e9, peak_flops=1e15, peak_bytes=2e12, ms=4.0, programs=512, sms=132)
+    assert many["per_sm_floor_ms"] == pytest.approx(2.0)  # every SM at work: the whole GPU's floor
     assert bench.kv_cache_bytes(2, 10, 8, 2) == 2 * 2 * 10 * 8 * 2
     assert bench.model_decode_bytes(100, 7.0, 3) == 121
     if not torch.cuda.is_available():

@@ -51,17 +51,40 @@ def ttt_mlp_bytes(B: int, H: int, T: int, D: int, F: int, elt: int, state_elt: i
     return B * H * (T * (4 * D + 1) * elt + 2 * (2 * D * F + F + D) * state_elt)
 
 
-def roofline(flops: float, nbytes: float, peak_flops: float, peak_bytes: float, ms: float) -> dict:
-    """Time floor = max(FLOPs / peak FLOP/s, bytes / peak bytes/s); fraction = floor / measured time."""
+def roofline(
+    flops: float,
+    nbytes: float,
+    peak_flops: float,
+    peak_bytes: float,
+    ms: float,
+    programs: int | None = None,
+    sms: int | None = None,
+) -> dict:
+    """Time floor = max(FLOPs / peak FLOP/s, bytes / peak bytes/s); fraction = floor / measured time.
+
+    With `programs` (the kernel's independent programs: B * H chains for the TTT kernels) and the
+    GPU's `sms`, also the per-SM floor: the floor when only min(programs, sms) SMs have work, each
+    at its share of the peaks. At B * H = 12 on 132 SMs the whole-GPU fraction mixes how few SMs
+    work with how well each works; the per-SM fraction is the second alone."""
     compute_ms, memory_ms = flops / peak_flops * 1e3, nbytes / peak_bytes * 1e3
     floor = max(compute_ms, memory_ms)
-    return {
+    out = {
         "flops": flops,
         "bytes": nbytes,
         "bound": "compute" if compute_ms >= memory_ms else "memory",
         "floor_ms": floor,
         "fraction_of_floor": floor / ms,
     }
+    if programs is not None and sms:
+        active = min(programs, sms)
+        per_sm = floor * sms / active
+        out |= {
+            "programs": programs,
+            "active_sms": active,
+            "per_sm_floor_ms": per_sm,
+            "fraction_of_per_sm_floor": per_sm / ms,
+        }
+    return out
 
 
 # ---------------------------------------------------------------- timing and bookkeeping

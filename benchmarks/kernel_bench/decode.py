@@ -59,7 +59,7 @@ def decode(run: Runner, scale: Scale, peaks: dict) -> dict:
                 result[key] = {
                     "ms_per_token_step": per_token,
                     "tokens_per_s": B / per_token * 1e3,
-                    "roofline": roofline(flops, nbytes, peak_flops, peak_bytes, per_token),
+                    "roofline": roofline(flops, nbytes, peak_flops, peak_bytes, per_token, B * H, peaks.get("sms")),
                 }
                 print(f"  decode {key}: {per_token * 1e3:.1f} us/step, {B / per_token * 1e3:,.0f} tokens/s", flush=True)
     return result

@@ -69,7 +69,9 @@ def mlp_op_level(run: Runner, scale: Scale, peaks: dict) -> list[dict]:
                 row["reference_ms"] = f"skipped: B*T > {scale.reference_max_tokens}"
         if isinstance(row.get("ours_ms"), float):
             flops, nbytes = ttt_mlp_flops(B, H, T, D, MB, F), ttt_mlp_bytes(B, H, T, D, F, 2, 4)
-            row["roofline"] = {"ours": roofline(flops, nbytes, peak_flops, peak_bytes, row["ours_ms"])}
+            row["roofline"] = {
+                "ours": roofline(flops, nbytes, peak_flops, peak_bytes, row["ours_ms"], B * H, peaks.get("sms"))
+            }
             # what the two passes stream through the L2 cache: W1 and W2 read twice and written once
             row["state_bytes_streamed_per_minibatch_per_head"] = 3 * 2 * D * F * 4
         rows.append(row)

@@ -156,7 +156,10 @@ def op_level(run: Runner, scale: Scale, peaks: dict) -> list[dict]:
             ("sdpa_causal_ms", (sdpa_flops(B, H, T, D), sdpa_bytes(B, H, T, D, 2))),
         ):
             if isinstance(row.get(key), float):
-                row["roofline"][key.removesuffix("_ms")] = roofline(flops, nbytes, peak_flops, peak_bytes, row[key])
+                chains = B * H if key != "sdpa_causal_ms" else None  # one sequential program per (batch, head)
+                row["roofline"][key.removesuffix("_ms")] = roofline(
+                    flops, nbytes, peak_flops, peak_bytes, row[key], chains, peaks.get("sms")
+                )
         rows.append(row)
         del args
         print(

@@ -217,4 +217,5 @@ def measure_peaks(run: Runner) -> dict:
         "matmul_shape": [n, n, n],
         "copy_gbps": nbytes / copy_ms / 1e6,
         "copy_bytes_read_plus_written": nbytes,
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count if run.cuda else 1,
     }
