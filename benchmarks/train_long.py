@@ -6,15 +6,10 @@ by token index, on English and on code separately, inside the trained context an
     python3 -m benchmarks.train_long --dry-run --model ttt-linear-m   # tiny shapes, random tokens, CPU
     python3 -m benchmarks.train_long --dry-run --model llama --corpus corpus/   # tiny shapes, the corpus
 
-Models share the width, depth, heads, feed-forward width and SmolLM2's vocabulary (49,152):
-  llama            a Llama (RoPE, SDPA attention)
-  ttt-linear-m     TTT-Linear in the Mamba backbone (the paper's "TTT-Linear (M)")
-  ttt-mlp-m        TTT-MLP in the Mamba backbone
-  ttt-linear-m-lr0 the control: ttt-linear-m with every TTT layer's base_lr set to 0 after it is
-                   built, so eta = 0 and the inner state never leaves its learned W0
-  deltanet         flash-linear-attention's DeltaNet, heads of 128 (its Mamba2 needs mamba-ssm for
-                   speed; its GatedDeltaNet refuses to train on Hopper GPUs with Triton < 3.7.1, as
-                   its gated backward kernel gives wrong gradients there)
+Models (`benchmarks.language_models`) share the width, depth, heads, feed-forward width and
+SmolLM2's vocabulary (49,152): llama, ttt-linear, ttt-linear-m (the paper's "TTT-Linear (M)"),
+ttt-mlp-m, the control ttt-linear-m-lr0 (the inner state never leaves its learned W0), deltanet
+and gated-deltanet (flash-linear-attention).
 Training reads random windows of context tokens from the training documents (English and
 code, each split concatenated in manifest order with a separator token between documents, so a
 window of code reads neighbouring files of one package: `ttt_helpers.train.windows`); every model
@@ -41,40 +36,11 @@ import numpy as np
 import torch
 
 from benchmarks.kernel_bench.timing import dry_provenance, provenance, results_path
+from benchmarks.language_models import ARCHITECTURES, DRY_SHAPE, VOCAB, build
 from ttt_helpers.metrics import per_position_loss
-from ttt_helpers.model import TTT_STANDARD_CONFIGS, TTTConfig, TTTForCausalLM
+from ttt_helpers.model import TTT_STANDARD_CONFIGS
 from ttt_helpers.train.loss import causal_lm_loss
 from ttt_helpers.train.windows import RandomWindows, corpus_stream
-
-ARCHITECTURES = ("llama", "ttt-linear-m", "ttt-mlp-m", "ttt-linear-m-lr0", "deltanet")
-VOCAB = 49152
-DRY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-
-
-def build(name: str, shape: dict, vocab: int, context: int) -> torch.nn.Module:
-    """The model `name` of the given shape (hidden_size, intermediate_size, layers, heads)."""
-    if name == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        heads = shape["num_attention_heads"]
-        config = LlamaConfig(**shape, num_key_value_heads=heads, vocab_size=vocab, tie_word_embeddings=True,
-                             max_position_embeddings=context, attn_implementation="sdpa")  # fmt: skip
-        return LlamaForCausalLM(config)
-    if name == "deltanet":
-        from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-        C = shape["hidden_size"]
-        config = DeltaNetConfig(
-            hidden_size=C, num_hidden_layers=shape["num_hidden_layers"], num_heads=max(1, C // 128),
-            intermediate_size=shape["intermediate_size"], vocab_size=vocab, tie_word_embeddings=True,
-        )  # fmt: skip
-        return DeltaNetForCausalLM(config)
-    kind = "mlp" if name.startswith("ttt-mlp") else "linear"
-    model = TTTForCausalLM(TTTConfig(**shape, vocab_size=vocab, ttt_layer_type=kind, backbone="mamba"))
-    if name.endswith("-lr0"):
-        for block in model.model.layers:
-            block.ttt.base_lr = 0.0
-    return model
 
 
 def load_streams(args) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
