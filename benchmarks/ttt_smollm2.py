@@ -37,7 +37,7 @@ from ttt_helpers.compat import cache_kwargs
 from ttt_helpers.distill.bank import LONG, SHORT, Bank, load_bank
 from ttt_helpers.distill.cli import load_teacher
 from ttt_helpers.distill.loop import environment
-from ttt_helpers.model.convert import from_llama
+from ttt_helpers.model.convert import conversion, from_llama
 from ttt_helpers.pretrained import sliding_window
 
 WINDOW = 2048
@@ -437,7 +437,7 @@ def main() -> None:
     llama_cpu = load_teacher(args.gguf)
     tensors, info = pretrained.read_delta(args.delta)
     record_visit(results, path, args, info, llama_cpu, bank)
-    shape = {k: info["conversion"].get(k, 0) for k in ("attention_window", "attention_sinks")}
+    shape = conversion(**info["conversion"])
     hybrid = bool(shape["attention_window"])
     if args.reuse is not None:
         other = json.loads(Path(args.reuse).read_text())

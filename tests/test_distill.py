@@ -111,6 +111,18 @@ def test_conversion_refuses_what_is_not_a_llama():
         from_llama("smollm2")
     with pytest.raises(ValueError, match="model.layers"):
         from_llama(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="from_llama has no option attention_size; its options are mini_batch_size"):
+        from_llama(tiny_llama(), attention_size=64)
+
+
+def test_conversion_options_reach_the_config():
+    config = config_from_llama(tiny_llama().config, mini_batch_size=8, attention_window=16, attention_sinks=2)
+    assert (config.mini_batch_size, config.ttt_base_lr, config.attention_window, config.attention_sinks) == (
+        8,
+        1.0,
+        16,
+        2,
+    )
 
 
 # --- low-rank adapters ----------------------------------------------------------------------------

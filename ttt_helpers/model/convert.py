@@ -232,24 +232,43 @@ def load_official_folder(folder: str | Path) -> TTTForCausalLM:
     return from_official(state_dict, config_dict)
 
 
-def config_from_llama(
-    llama_config,
-    *,
-    mini_batch_size: int = 16,
-    ttt_base_lr: float = 1.0,
-    attention_window: int = 0,
-    attention_sinks: int = 0,
-) -> TTTConfig:
+# What `from_llama` takes beside the Llama, with its defaults; every other field follows the Llama.
+CONVERSION: dict[str, float] = {"mini_batch_size": 16, "ttt_base_lr": 1.0, "attention_window": 0, "attention_sinks": 0}
+# The fields a TTTConfig shares, by name and meaning, with a Llama config.
+LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+def conversion(**options: float) -> dict[str, float]:
+    """`CONVERSION` with `options` in place of its defaults; an option it does not name is refused."""
+    unknown = sorted(set(options) - set(CONVERSION))
+    if unknown:
+        raise TypeError(f"from_llama has no option {', '.join(unknown)}; its options are {', '.join(CONVERSION)}")
+    return {**CONVERSION, **options}
+
+
+def config_from_llama(llama_config, **options: float) -> TTTConfig:
     """The `TTTConfig` of a TTT-Linear model in the Transformer backbone shaped like a Llama config:
     width, depth, heads, feed-forward width, vocabulary, norm epsilon, rotary base, tied embeddings
     and special tokens carried over; grouped key/value heads become full heads. attention_window
-    and attention_sinks (>= 1: hybrid layers) need the Llama's plain rotary embedding (no scaling)."""
+    and attention_sinks (>= 1: hybrid layers) need the Llama's plain rotary embedding (no scaling).
+    options: those of `CONVERSION` (mini_batch_size, ttt_base_lr, attention_window, attention_sinks), by name."""
+    options = conversion(**options)
     rope = getattr(llama_config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(llama_config, "rope_theta", None))
     if theta is None:
         raise ValueError("llama_config has no rotary base (rope_parameters['rope_theta'] or rope_theta)")
     rope_type = rope.get("rope_type", (getattr(llama_config, "rope_scaling", None) or {}).get("rope_type", "default"))
-    if attention_window and rope_type != "default":
+    if options["attention_window"] and rope_type != "default":
         raise ValueError(f"attention_window: the hybrid layer rotates as Llama's default RoPE, not {rope_type!r}")
     head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // llama_config.num_attention_heads
     if head_dim * llama_config.num_attention_heads != llama_config.hidden_size:
@@ -258,35 +277,17 @@ def config_from_llama(
             f"must equal hidden_size ({llama_config.hidden_size}) for a TTT layer"
         )
     return TTTConfig(
-        vocab_size=llama_config.vocab_size,
-        hidden_size=llama_config.hidden_size,
-        intermediate_size=llama_config.intermediate_size,
-        num_hidden_layers=llama_config.num_hidden_layers,
-        num_attention_heads=llama_config.num_attention_heads,
-        max_position_embeddings=llama_config.max_position_embeddings,
+        **{name: getattr(llama_config, name) for name in LLAMA_FIELDS},
         rms_norm_eps=float(llama_config.rms_norm_eps),
         rope_theta=float(theta),
         tie_word_embeddings=bool(llama_config.tie_word_embeddings),
-        pad_token_id=llama_config.pad_token_id,
-        bos_token_id=llama_config.bos_token_id,
-        eos_token_id=llama_config.eos_token_id,
         backbone="transformer",
         ttt_layer_type="linear",
-        mini_batch_size=mini_batch_size,
-        ttt_base_lr=ttt_base_lr,
-        attention_window=attention_window,
-        attention_sinks=attention_sinks,
+        **options,
     )
 
 
-def from_llama(
-    llama: torch.nn.Module,
-    *,
-    mini_batch_size: int = 16,
-    ttt_base_lr: float = 1.0,
-    attention_window: int = 0,
-    attention_sinks: int = 0,
-) -> TTTForCausalLM:
+def from_llama(llama: torch.nn.Module, **options: float) -> TTTForCausalLM:
     """A `TTTForCausalLM` made from a Llama-style causal LM: every self-attention becomes a TTT-Linear
     layer (Transformer backbone) whose q, k, v and o projections are the attention's, each grouped
     key/value head repeated for the query heads that share it (`transplant.ttt_from_attention`,
@@ -298,7 +299,8 @@ def from_llama(
     average of values): before distillation the converted model is far worse than the original.
     The result is on the CPU in the Llama's dtype; `llama` is not changed.
 
-    attention_window >= 1 gives hybrid layers (`TTTConfig`): each keeps the attention over the first
+    options, by name, with their defaults in `CONVERSION`: mini_batch_size (16) and ttt_base_lr (1.0)
+    of the TTT layers; attention_window >= 1 gives hybrid layers (`TTTConfig`): each keeps the attention over the first
     attention_sinks tokens and the last attention_window, and its TTT branch starts silent (the
     output norm's weight and bias at zero), so the converted model is, before any training,
     the Llama with a StreamingLLM cache.
@@ -308,13 +310,7 @@ def from_llama(
     inner = llama.model
     if not all(hasattr(inner, name) for name in ("embed_tokens", "norm")) or not hasattr(llama, "lm_head"):
         raise ValueError("llama must be a Llama-style causal LM (model.embed_tokens, model.norm, lm_head)")
-    config = config_from_llama(
-        llama.config,
-        mini_batch_size=mini_batch_size,
-        ttt_base_lr=ttt_base_lr,
-        attention_window=attention_window,
-        attention_sinks=attention_sinks,
-    )
+    config = config_from_llama(llama.config, **options)
     weights = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
     if not config.tie_word_embeddings:
         weights["lm_head.weight"] = llama.lm_head.weight
@@ -325,10 +321,10 @@ def from_llama(
         for name in ("gate_proj", "up_proj", "down_proj"):
             weights[ours + f"mlp.{name}.weight"] = getattr(theirs.mlp, name).weight
         ttt = ttt_from_attention(
-            theirs.self_attn, mini_batch_size=mini_batch_size, seed=i, rope_theta=config.rope_theta
+            theirs.self_attn, mini_batch_size=config.mini_batch_size, seed=i, rope_theta=config.rope_theta
         )
         weights.update({ours + "ttt." + name: value for name, value in ttt.state_dict().items()})
-        if attention_window:  # the TTT branch starts silent
+        if config.attention_window:  # the TTT branch starts silent
             for name in ("post_norm.weight", "post_norm.bias"):
                 weights[ours + "ttt." + name] = torch.zeros_like(weights[ours + "ttt." + name])
     weights = {k: v.detach().clone() for k, v in weights.items()}

@@ -99,14 +99,8 @@ class Trainer:
         self.config, self.tokenizer, self.device = config, tokenizer, torch.device(device)
         self.rank, self.world = rank_and_world_size()
         self.out_dir = Path(config.out_dir)
-        self.stream = SegmentStream(
-            train_docs,
-            config.window,
-            config.batch_size,
-            seed=config.seed,
-            reset_interval=config.cache_reset_interval,
-            rank=self.rank,
-            world_size=self.world,
+        self.stream = SegmentStream(  # this process's rows of the batch
+            train_docs, config.window, config.batch_size, seed=config.seed, reset_interval=config.cache_reset_interval
         )
         saved = None
         if config.resume:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import checks, data
 from .config import TrainConfig
+from .distributed import rank_and_world_size
 
 
 def load_tokenizer(name: str):
@@ -59,7 +60,8 @@ class SegmentStream:
     All processes share one document queue, shuffled each epoch from `seed`: whenever a row has
     read every whole segment of its document (a document of N tokens has (N - 1) // window), it
     takes the next document of the queue and its state is reset. There are `rows * world_size`
-    rows in all; process `rank` reads rows rank, rank + world_size, ... The position in the data
+    rows in all; process `rank` reads rows rank, rank + world_size, ... (by default this process's
+    rank and world size, `distributed.rank_and_world_size`). The position in the data
     is a few integers (`state_dict`), so a resumed run reads exactly what it would have read.
     """
 
@@ -71,9 +73,11 @@ class SegmentStream:
         *,
         seed: int = 0,
         reset_interval: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
+        process = rank_and_world_size()
+        rank, world_size = (process[0] if rank is None else rank), (process[1] if world_size is None else world_size)
         checks.integer("window", window, 1)
         checks.integer("rows", rows, 1)
         checks.integer("seed", seed)
