@@ -114,13 +114,7 @@ class LocalAttention(nn.Module):
         t = start + torch.arange(T, device=q.device)  # start may live on the device
         table = llama_rope_table(t, D, self.rope_theta)
         kr = llama_rope(k, table)
-        if on_device and s:  # one token: into its sink slot if it has one, without reading start
-            slot = (torch.arange(s, device=q.device) == start)[None, None, :, None]
-            sink_keys, sink_values = torch.where(slot, kr, sink_keys), torch.where(slot, v, sink_values)
-        elif not on_device and start < s:  # tokens that are sinks: into the sink cache (new tensors)
-            n = min(s, start + T) - start
-            sink_keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
-            sink_values = torch.cat((sink_values[:, :, :start], v[:, :, :n], sink_values[:, :, start + n :]), dim=2)
+        sink_keys, sink_values = self._store_sinks(kr, v, start, sink_keys, sink_values)
         all_keys, all_values = torch.cat((keys.to(kr.dtype), kr), dim=2), torch.cat((values.to(v.dtype), v), dim=2)
         b = min(w, T)  # queries per block: one block for a short call (a decode step)
         blocks = -(-T // b)
@@ -138,12 +132,7 @@ class LocalAttention(nn.Module):
         seen = (j > i) & (j <= i + w) & (key_pos >= 0)  # [blocks, b, w + b]
         scores = scores.masked_fill(~seen, float("-inf"))
         if s:
-            # the query rotated to its place in the cache: min(t, s + w - 1)
-            qs = llama_rope(q, llama_rope_table(torch.clamp(t, max=s + w - 1), D, self.rope_theta))
-            sink_scores = torch.einsum("bhtd,bhjd->bhtj", qs, sink_keys.to(qs.dtype)).to(exact) * scale
-            sink_seen = torch.arange(s, device=q.device)[None, :] <= t[:, None] - w  # out of the window only
-            sink_scores = sink_scores.masked_fill(~sink_seen, float("-inf"))
-            sink_scores = nn.functional.pad(sink_scores, (0, 0, 0, pad), value=float("-inf"))
+            sink_scores = nn.functional.pad(self._sink_scores(q, t, sink_keys), (0, 0, 0, pad), value=float("-inf"))
             scores = torch.cat((scores, sink_scores.view(B, H, blocks, b, s)), dim=-1)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.einsum("bhnqk,bhndk->bhnqd", probs[..., : w + b], vb)
@@ -153,3 +142,32 @@ class LocalAttention(nn.Module):
             out = out + torch.einsum("bhtj,bhjd->bhtd", sink_probs, sink_values.to(v.dtype))
         new = (all_keys[:, :, -w:].clone(), all_values[:, :, -w:].clone(), sink_keys, sink_values)
         return out, new
+
+    def _store_sinks(
+        self, kr: Tensor, v: Tensor, start: int | Tensor, sink_keys: Tensor, sink_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The sink cache [B, H, sinks, D] with the call's tokens that are sinks written in (new
+        tensors); kr, v: [B, H, T, D], the rotated keys and values of tokens start ..
+        start + T - 1. A device start (one token) writes its slot, if it has one, without being read."""
+        s = self.sinks
+        if isinstance(start, Tensor):
+            if not s:
+                return sink_keys, sink_values
+            slot = (torch.arange(s, device=kr.device) == start)[None, None, :, None]
+            return torch.where(slot, kr, sink_keys), torch.where(slot, v, sink_values)
+        if start >= s:
+            return sink_keys, sink_values
+        n = min(s, start + kr.shape[2]) - start
+        keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
+        return keys, torch.cat((sink_values[:, :, :start], v[:, :, :n], sink_values[:, :, start + n :]), dim=2)
+
+    def _sink_scores(self, q: Tensor, t: Tensor, sink_keys: Tensor) -> Tensor:
+        """Scaled scores [B, H, T, sinks] of the queries q [B, H, T, D] (not rotated) at times t [T]
+        against the sinks, -inf while a sink is still inside a query's window; each query is rotated
+        to its place in the cache, min(t, sinks + window - 1), in float32 (float64 for float64)."""
+        s, w, D = self.sinks, self.window, q.shape[-1]
+        qs = llama_rope(q, llama_rope_table(torch.clamp(t, max=s + w - 1), D, self.rope_theta))
+        exact = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.einsum("bhtd,bhjd->bhtj", qs, sink_keys.to(qs.dtype)).to(exact) * (1.0 / math.sqrt(D))
+        seen = torch.arange(s, device=q.device)[None, :] <= t[:, None] - w  # out of the window only
+        return scores.masked_fill(~seen, float("-inf"))
