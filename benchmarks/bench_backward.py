@@ -26,10 +26,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernel_bench import counts, inputs, timing
-from benchmarks.kernel_bench.op import FLA_NOTE
-from benchmarks.kernel_bench.timing import Runner
-from ttt_helpers.testing import rel_err
+if not torch.cuda.is_available():  # the dry run's kernels run in Triton's interpreter, chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.byte_level_runs import COMMON, SHAPE, WINDOW  # noqa: E402
+from benchmarks.kernel_bench import counts, inputs, timing  # noqa: E402
+from benchmarks.kernel_bench.op import FLA_NOTE  # noqa: E402
+from benchmarks.kernel_bench.timing import Runner  # noqa: E402
+from ttt_helpers.testing import rel_err  # noqa: E402
 
 H, D, MB = 12, 64, 16  # heads, head dim and mini-batch size of the 125M model's TTT layers
 OP_CASES = [(8, 2048), (32, 512), (2, 8192), (16, 8192)]  # (B, T) at H = 12, D = 64, bf16
@@ -131,12 +135,12 @@ def gradients(run: Runner, cases: list) -> list[dict]:
                 def check():
                     args = make(B, H, T, D, dtype, device=run.device)
                     args["token_idx"] = ops.default_token_idx(MB, device=run.device)
-                    fn, inputs, cot = fwd_bwd(train, args)
+                    fn, tracked, cot = fwd_bwd(train, args)
                     got = fn()
                     ref_inputs = leaves(inputs.to64(args))
                     outs = reference(**ref_inputs)
                     want = torch.autograd.grad(outs, list(ref_inputs.values()), [c.double() for c in cot])
-                    return {k: rel_err(g, w) for k, g, w in zip(inputs, got, want)}
+                    return {k: rel_err(g, w) for k, g, w in zip(tracked, got, want)}
 
                 errs = run.attempt(row, "rel_err", check)
                 row["ok"] = bool(errs) and max(errs.values()) < row["tolerance"]
@@ -358,26 +362,51 @@ def byte_level_training(run: Runner, shape: dict, batch_size: int, window: int, 
     return row
 
 
+SECTIONS = ("gradients", "op_fwd_bwd", "mlp_op_fwd_bwd", "model_training", "byte_level_25m")
+
+
+def kept_sections(out: Path, prov: dict, only: tuple[str, ...]) -> dict:
+    """The sections of an earlier run in `out` that this one does not run again, with their
+    provenance; {} without a file. A file written on another GPU is refused, before any work."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    if earlier.get("provenance", {}).get("gpu") != prov["gpu"]:
+        raise SystemExit(
+            f"{out} holds a run on {earlier.get('provenance', {}).get('gpu')}, not {prov['gpu']}: give another --out"
+        )
+    kept = {name: earlier[name] for name in SECTIONS if name in earlier and name not in only}
+    sections = earlier.get("section_provenance", {})
+    return kept | {"section_provenance": {name: sections[name] for name in kept if name in sections}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/backward_<gpu>.json)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes: checks the script's logic in seconds")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated sections (default all: {', '.join(SECTIONS)}); the others "
+        "already in --out are kept, so a run can go on over several calls on one GPU"
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    only = SECTIONS if args.only is None else tuple(s.strip() for s in args.only.split(",") if s.strip())
+    if not only or any(s not in SECTIONS for s in only):
+        parser.error(f"--only must name some of {', '.join(SECTIONS)}, got {args.only!r}")
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         raise SystemExit("bench_backward.py needs a CUDA GPU; without one, --dry-run runs it tiny on the CPU")
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     run = Runner("cuda" if cuda else "cpu")
     started = time.perf_counter()
-    results = {"provenance": timing.provenance() if cuda else timing.dry_provenance(), "fla_note": FLA_NOTE}
-    results["dry_run"] = args.dry_run
+    prov = timing.provenance() if cuda else timing.dry_provenance()
+    dry_out = Path(tempfile.gettempdir()) / "bench_backward_dry_run.json"  # a dry run's numbers are no result
+    out = args.out or (dry_out if args.dry_run else timing.results_path("backward", prov))
+    results = kept_sections(out, prov, only)
+    results |= {"provenance": prov, "fla_note": FLA_NOTE, "dry_run": args.dry_run}
+    results.setdefault("section_provenance", {})
     results["reference_max_tokens"] = (
         f"the reference under autograd is timed only where B * T <= {REFERENCE_MAX_TOKENS} "
         "(one step after a warm-up); larger cases record 'skipped'"
     )
-    dry_out = Path(tempfile.gettempdir()) / "bench_backward_dry_run.json"  # a dry run's numbers are no result
-    out = args.out or (dry_out if args.dry_run else timing.results_path("backward", results["provenance"]))
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -394,12 +423,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         heads, dim, op_cases, model_cases, check_cases = H, D, OP_CASES, MODEL_CASES, CHECK_CASES
         preset, vocab = TTT_STANDARD_CONFIGS["125m"], 32000
-    import train_gpu  # chapter 5's byte-level shape, batch and window
-
     if args.dry_run:
         byte_shape, byte_batch, byte_window = dict(DRY["byte_shape"]), 2, 32
-    else:
-        byte_shape, byte_batch, byte_window = dict(train_gpu.SHAPE), train_gpu.COMMON["batch_size"], train_gpu.WINDOW
+    else:  # chapter 5's byte-level shape, batch and window
+        byte_shape, byte_batch, byte_window = dict(SHAPE), COMMON["batch_size"], WINDOW
     print(f"{results['provenance']['gpu']}: writing {out}", flush=True)
     peaks = None
     if cuda:
@@ -412,8 +439,11 @@ def main(argv: list[str] | None = None) -> None:
         ("byte_level_25m", lambda: byte_level_training(run, byte_shape, byte_batch, byte_window, reference=True)),
     ]
     for name, section in sections:
+        if name not in only:
+            continue
         print(f"== {name}", flush=True)
         run.attempt(results, name, section)
+        results["section_provenance"][name] = prov
         save()
     print(f"wrote {out} in {results['elapsed_s']:.0f} s", flush=True)
 
