@@ -109,9 +109,7 @@ def op_level(run: Runner, scale: Scale, peaks: dict) -> list[dict]:
         print(f"op B={B} T={T}", flush=True)
         args = ttt_inputs(B, H, T, D, torch.bfloat16, device=run.device)
         with torch.no_grad():
-            spread = run.attempt(row, "ours_ms_spread", lambda: run.spread_ms(lambda: ttt_linear_prefill(**args)))
-            if spread is not None:
-                row["ours_ms"] = spread["median"]
+            run.spread_ms(row, "ours_ms", lambda: ttt_linear_prefill(**args))
             with products_in(("bf16", "bf16")):  # fla's choice: the state's products in bf16 too
                 run.attempt(row, "ours_bf16_products_ms", lambda: run.fast_ms(lambda: ttt_linear_prefill(**args)))
             # the layout a model produces: [B, T, H, D] projections viewed as [B, H, T, D]
@@ -134,9 +132,7 @@ def op_level(run: Runner, scale: Scale, peaks: dict) -> list[dict]:
                     row[key] = fla_missing
                     continue
                 timed = lambda fn=fn: fn(q, k, v, args["ln_weight"], args["ln_bias"], eta, **fla_kw)  # noqa: E731
-                spread = run.attempt(row, key + "_spread", lambda timed=timed: run.spread_ms(timed))
-                if spread is not None:
-                    row[key] = spread["median"]
+                run.spread_ms(row, key, timed)
             row["fla_configs"] = {name: str(t.best_config) for name, t in tuners.items() if t.cache}
             del q, k, v, eta
             sdpa = lambda: F.scaled_dot_product_attention(args["XQ"], args["XK"], args["XV"], is_causal=True)  # noqa: E731

@@ -71,11 +71,18 @@ class Runner:
         self.sync()
         return time.perf_counter() - start
 
-    def spread_ms(self, fn: Callable[[], object], repeats: int = 5) -> dict[str, float]:
-        """fast_ms of fn measured `repeats` times: the median of those medians, and their min and max
-        (how far one measurement can move from run to run)."""
-        times = sorted(self.fast_ms(fn) for _ in range(repeats))
-        return {"median": times[len(times) // 2], "min": times[0], "max": times[-1]}
+    def spread_ms(self, record: dict, key: str, fn: Callable[[], object], repeats: int = 5) -> None:
+        """fast_ms of fn measured `repeats` times: record[key] the median of those medians and
+        record[key + "_spread"] it with their min and max (how far one measurement moves from run to
+        run); a failure is recorded as `attempt` records it."""
+
+        def measure() -> dict[str, float]:
+            times = sorted(self.fast_ms(fn) for _ in range(repeats))
+            return {"median": times[len(times) // 2], "min": times[0], "max": times[-1]}
+
+        spread = self.attempt(record, key + "_spread", measure)
+        if spread is not None:
+            record[key] = spread["median"]
 
     def attempt(self, record: dict, key: str, fn: Callable[[], object]):
         """record[key] = fn(); on failure record the error in record["errors"][key] and go on."""
