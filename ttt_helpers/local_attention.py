@@ -132,7 +132,8 @@ class LocalAttention(nn.Module):
         seen = (j > i) & (j <= i + w) & (key_pos >= 0)  # [blocks, b, w + b]
         scores = scores.masked_fill(~seen, float("-inf"))
         if s:
-            sink_scores = nn.functional.pad(self._sink_scores(q, t, sink_keys), (0, 0, 0, pad), value=float("-inf"))
+            sink_scores = self._sink_scores(q, t, sink_keys, scale, exact)
+            sink_scores = nn.functional.pad(sink_scores, (0, 0, 0, pad), value=float("-inf"))
             scores = torch.cat((scores, sink_scores.view(B, H, blocks, b, s)), dim=-1)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.einsum("bhnqk,bhndk->bhnqd", probs[..., : w + b], vb)
@@ -161,13 +162,12 @@ class LocalAttention(nn.Module):
         keys = torch.cat((sink_keys[:, :, :start], kr[:, :, :n], sink_keys[:, :, start + n :]), dim=2)
         return keys, torch.cat((sink_values[:, :, :start], v[:, :, :n], sink_values[:, :, start + n :]), dim=2)
 
-    def _sink_scores(self, q: Tensor, t: Tensor, sink_keys: Tensor) -> Tensor:
-        """Scaled scores [B, H, T, sinks] of the queries q [B, H, T, D] (not rotated) at times t [T]
-        against the sinks, -inf while a sink is still inside a query's window; each query is rotated
-        to its place in the cache, min(t, sinks + window - 1), in float32 (float64 for float64)."""
+    def _sink_scores(self, q: Tensor, t: Tensor, sink_keys: Tensor, scale: float, exact: torch.dtype) -> Tensor:
+        """Scores [B, H, T, sinks] (times `scale`, in `exact`) of the queries q [B, H, T, D] (not
+        rotated) at times t [T] against the sinks, -inf while a sink is still inside a query's
+        window; each query is rotated to its place in the cache, min(t, sinks + window - 1)."""
         s, w, D = self.sinks, self.window, q.shape[-1]
         qs = llama_rope(q, llama_rope_table(torch.clamp(t, max=s + w - 1), D, self.rope_theta))
-        exact = torch.promote_types(q.dtype, torch.float32)
-        scores = torch.einsum("bhtd,bhjd->bhtj", qs, sink_keys.to(qs.dtype)).to(exact) * (1.0 / math.sqrt(D))
+        scores = torch.einsum("bhtd,bhjd->bhtj", qs, sink_keys.to(qs.dtype)).to(exact) * scale
         seen = torch.arange(s, device=q.device)[None, :] <= t[:, None] - w  # out of the window only
         return scores.masked_fill(~seen, float("-inf"))
