@@ -4,7 +4,7 @@
 
 SmolLM2's attention inputs and outputs are recorded on 16 windows of 1,024 tokens drawn from the
 distillation bank (12 to train on, 4 held out). For each chosen layer, two students learn to give
-the attention's output from its input with AdamW (lr 1e-3, 2 windows a step), training only the TTT
+the attention's output from its input with AdamW (`transplant.imitate`: lr 1e-3, 2 windows a step), training only the TTT
 layer's own parameters: the TTT-Linear layer of `from_llama` (its output scaled first, as the
 distillation does) and the hybrid layer of `from_llama(attention_window=64, attention_sinks=4)`,
 whose TTT branch starts silent. The error is the squared error relative to the output's mean
@@ -26,7 +26,7 @@ from ttt_helpers.distill.bank import load_bank
 from ttt_helpers.distill.loop import TTT_PARAMETERS
 from ttt_helpers.model.convert import from_llama
 from ttt_helpers.pretrained import load_pretrained
-from ttt_helpers.transplant import match_scale, record_attention
+from ttt_helpers.transplant import imitate, match_scale, record_attention
 
 WEIGHTS = {"code": 0.45, "kjv": 0.15, "pydocs": 0.25, "chat": 0.15}
 
@@ -37,20 +37,10 @@ def relative_error(layer, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(layer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
-    """AdamW on the layer's own TTT parameters, 2 random rows of x, y [N, T, C] a step."""
-    params = [p for n, p in layer.named_parameters() if n in TTT_PARAMETERS]
-    for p in layer.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        rows = torch.randint(0, x.shape[0], (2,), generator=generator)
-        loss = (layer(x[rows])[0] - y[rows]).pow(2).mean() / y[rows].pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    """`transplant.imitate` on the layer's own TTT parameters only, 2 random rows of x, y [N, T, C] a step."""
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name in TTT_PARAMETERS)
+    imitate(layer, x, y, steps=steps, batch_size=2)
 
 
 def main() -> None:
